@@ -1,0 +1,50 @@
+"""Run blocking work from asyncio and trio, and really stop it when the await is cancelled.
+
+::
+
+    result = await threadbridge.run_killable(blocking_function, arg)
+
+When the awaiting task is cancelled, the work climbs a ladder (cooperative stop, an
+exception raised inside it, then abandonment) until it has stopped, and only then does
+the cancellation propagate.
+"""
+
+from ._api import default_limiter as default_limiter
+from ._api import run_killable as run_killable
+from ._api import spawn as spawn
+from ._errors import RemoteError as RemoteError
+from ._errors import TargetCancelled as TargetCancelled
+from ._errors import WorkerCrashed as WorkerCrashed
+from ._ladder import Handle as Handle
+from ._policy import Policy as Policy
+from ._policy import Stage as Stage
+from ._stats import Stats as Stats
+from ._stats import stats as stats
+from ._token import Token as Token
+from ._token import cancel_requested as cancel_requested
+from ._token import check_cancelled as check_cancelled
+from ._token import current_token as current_token
+from ._token import sleep as sleep
+from ._token import uninterruptible as uninterruptible
+
+__all__ = (
+    "Handle",
+    "Policy",
+    "RemoteError",
+    "Stage",
+    "Stats",
+    "TargetCancelled",
+    "Token",
+    "WorkerCrashed",
+    "cancel_requested",
+    "check_cancelled",
+    "current_token",
+    "default_limiter",
+    "run_killable",
+    "sleep",
+    "spawn",
+    "stats",
+    "uninterruptible",
+)
+
+__version__ = "0.1.0.dev0"

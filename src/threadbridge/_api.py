@@ -1,0 +1,327 @@
+"""run_killable() and spawn(): checking what the caller gave, and starting the work."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
+
+import anyio
+from anyio.lowlevel import RunVar
+
+from . import _thread
+from ._ladder import Handle
+from ._loop import AsyncioLink, Link, current_link
+from ._policy import DEFAULT_POLICY, Policy, Stage
+
+if sys.version_info >= (3, 11):
+    from typing import TypeVarTuple, Unpack
+else:
+    from typing_extensions import TypeVarTuple, Unpack
+
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
+
+Backend = Literal["thread", "process"]
+
+# anyio's figure for its default thread limiter, which in turn is trio's, which says it
+# was pulled out of the air. Threads are cheap; 40 keeps a runaway caller from making
+# thousands of them.
+DEFAULT_THREAD_LIMIT = 40
+
+_thread_limiter: RunVar[anyio.CapacityLimiter] = RunVar("threadbridge_thread_limiter")
+_process_limiter: RunVar[anyio.CapacityLimiter] = RunVar("threadbridge_process_limiter")
+
+
+def default_limiter(backend: Backend = "thread") -> anyio.CapacityLimiter:
+    """The limiter used when none is given, one per event loop.
+
+    40 tokens for threads (anyio's default); one per CPU for worker processes. Change
+    ``total_tokens`` on it to change the default for the running loop.
+    """
+    var = _thread_limiter if backend == "thread" else _process_limiter
+    try:
+        return var.get()
+    except LookupError:
+        total = DEFAULT_THREAD_LIMIT if backend == "thread" else (os.cpu_count() or 1)
+        limiter = anyio.CapacityLimiter(total)
+        var.set(limiter)
+        return limiter
+
+
+def _name_of(func: Callable[..., Any]) -> str:
+    while isinstance(func, functools.partial):
+        func = func.func
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None)
+    return name if isinstance(name, str) else repr(func)
+
+
+def _check_func(func: object, args: tuple[Any, ...], what: str) -> None:
+    if not callable(func):
+        raise TypeError(f"{what} expected a callable as its first argument, got {func!r}")
+    if inspect.iscoroutine(func):
+        func.close()
+        raise TypeError(
+            f"{what} expected a sync function, but got a coroutine object; pass the "
+            "function itself (without calling it), and make it a plain `def`"
+        )
+    target = func
+    while isinstance(target, functools.partial):
+        target = target.func
+    if inspect.iscoroutinefunction(target) or inspect.isasyncgenfunction(target):
+        raise TypeError(
+            f"{what} expected a sync function, but {_name_of(func)!r} is an async function; "
+            "await it directly instead of running it in a thread or a process"
+        )
+
+
+def _check_options(
+    backend: object, policy: object, limiter: object, what: str
+) -> tuple[Policy, anyio.CapacityLimiter | None]:
+    if backend != "thread" and backend != "process":
+        raise ValueError(f'{what}: backend must be "thread" or "process", got {backend!r}')
+    if policy is None:
+        policy = DEFAULT_POLICY
+    elif not isinstance(policy, Policy):
+        raise TypeError(f"{what}: policy must be a threadbridge.Policy or None, got {policy!r}")
+    if limiter is not None and not isinstance(limiter, anyio.CapacityLimiter):
+        raise TypeError(
+            f"{what}: limiter must be an anyio.CapacityLimiter or None, got {limiter!r}"
+        )
+    return policy, limiter
+
+
+def _start(handle: Handle[Any], backend: Backend, func: Callable[..., Any], args: Any) -> None:
+    if backend == "thread":
+        work = _thread.ThreadWork(handle, func, args)
+        handle._start(work)
+        _thread.submit(work)
+    else:  # pragma: no cover - guarded by _check_backend_available
+        raise AssertionError(backend)
+
+
+def _check_backend_available(backend: Backend, what: str) -> None:
+    if backend == "process":
+        raise NotImplementedError(
+            f'{what}: backend="process" is not available in this version of threadbridge; '
+            'use backend="thread"'
+        )
+
+
+def _new_handle(
+    func: Callable[..., Any],
+    policy: Policy,
+    link: Link,
+    limiter: anyio.CapacityLimiter,
+) -> Handle[Any]:
+    holder: list[Handle[Any]] = []
+
+    def release() -> None:
+        limiter.release_on_behalf_of(holder[0])
+
+    handle: Handle[Any] = Handle(_name_of(func), policy, link, release)
+    holder.append(handle)
+    return handle
+
+
+async def run_killable(
+    func: Callable[[Unpack[Ts]], T],
+    /,
+    *args: Unpack[Ts],
+    backend: Backend = "thread",
+    policy: Policy | None = None,
+    limiter: anyio.CapacityLimiter | None = None,
+) -> T:
+    """Run a blocking callable in a thread or a worker process, and really stop it on cancel.
+
+    These two lines are equivalent, except that the second can be stopped::
+
+        result = func(*args)
+        result = await run_killable(func, *args)
+
+    Keyword arguments for ``func`` go through :func:`functools.partial`.
+
+    Args:
+        func: a plain (not async) callable.
+        *args: positional arguments for ``func``.
+        backend: ``"thread"`` (default) or ``"process"``.
+        policy: how hard to try when stopping; defaults to ``Policy()``.
+        limiter: an :class:`anyio.CapacityLimiter`; defaults to 40 threads per event
+            loop. A thread given up on at rung 3 keeps its token until it really ends.
+
+    Returns:
+        What ``func`` returned.
+
+    Raises:
+        Exception: whatever ``func`` raised, as itself.
+        TypeError: ``func`` is async or not callable.
+        RuntimeError: called outside an asyncio or trio event loop.
+
+    Cancellation:
+        When the awaiting task is cancelled, the await is shielded while the work climbs:
+
+        * rung 1: the target's token is set: ``cancel_requested()`` turns true,
+          ``check_cancelled()`` and ``sleep()`` raise :class:`TargetCancelled`.
+        * rung 2, after ``policy.grace``: :class:`TargetCancelled` is raised inside the
+          thread, once, outside ``uninterruptible()`` blocks. It cannot land inside a
+          blocking C call, and it can leave locks and other state torn; see the docs.
+        * rung 3, after ``policy.interrupt_grace``: the thread is abandoned, left
+          running as a daemon with its result discarded.
+
+        Then the native cancellation (``asyncio.CancelledError``, ``trio.Cancelled``)
+        propagates. A rung is skipped when the work has ended by then.
+    """
+    what = "run_killable()"
+    _check_func(func, args, what)
+    policy, limiter = _check_options(backend, policy, limiter, what)
+    _check_backend_available(backend, what)
+    link = current_link(what)
+    if limiter is None:
+        limiter = default_limiter(backend)
+    handle = _new_handle(func, policy, link, limiter)
+    await anyio.lowlevel.checkpoint_if_cancelled()
+    try:
+        limiter.acquire_on_behalf_of_nowait(handle)
+    except anyio.WouldBlock:
+        await limiter.acquire_on_behalf_of(handle)
+    try:
+        _start(handle, backend, func, args)
+    except BaseException:
+        limiter.release_on_behalf_of(handle)
+        raise
+    return await handle.wait()  # type: ignore[no-any-return]
+
+
+def spawn(
+    func: Callable[[Unpack[Ts]], T],
+    /,
+    *args: Unpack[Ts],
+    backend: Backend = "thread",
+    policy: Policy | None = None,
+    limiter: anyio.CapacityLimiter | None = None,
+) -> Handle[T]:
+    """Start a blocking callable in a thread or a worker process and return its handle.
+
+    The work starts at once (or as soon as the limiter has room). These two lines are
+    equivalent::
+
+        result = await run_killable(func, *args)
+        result = await spawn(func, *args)
+
+    Args:
+        func, *args, backend, policy, limiter: as for :func:`run_killable`.
+
+    Returns:
+        A :class:`Handle`: ``await`` it for the result, ``cancel()`` or ``await stop()``
+        it to stop the work, read ``stage`` to see where it stands.
+
+    Raises:
+        TypeError: ``func`` is async or not callable.
+        RuntimeError: called outside an asyncio or trio event loop.
+
+    Cancellation:
+        Nothing is cancelled by leaving the scope that called ``spawn()``: stop the work
+        with ``handle.cancel()`` / ``await handle.stop()``, or by cancelling a task that
+        awaits the handle. The rungs are those of :func:`run_killable`.
+    """
+    what = "spawn()"
+    _check_func(func, args, what)
+    policy, limiter = _check_options(backend, policy, limiter, what)
+    _check_backend_available(backend, what)
+    link = current_link(what)
+    if limiter is None:
+        limiter = default_limiter(backend)
+    handle: Handle[T] = _new_handle(func, policy, link, limiter)
+    try:
+        limiter.acquire_on_behalf_of_nowait(handle)
+    except anyio.WouldBlock:
+        _start_when_admitted(handle, backend, func, args, limiter, link)
+    else:
+        try:
+            _start(handle, backend, func, args)
+        except BaseException:
+            limiter.release_on_behalf_of(handle)
+            raise
+    return handle
+
+
+class _Admission:
+    """The ladder's Work while a spawned target waits for room in its limiter.
+
+    Cancelling it withdraws the request: the target never runs, and the handle ends as
+    COOPERATIVE (it stopped at rung 1 without ever starting).
+    """
+
+    __slots__ = ("handle", "link", "scope")
+
+    def __init__(self, handle: Handle[Any], link: Link) -> None:
+        self.handle = handle
+        self.link = link
+        self.scope: anyio.CancelScope | None = None
+
+    def request_stop(self) -> None:
+        self.link.post(self._cancel_in_loop)
+
+    def _cancel_in_loop(self) -> None:
+        if self.scope is not None:
+            self.scope.cancel()
+
+    def interrupt(self) -> bool:
+        return False
+
+    def force(self) -> None:
+        pass
+
+    def describe(self) -> str:
+        return f"{self.handle.name} (waiting for its limiter)"
+
+
+def _start_when_admitted(
+    handle: Handle[Any],
+    backend: Backend,
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    limiter: anyio.CapacityLimiter,
+    link: Link,
+) -> None:
+    """The limiter is full: wait for room in a background task, then start."""
+    admission = _Admission(handle, link)
+    handle._start(admission)
+
+    async def admit() -> None:
+        acquired = False
+        try:
+            with anyio.CancelScope() as scope:
+                admission.scope = scope
+                if handle._rung:
+                    scope.cancel()
+                await limiter.acquire_on_behalf_of(handle)
+                acquired = True
+            if acquired:
+                _start(handle, backend, func, args)
+                return
+            handle._settle(Stage.COOPERATIVE, None, released=False)
+        except BaseException as exc:
+            # The loop is shutting down, or starting failed: the handle must still end.
+            if acquired:
+                limiter.release_on_behalf_of(handle)
+            if handle._stage is Stage.RUNNING:
+                handle._settle(Stage.FINISHED, (False, exc), released=False)
+            if not isinstance(exc, Exception):
+                raise
+
+    if isinstance(link, AsyncioLink):
+        task = link.loop.create_task(admit())
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+    else:
+        import trio
+
+        trio.lowlevel.spawn_system_task(admit)
+
+
+# Strong references to asyncio admission tasks, which the loop only holds weakly.
+_background: set[Any] = set()

@@ -1,0 +1,105 @@
+"""Process-wide counters behind threadbridge.stats()."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from ._policy import Stage
+
+
+@dataclass(frozen=True)
+class Stats:
+    """A snapshot of threadbridge's threads, workers and finished runs.
+
+    Attributes:
+        threads: live pool threads (idle plus busy), abandoned ones not included.
+        idle_threads: pool threads waiting for work.
+        busy_threads: pool threads running a target.
+        abandoned_threads: threads abandoned at rung 3 that are still running.
+        idle_workers: worker processes waiting for work (standby included).
+        busy_workers: worker processes running a target.
+        standby_workers: idle workers kept warm so that a call after a kill starts at once.
+        stages: how many runs ended at each stage since the process started.
+    """
+
+    threads: int = 0
+    idle_threads: int = 0
+    busy_threads: int = 0
+    abandoned_threads: int = 0
+    idle_workers: int = 0
+    busy_workers: int = 0
+    standby_workers: int = 0
+    stages: Mapping[Stage, int] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def active(self) -> int:
+        """Targets still running anywhere: busy threads, abandoned threads, busy workers."""
+        return self.busy_threads + self.abandoned_threads + self.busy_workers
+
+
+class _Counters:
+    """Mutable counters; every change wakes wait_quiet()."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition(threading.Lock())
+        self.idle_threads = 0
+        self.busy_threads = 0
+        self.abandoned_threads = 0
+        self.idle_workers = 0
+        self.busy_workers = 0
+        self.standby_workers = 0
+        self.stages: dict[Stage, int] = dict.fromkeys(Stage, 0)
+        del self.stages[Stage.RUNNING]
+
+    def add(self, **deltas: int) -> None:
+        with self.cond:
+            for name, delta in deltas.items():
+                setattr(self, name, getattr(self, name) + delta)
+            self.cond.notify_all()
+
+    def ended(self, stage: Stage) -> None:
+        with self.cond:
+            self.stages[stage] += 1
+            self.cond.notify_all()
+
+    def snapshot(self) -> Stats:
+        with self.cond:
+            return Stats(
+                threads=self.idle_threads + self.busy_threads,
+                idle_threads=self.idle_threads,
+                busy_threads=self.busy_threads,
+                abandoned_threads=self.abandoned_threads,
+                idle_workers=self.idle_workers,
+                busy_workers=self.busy_workers,
+                standby_workers=self.standby_workers,
+                stages=MappingProxyType(dict(self.stages)),
+            )
+
+    def wait_quiet(self, timeout: float | None) -> bool:
+        """Block until no target runs anywhere; False if the timeout passed first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.cond:
+            while self.busy_threads or self.abandoned_threads or self.busy_workers:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self.cond.wait(remaining)
+            return True
+
+
+COUNTERS = _Counters()
+
+
+def stats() -> Stats:
+    """A snapshot of live threads, abandoned threads, workers and runs ended by stage.
+
+    Example::
+
+        s = threadbridge.stats()
+        assert s.abandoned_threads == 0, f"{s.abandoned_threads} threads still running"
+    """
+    return COUNTERS.snapshot()

@@ -1,0 +1,300 @@
+"""What a target sees of its own cancellation: the token and the helpers around it.
+
+This module is imported inside worker processes too, so it must stay light: no anyio,
+no trio, nothing that starts threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import sys
+import threading
+from types import TracebackType
+
+from ._errors import TargetCancelled
+
+# Guards the lazy creation of a token's Event (see Token.wait). One lock for all tokens is
+# fine: it is only taken by wait() and by the ladder's rung 1, never on the hot path.
+_EVENT_LOCK = threading.Lock()
+
+
+class Token:
+    """The stop flag of one running target.
+
+    ``is_set()`` turns true at rung 1 and stays true. ``wait(timeout)`` blocks until it is
+    set or the timeout passes, and returns whether it is set.
+    """
+
+    __slots__ = ("_event", "_flag")
+
+    def __init__(self) -> None:
+        self._flag = False
+        # Created on first wait(): most targets never wait, and a threading.Event costs
+        # more than the rest of a call's bookkeeping.
+        self._event: threading.Event | None = None
+
+    def is_set(self) -> bool:
+        """Whether a stop has been requested."""
+        return self._flag
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until a stop is requested or ``timeout`` seconds pass.
+
+        Returns:
+            True if a stop has been requested, False if the timeout passed first.
+        """
+        if self._flag:
+            return True
+        with _EVENT_LOCK:
+            event = self._event
+            if event is None:
+                event = self._event = threading.Event()
+            if self._flag:
+                return True
+        return event.wait(timeout)
+
+    def _set(self) -> None:
+        with _EVENT_LOCK:
+            self._flag = True
+            event = self._event
+        if event is not None:
+            event.set()
+
+    def __repr__(self) -> str:
+        return f"<threadbridge.Token {'set' if self._flag else 'clear'}>"
+
+
+# --- rung 2 for threads -------------------------------------------------------------------
+
+_CPYTHON = sys.implementation.name == "cpython"
+
+if _CPYTHON:
+    _set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
+    _set_async_exc.argtypes = [ctypes.c_ulong, ctypes.py_object]
+    _set_async_exc.restype = ctypes.c_int
+    # The same C function, declared so that None goes down as NULL ("clear what is
+    # pending") instead of as Py_None.
+    _clear_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)(
+        ("PyThreadState_SetAsyncExc", ctypes.pythonapi)
+    )
+
+CAN_INJECT = _CPYTHON
+
+
+def inject(thread_id: int) -> None:
+    """Schedule TargetCancelled in another thread, at its next bytecode boundary."""
+    _set_async_exc(thread_id, TargetCancelled)
+
+
+def clear_injection(thread_id: int) -> None:
+    """Withdraw an injected exception that has not been raised yet."""
+    _clear_async_exc(thread_id, None)
+
+
+class TargetState:
+    """Per-run state shared by the target's thread and the ladder.
+
+    Everything that decides whether rung 2 may land happens under ``lock``: the ladder
+    injects only while ``running`` is true and outside ``uninterruptible()`` blocks; the
+    worker clears ``running`` under the same lock once the target has returned, so an
+    injection can never be scheduled into the pool's own code after that point. One that
+    was scheduled just before and has not fired yet is withdrawn then (``pending``).
+    """
+
+    __slots__ = (
+        "abandoned",
+        "deferred",
+        "depth",
+        "interrupt_requested",
+        "lock",
+        "pending",
+        "running",
+        "thread_id",
+        "token",
+    )
+
+    def __init__(self, token: Token) -> None:
+        self.token = token
+        self.lock = threading.Lock()
+        self.running = False
+        self.thread_id = 0
+        self.depth = 0  # nesting of uninterruptible() blocks
+        self.interrupt_requested = False  # rung 2 reached: at most once
+        self.pending = False  # injected into the thread, not known to have been raised
+        self.deferred = False  # requested inside uninterruptible(); raised when it exits
+        self.abandoned = False  # rung 3 gave up on it: its thread must never be reused
+
+    def request_interrupt(self) -> bool:
+        """Rung 2 for a thread target. Returns whether the target was still running."""
+        with self.lock:
+            if not self.running or self.interrupt_requested:
+                return False
+            self.interrupt_requested = True
+            if self.depth:
+                self.deferred = True
+            else:
+                self.pending = True
+                inject(self.thread_id)
+            return True
+
+    def abandon(self) -> bool:
+        """Rung 3 for a thread target. Returns whether the target was still running."""
+        with self.lock:
+            if not self.running:
+                return False
+            self.abandoned = True
+            return True
+
+    def settle(self) -> bool:
+        """Called in the target's thread right after the target returned or raised.
+
+        Once this returns, no injected exception can reach the calling thread. Returns
+        whether the target had been abandoned meanwhile.
+        """
+        while True:
+            try:
+                with self.lock:
+                    self.running = False
+                    if self.pending:
+                        self.pending = False
+                        clear_injection(self.thread_id)
+                    return self.abandoned
+            except TargetCancelled:
+                # The injection fired here, after the target had returned: it is spent,
+                # and the loop marks the state again.
+                self.pending = False
+
+
+NEVER_SET = Token()
+
+
+class _Local(threading.local):
+    state: TargetState | None = None
+    token: Token = NEVER_SET  # what code outside a target sees
+
+
+_local = _Local()
+
+
+def cancel_requested() -> bool:
+    """Whether the running target has been asked to stop (rung 1).
+
+    Cheap enough to call in a hot loop. Outside a target it returns False.
+
+    Example::
+
+        for chunk in chunks:
+            if threadbridge.cancel_requested():
+                return partial_result
+            process(chunk)
+    """
+    return _local.token._flag
+
+
+def check_cancelled() -> None:
+    """Raise :class:`TargetCancelled` if the running target has been asked to stop.
+
+    Outside a target it does nothing, so library code may call it unconditionally.
+
+    Raises:
+        TargetCancelled: a stop was requested.
+    """
+    if _local.token._flag:
+        raise TargetCancelled("a stop was requested (rung 1)")
+
+
+def current_token() -> Token:
+    """The :class:`Token` of the target running in this thread or worker process.
+
+    Raises:
+        RuntimeError: called outside a target run by threadbridge.
+    """
+    state = _local.state
+    if state is None:
+        raise RuntimeError(
+            "current_token() must be called from inside a target started by "
+            "threadbridge.run_killable() or threadbridge.spawn(); outside one there is "
+            "nothing that could be cancelled (cancel_requested() returns False there)"
+        )
+    return state.token
+
+
+def sleep(seconds: float) -> None:
+    """Like :func:`time.sleep`, but wakes up and raises as soon as a stop is requested.
+
+    Outside a target it is plain :func:`time.sleep`.
+
+    Raises:
+        TargetCancelled: a stop was requested before or during the sleep.
+        ValueError: ``seconds`` is negative or NaN.
+    """
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise TypeError(f"sleep() takes a number of seconds, got {seconds!r}")
+    if math.isnan(seconds) or seconds < 0:
+        raise ValueError(f"sleep() length must be zero or more seconds, got {seconds!r}")
+    token = _local.token
+    if token._flag:
+        raise TargetCancelled("a stop was requested (rung 1)")
+    if _local.state is None:
+        import time
+
+        time.sleep(seconds)
+        return
+    if token.wait(None if math.isinf(seconds) else seconds):
+        raise TargetCancelled("a stop was requested (rung 1)")
+
+
+class uninterruptible:  # noqa: N801 - used like a function: `with uninterruptible():`
+    """Hold off rung 2 while the block runs; it fires when the outermost block exits.
+
+    Use it around code that must not be torn by an exception landing at an arbitrary
+    bytecode: updating shared structures, holding a lock taken without ``with``.
+    Rung 1 is unaffected (check the token yourself), and so is rung 3: an abandoned
+    thread or a killed process cannot be held off.
+
+    Outside a target it does nothing.
+
+    Example::
+
+        with threadbridge.uninterruptible():
+            ledger.debit(a)
+            ledger.credit(b)
+    """
+
+    __slots__ = ("_state",)
+
+    def __enter__(self) -> uninterruptible:
+        state = self._state = _local.state
+        if state is None:
+            return self
+        try:
+            with state.lock:
+                if state.pending:
+                    # Rung 2 was injected before the block began and has not fired yet:
+                    # deliver it here, before the block, rather than somewhere inside.
+                    state.pending = False
+                    clear_injection(state.thread_id)
+                    raise TargetCancelled("interrupted (rung 2)")
+                state.depth += 1
+        except TargetCancelled:
+            state.pending = False
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        state = self._state
+        if state is None:
+            return
+        with state.lock:
+            state.depth -= 1
+            fire = state.depth == 0 and state.deferred
+            if fire:
+                state.deferred = False
+        if fire:
+            raise TargetCancelled("interrupted (rung 2, held off until uninterruptible() ended)")
