@@ -6,11 +6,11 @@ import functools
 import inspect
 import os
 import sys
+import weakref
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
 import anyio
-from anyio.lowlevel import RunVar
 
 from . import _thread
 from ._ladder import Handle
@@ -32,23 +32,35 @@ Backend = Literal["thread", "process"]
 # thousands of them.
 DEFAULT_THREAD_LIMIT = 40
 
-_thread_limiter: RunVar[anyio.CapacityLimiter] = RunVar("threadbridge_thread_limiter")
-_process_limiter: RunVar[anyio.CapacityLimiter] = RunVar("threadbridge_process_limiter")
+# The default limiters of each running loop, keyed by the loop (asyncio) or the run's
+# token (trio), so that they go away with it.
+_limiters: weakref.WeakKeyDictionary[object, dict[str, anyio.CapacityLimiter]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def default_limiter(backend: Backend = "thread") -> anyio.CapacityLimiter:
-    """The limiter used when none is given, one per event loop.
+    """The limiter used when none is given, one per event loop and backend.
 
     40 tokens for threads (anyio's default); one per CPU for worker processes. Change
-    ``total_tokens`` on it to change the default for the running loop.
+    ``total_tokens`` on it to change the default for the running loop::
+
+        threadbridge.default_limiter("thread").total_tokens = 100
+
+    Raises:
+        RuntimeError: called outside an asyncio or trio event loop.
     """
-    var = _thread_limiter if backend == "thread" else _process_limiter
+    return _default_limiter(current_link("default_limiter()"), backend)
+
+
+def _default_limiter(link: Link, backend: Backend) -> anyio.CapacityLimiter:
+    key = link.key
     try:
-        return var.get()
-    except LookupError:
+        return _limiters[key][backend]
+    except KeyError:
         total = DEFAULT_THREAD_LIMIT if backend == "thread" else (os.cpu_count() or 1)
         limiter = anyio.CapacityLimiter(total)
-        var.set(limiter)
+        _limiters.setdefault(key, {})[backend] = limiter
         return limiter
 
 
@@ -117,14 +129,7 @@ def _new_handle(
     link: Link,
     limiter: anyio.CapacityLimiter,
 ) -> Handle[Any]:
-    holder: list[Handle[Any]] = []
-
-    def release() -> None:
-        limiter.release_on_behalf_of(holder[0])
-
-    handle: Handle[Any] = Handle(_name_of(func), policy, link, release)
-    holder.append(handle)
-    return handle
+    return Handle(_name_of(func), policy, link, limiter)
 
 
 async def run_killable(
@@ -180,9 +185,9 @@ async def run_killable(
     _check_backend_available(backend, what)
     link = current_link(what)
     if limiter is None:
-        limiter = default_limiter(backend)
+        limiter = _default_limiter(link, backend)
+    await link.checkpoint_if_cancelled()
     handle = _new_handle(func, policy, link, limiter)
-    await anyio.lowlevel.checkpoint_if_cancelled()
     try:
         limiter.acquire_on_behalf_of_nowait(handle)
     except anyio.WouldBlock:
@@ -192,7 +197,7 @@ async def run_killable(
     except BaseException:
         limiter.release_on_behalf_of(handle)
         raise
-    return await handle.wait()  # type: ignore[no-any-return]
+    return await handle._wait_here()  # type: ignore[no-any-return]
 
 
 def spawn(
@@ -233,7 +238,7 @@ def spawn(
     _check_backend_available(backend, what)
     link = current_link(what)
     if limiter is None:
-        limiter = default_limiter(backend)
+        limiter = _default_limiter(link, backend)
     handle: Handle[T] = _new_handle(func, policy, link, limiter)
     try:
         limiter.acquire_on_behalf_of_nowait(handle)

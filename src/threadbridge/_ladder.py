@@ -18,6 +18,8 @@ from collections.abc import Callable, Generator
 from typing import Any, Generic, Protocol, TypeVar
 
 from ._errors import TargetCancelled
+import anyio
+
 from ._loop import Link
 from ._policy import Policy, Stage
 from ._stats import COUNTERS
@@ -111,8 +113,8 @@ class Handle(Generic[T]):
         "_lock",
         "_loop_event",
         "_loop_settled",
+        "_limiter",
         "_name",
-        "_on_release",
         "_outcome",
         "_policy",
         "_rung",
@@ -122,13 +124,13 @@ class Handle(Generic[T]):
     )
 
     def __init__(
-        self, name: str, policy: Policy, link: Link, on_release: Callable[[], None]
+        self, name: str, policy: Policy, link: Link, limiter: anyio.CapacityLimiter
     ) -> None:
         self._lock = threading.Lock()
         self._name = name
         self._policy = policy
         self._link = link
-        self._on_release = on_release
+        self._limiter = limiter
         self._stage = Stage.RUNNING
         self._rung = 0
         self._outcome: tuple[bool, Any] | None = None
@@ -223,6 +225,11 @@ class Handle(Generic[T]):
         await self._link.wait_settled(self)
         return self._result()
 
+    async def _wait_here(self) -> T:
+        """wait() for a handle known to belong to the running loop."""
+        await self._link.wait_settled(self)
+        return self._result()
+
     def __await__(self) -> Generator[Any, None, T]:
         return self.wait().__await__()
 
@@ -248,26 +255,41 @@ class Handle(Generic[T]):
         if early:
             work.request_stop()
 
-    def _settle(self, stage: Stage, outcome: tuple[bool, Any] | None, *, released: bool) -> None:
-        """The work ended (or was forced). Called once, from any thread."""
-        with self._lock:
-            self._stage = stage
-            self._outcome = outcome
-            self._end_time = time.monotonic()
-        COUNTERS.ended(stage)
+    def _settle(
+        self,
+        stage: Stage,
+        outcome: tuple[bool, Any] | None,
+        *,
+        released: bool,
+        counted: bool = False,
+    ) -> None:
+        """The work ended (or was forced). Called exactly once, from any thread.
+
+        The backend decides, under its own lock, whether the target ended or was forced,
+        so only one of the two ever calls this.
+        """
+        self._outcome = outcome
+        self._end_time = time.monotonic()
+        self._stage = stage  # last: done() and the ladder read it without the lock
+        if not counted:
+            COUNTERS.ended(stage)
         self._link.post(self._loop_release_and_wake if released else self._loop_wake)
 
     def _released(self) -> None:
         """A forced target has really ended now: give its capacity back."""
-        self._link.post(self._on_release)
+        self._link.post(self._loop_release)
+
+    def _loop_release(self) -> None:
+        self._limiter.release_on_behalf_of(self)
 
     def _loop_wake(self) -> None:
         self._loop_settled = True
-        if self._loop_event is not None:
-            self._loop_event.set()
+        waiters = self._loop_event
+        if waiters is not None:
+            self._link.wake(waiters)
 
     def _loop_release_and_wake(self) -> None:
-        self._on_release()
+        self._limiter.release_on_behalf_of(self)
         self._loop_wake()
 
     def _rung2(self) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
@@ -30,19 +30,50 @@ class Waitable(Protocol):
 class Link(Protocol):
     name: str
 
+    @property
+    def key(self) -> object:
+        """Identifies the running loop; weakly referenceable."""
+
+    async def checkpoint_if_cancelled(self) -> None: ...
+
     def post(self, fn: Callable[[], object]) -> None: ...
 
     def is_current(self) -> bool: ...
 
+    def wake(self, waiters: Any) -> None: ...
+
     async def wait_settled(self, handle: Waitable) -> None: ...
+
+
+def _anyio_asyncio_checkpoint() -> Callable[[], Awaitable[None]]:
+    # anyio.lowlevel.checkpoint_if_cancelled() first asks sniffio which library runs,
+    # which costs more than the rest of a call's bookkeeping. The backend class answers
+    # the same question directly; fall back to the public function if it moves.
+    try:
+        from anyio._core._eventloop import get_async_backend
+
+        return get_async_backend("asyncio").checkpoint_if_cancelled
+    except Exception:  # pragma: no cover - depends on anyio's internals
+        return anyio.lowlevel.checkpoint_if_cancelled
 
 
 class AsyncioLink:
     __slots__ = ("loop",)
     name = "asyncio"
+    _checkpoint: Callable[[], Awaitable[None]] | None = None
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+
+    @property
+    def key(self) -> object:
+        return self.loop
+
+    async def checkpoint_if_cancelled(self) -> None:
+        checkpoint = AsyncioLink._checkpoint
+        if checkpoint is None:
+            checkpoint = AsyncioLink._checkpoint = _anyio_asyncio_checkpoint()
+        await checkpoint()
 
     def post(self, fn: Callable[[], object]) -> None:
         try:
@@ -56,14 +87,25 @@ class AsyncioLink:
         except RuntimeError:
             return False
 
+    @staticmethod
+    def wake(waiters: list[asyncio.Future[None]]) -> None:
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    def _future(self, handle: Waitable) -> asyncio.Future[None]:
+        fut = self.loop.create_future()
+        if handle._loop_event is None:
+            handle._loop_event = [fut]
+        else:
+            handle._loop_event.append(fut)
+        return fut
+
     async def wait_settled(self, handle: Waitable) -> None:
         if handle._loop_settled:
             return
-        event = handle._loop_event
-        if event is None:
-            event = handle._loop_event = asyncio.Event()
         try:
-            await event.wait()
+            await self._future(handle)
         except BaseException:
             handle.cancel()
             # anyio re-delivers its scopes' cancellation on every loop iteration; the
@@ -73,7 +115,7 @@ class AsyncioLink:
             with anyio.CancelScope(shield=True):
                 while not handle._loop_settled:
                     try:
-                        await event.wait()
+                        await self._future(handle)
                     except asyncio.CancelledError:
                         continue
             raise
@@ -85,6 +127,13 @@ class TrioLink:
 
     def __init__(self, token: trio.lowlevel.TrioToken) -> None:
         self.token = token
+
+    @property
+    def key(self) -> object:
+        return self.token
+
+    async def checkpoint_if_cancelled(self) -> None:
+        await sys.modules["trio"].lowlevel.checkpoint_if_cancelled()
 
     def post(self, fn: Callable[[], object]) -> None:
         try:
@@ -98,6 +147,10 @@ class TrioLink:
             return trio.lowlevel.current_trio_token() is self.token  # type: ignore[no-any-return]
         except RuntimeError:
             return False
+
+    @staticmethod
+    def wake(event: trio.Event) -> None:
+        event.set()
 
     async def wait_settled(self, handle: Waitable) -> None:
         import trio

@@ -45,7 +45,9 @@ class _Counters:
     """Mutable counters; every change wakes wait_quiet()."""
 
     def __init__(self) -> None:
-        self.cond = threading.Condition(threading.Lock())
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        self.waiters = 0  # threads in wait_quiet(); nobody is notified while it is 0
         self.idle_threads = 0
         self.busy_threads = 0
         self.abandoned_threads = 0
@@ -56,18 +58,22 @@ class _Counters:
         del self.stages[Stage.RUNNING]
 
     def add(self, **deltas: int) -> None:
-        with self.cond:
+        with self.lock:
             for name, delta in deltas.items():
                 setattr(self, name, getattr(self, name) + delta)
-            self.cond.notify_all()
+            self.wake()
 
     def ended(self, stage: Stage) -> None:
-        with self.cond:
+        with self.lock:
             self.stages[stage] += 1
+
+    def wake(self) -> None:
+        """Wake wait_quiet(); call with the lock held, after a count went down."""
+        if self.waiters:
             self.cond.notify_all()
 
     def snapshot(self) -> Stats:
-        with self.cond:
+        with self.lock:
             return Stats(
                 threads=self.idle_threads + self.busy_threads,
                 idle_threads=self.idle_threads,
@@ -82,13 +88,17 @@ class _Counters:
     def wait_quiet(self, timeout: float | None) -> bool:
         """Block until no target runs anywhere; False if the timeout passed first."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self.cond:
-            while self.busy_threads or self.abandoned_threads or self.busy_workers:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self.cond.wait(remaining)
-            return True
+        with self.lock:
+            self.waiters += 1
+            try:
+                while self.busy_threads or self.abandoned_threads or self.busy_workers:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return False
+                    self.cond.wait(remaining)
+                return True
+            finally:
+                self.waiters -= 1
 
 
 COUNTERS = _Counters()

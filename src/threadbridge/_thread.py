@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import inspect
 import logging
+import queue
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -21,59 +22,47 @@ logger = logging.getLogger("threadbridge")
 # long enough that a bursty service keeps its threads, short enough not to hoard them.
 IDLE_TIMEOUT = 10.0
 
-# Idle threads, most recently used last. Guarded by COUNTERS.cond, so that the list and
-# the counters that stats() reports change together.
-_idle: list[_PoolThread] = []
+# Work waiting for a pool thread. Idle threads block on it; a thread that finishes a run
+# takes the next piece of work without going to sleep, which is what keeps throughput up
+# when many callers hammer the pool.
+_queue: queue.SimpleQueue[ThreadWork] = queue.SimpleQueue()
 
 
-class _PoolThread:
-    """A daemon thread that runs one ThreadWork after another until it idles out."""
-
-    __slots__ = ("_lock", "_work")
-
-    def __init__(self, work: ThreadWork) -> None:
-        # Released to hand over work; the thread blocks on it while idle.
-        self._lock = threading.Lock()
-        self._lock.acquire()
-        self._work: ThreadWork | None = work
-        threading.Thread(target=self._main, name="threadbridge-worker", daemon=True).start()
-
-    def _main(self) -> None:
-        while True:
-            work = self._work
-            self._work = None
-            assert work is not None
-            if not work.run(self):
-                return  # abandoned: this thread is never reused
-            if not self._lock.acquire(timeout=IDLE_TIMEOUT):
-                with COUNTERS.cond:
-                    if self in _idle:
-                        _idle.remove(self)
+def _pool_main(work: ThreadWork | None) -> None:
+    while True:
+        if work is None:
+            try:
+                work = _queue.get(timeout=IDLE_TIMEOUT)
+            except queue.Empty:
+                with COUNTERS.lock:
+                    # Retire only if no submit() has counted on this thread: a submit
+                    # takes an idle thread by decrementing idle_threads before its put().
+                    if COUNTERS.idle_threads > 0 and _queue.empty():
                         COUNTERS.idle_threads -= 1
                         return
-                # Someone took this thread just as it timed out; their work is coming.
-                self._lock.acquire()
-
-    def hand_over(self, work: ThreadWork) -> None:
-        self._work = work
-        self._lock.release()
+                continue
+        if not work.run():
+            return  # abandoned: this thread is never reused
+        work = None
 
 
 def submit(work: ThreadWork) -> None:
     """Run ``work`` on an idle pool thread, or on a new one."""
-    with COUNTERS.cond:
-        thread = _idle.pop() if _idle else None
-        if thread is not None:
+    with COUNTERS.lock:
+        reuse = COUNTERS.idle_threads > 0
+        if reuse:
             COUNTERS.idle_threads -= 1
         COUNTERS.busy_threads += 1
-    if thread is None:
-        try:
-            _PoolThread(work)
-        except BaseException:
-            COUNTERS.add(busy_threads=-1)
-            raise
-    else:
-        thread.hand_over(work)
+    if reuse:
+        _queue.put(work)
+        return
+    try:
+        threading.Thread(
+            target=_pool_main, args=(work,), name="threadbridge-worker", daemon=True
+        ).start()
+    except BaseException:
+        COUNTERS.add(busy_threads=-1)
+        raise
 
 
 class ThreadWork:
@@ -88,7 +77,7 @@ class ThreadWork:
         self.func = func
         self.args = args
         self.context = contextvars.copy_context()
-        self.state = _token.TargetState(_token.Token())
+        self.state = _token.TargetState(_token.Token(), handle._lock)
 
     # --- the rungs, called by the ladder ---------------------------------------------
 
@@ -108,10 +97,10 @@ class ThreadWork:
     def force(self) -> None:
         if not self.state.abandon():
             return  # it has just ended; run() reports it
-        with COUNTERS.cond:
+        with COUNTERS.lock:
             COUNTERS.busy_threads -= 1
             COUNTERS.abandoned_threads += 1
-            COUNTERS.cond.notify_all()
+            COUNTERS.wake()
         logger.warning(
             "threadbridge: abandoning the thread running %s (rung 3): it did not stop "
             "within its grace periods and is left running as a daemon; its result will "
@@ -125,7 +114,7 @@ class ThreadWork:
 
     # --- in the pool thread ----------------------------------------------------------
 
-    def run(self, thread: _PoolThread) -> bool:
+    def run(self) -> bool:
         """Run the target; return whether the thread may be reused."""
         state = self.state
         local = _token._local
@@ -152,12 +141,12 @@ class ThreadWork:
             stage = Stage.COOPERATIVE
         else:
             stage = Stage.FINISHED
-        with COUNTERS.cond:
+        with COUNTERS.lock:
             COUNTERS.busy_threads -= 1
             COUNTERS.idle_threads += 1
-            _idle.append(thread)
-            COUNTERS.cond.notify_all()
-        self.handle._settle(stage, outcome, released=True)
+            COUNTERS.stages[stage] += 1
+            COUNTERS.wake()
+        self.handle._settle(stage, outcome, released=True, counted=True)
         return True
 
     def _call(self) -> tuple[bool, Any]:

@@ -114,9 +114,9 @@ class TargetState:
         "token",
     )
 
-    def __init__(self, token: Token) -> None:
+    def __init__(self, token: Token, lock: threading.Lock) -> None:
         self.token = token
-        self.lock = threading.Lock()
+        self.lock = lock  # the handle's: never held while another lock is taken
         self.running = False
         self.thread_id = 0
         self.depth = 0  # nesting of uninterruptible() blocks
