@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from threadbridge._stats import COUNTERS
+
+pytest_plugins = ["anyio"]
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return request.param  # type: ignore[no-any-return]
+
+
+def _fd_count() -> int:
+    if sys.platform.startswith("linux"):
+        return len(os.listdir("/proc/self/fd"))
+    return 0  # pragma: no cover - other platforms are checked by thread counts only
+
+
+# Thread pools that keep idle threads for a while by design: threadbridge's own, trio's
+# thread cache, anyio's and asyncio's default executors. A thread of theirs outliving a
+# test is reuse, not a leak; threadbridge's busy and abandoned threads are checked through
+# its counters instead.
+_POOLS = ("threadbridge-", "Trio thread", "AnyIO worker thread", "asyncio_")
+
+
+def _pooled(thread: threading.Thread) -> bool:
+    return thread.name.startswith(_POOLS)
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    """Fail the test if a target is still running, or a thread or an fd outlives it."""
+    before_threads = set(threading.enumerate())
+    before_fds = _fd_count()
+    yield
+    if not COUNTERS.wait_quiet(timeout=10):
+        snapshot = COUNTERS.snapshot()
+        pytest.fail(f"targets still running 10 s after the test ended: {snapshot}")
+    strays = [t for t in threading.enumerate() if t not in before_threads and not _pooled(t)]
+    for thread in strays:
+        thread.join(timeout=5)
+    alive = [t.name for t in strays if t.is_alive()]
+    assert not alive, f"threads left running by the test: {alive}"
+    after_fds = _fd_count()
+    assert after_fds <= before_fds, f"file descriptors leaked: {before_fds} -> {after_fds}"

@@ -1,0 +1,72 @@
+"""Gates between test code in the event loop and targets in other threads."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import anyio
+
+from threadbridge._loop import current_link
+
+
+class Signal:
+    """Set from any thread; awaited in the event loop that created it."""
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+        self._link = current_link("Signal()")
+        self.flag = threading.Event()
+
+    def set(self) -> None:
+        if not self.flag.is_set():
+            self.flag.set()
+            self._link.post(self._event.set)
+
+    def is_set(self) -> bool:
+        return self.flag.is_set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+class RungWatcher(logging.Handler):
+    """Sets a threading.Event when the ladder logs rung 2 or rung 3 for a target."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.rung2 = threading.Event()
+        self.rung3 = threading.Event()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        self.messages.append(message)
+        if "rung 2" in message:
+            self.rung2.set()
+        if "rung 3" in message:
+            self.rung3.set()
+
+    def __enter__(self) -> RungWatcher:
+        logger = logging.getLogger("threadbridge")
+        self._old_level = logger.level
+        logger.setLevel(logging.DEBUG)
+        logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logger = logging.getLogger("threadbridge")
+        logger.removeHandler(self)
+        logger.setLevel(self._old_level)
+
+
+def spin_forever() -> None:
+    """A pure-Python loop that never checks its token: only rung 2 or 3 stops it."""
+    while True:
+        pass
+
+
+def spin_until(flag: threading.Event) -> None:
+    """A pure-Python loop that ignores its token until ``flag`` is set."""
+    while not flag.is_set():
+        pass

@@ -1,0 +1,99 @@
+"""asyncio's own ways of cancelling: asyncio.timeout, wait_for, task.cancel()."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+
+import pytest
+
+import threadbridge as tb
+
+from .helpers import spin_until
+
+
+class Gate:
+    """A cooperative target that tells the loop when it has started."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.started = asyncio.Event()
+        self.events: list[str] = []
+
+    def __call__(self) -> str:
+        self.loop.call_soon_threadsafe(self.started.set)
+        try:
+            tb.current_token().wait()
+            self.events.append("token")
+            tb.check_cancelled()
+            return "unreachable"
+        finally:
+            self.events.append("stopped")
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout is new in 3.11")
+@pytest.mark.asyncio
+async def test_asyncio_timeout() -> None:
+    """asyncio.timeout turns into TimeoutError only after the target has stopped."""
+    gate = Gate(asyncio.get_running_loop())
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.05):
+            await tb.run_killable(gate)
+    assert gate.events == ["token", "stopped"]
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+
+
+@pytest.mark.asyncio
+async def test_asyncio_wait_for() -> None:
+    """asyncio.wait_for times out only after the target has stopped."""
+    gate = Gate(asyncio.get_running_loop())
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(tb.run_killable(gate), 0.05)
+    assert gate.events == ["token", "stopped"]
+
+
+@pytest.mark.asyncio
+async def test_task_cancel() -> None:
+    """task.cancel() climbs the ladder, then CancelledError reaches the task."""
+    gate = Gate(asyncio.get_running_loop())
+    task = asyncio.ensure_future(tb.run_killable(gate))
+    await gate.started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert gate.events == ["token", "stopped"]
+
+
+@pytest.mark.asyncio
+async def test_repeated_task_cancel_during_ladder_is_absorbed() -> None:
+    """More cancel() calls while the ladder climbs do not cut it short."""
+    loop = asyncio.get_running_loop()
+    started = asyncio.Event()
+    release = threading.Event()
+    events: list[str] = []
+
+    def target() -> None:
+        loop.call_soon_threadsafe(started.set)
+        spin_until(release)
+        events.append("ended")
+
+    task = asyncio.ensure_future(
+        tb.run_killable(target, policy=tb.Policy(grace=30, interrupt_grace=30))
+    )
+    await started.wait()
+    task.cancel()
+    for _ in range(5):
+        await asyncio.sleep(0)
+        task.cancel()
+    assert not task.done()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert events == ["ended"]
+
+
+@pytest.mark.asyncio
+async def test_spawn_from_plain_asyncio() -> None:
+    """spawn() works in a plain asyncio task with no anyio around it."""
+    assert await tb.spawn(sum, [1, 2, 3]) == 6

@@ -1,0 +1,154 @@
+"""Every ordinary way of cancelling an await climbs the ladder before it propagates."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import anyio
+import pytest
+
+import threadbridge as tb
+
+from .helpers import Signal
+
+pytestmark = pytest.mark.anyio
+
+
+class Recorder:
+    """A cooperative target that records when it saw its token."""
+
+    def __init__(self) -> None:
+        self.started = Signal()
+        self.events: list[str] = []
+
+    def __call__(self) -> None:
+        self.started.set()
+        try:
+            tb.current_token().wait()
+            self.events.append("token")
+            tb.check_cancelled()
+        finally:
+            self.events.append("stopped")
+
+
+async def test_move_on_after() -> None:
+    """anyio.move_on_after: the target has stopped when the scope exits."""
+    rec = Recorder()
+    with anyio.move_on_after(0.05) as scope:
+        await tb.run_killable(rec)
+    assert scope.cancelled_caught
+    assert rec.events == ["token", "stopped"]
+
+
+async def test_fail_after() -> None:
+    """anyio.fail_after raises TimeoutError only after the target has stopped."""
+    rec = Recorder()
+    with pytest.raises(TimeoutError):
+        with anyio.fail_after(0.05):
+            await tb.run_killable(rec)
+    assert rec.events == ["token", "stopped"]
+
+
+async def test_task_group_sibling_failure() -> None:
+    """A sibling's failure tears the group down; the target stops before the group exits."""
+    rec = Recorder()
+
+    async def failing_sibling() -> None:
+        await rec.started.wait()
+        raise ValueError("sibling failed")
+
+    with pytest.RaisesGroup(ValueError) if hasattr(pytest, "RaisesGroup") else pytest.raises(
+        BaseException
+    ):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(tb.run_killable, rec)
+            tg.start_soon(failing_sibling)
+    assert rec.events == ["token", "stopped"]
+
+
+async def test_cancel_scope_cancel_from_another_task() -> None:
+    """scope.cancel() from a different task stops the target."""
+    rec = Recorder()
+    async with anyio.create_task_group() as tg:
+
+        async def canceller() -> None:
+            await rec.started.wait()
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(canceller)
+        await tb.run_killable(rec)
+    assert rec.events == ["token", "stopped"]
+
+
+async def test_already_cancelled_scope_does_not_start_the_target() -> None:
+    """Inside a scope that is already cancelled, nothing starts."""
+    ran = threading.Event()
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await tb.run_killable(ran.set)
+    assert scope.cancelled_caught
+    assert not ran.is_set()
+
+
+async def test_nested_shield_keeps_the_work_running() -> None:
+    """A shielded scope inside a cancelled one lets the call finish normally."""
+    gate = threading.Event()
+    with anyio.CancelScope() as outer:
+        outer.cancel()
+        with anyio.CancelScope(shield=True):
+            gate.set()
+            assert await tb.run_killable(lambda: 5) == 5
+
+
+async def test_cancel_while_waiting_for_limiter() -> None:
+    """A call cancelled while queued behind its limiter never starts."""
+    limiter = anyio.CapacityLimiter(1)
+    release = threading.Event()
+    started = Signal()
+    ran: list[str] = []
+
+    def holder() -> None:
+        started.set()
+        release.wait()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: tb.run_killable(holder, limiter=limiter))
+        await started.wait()
+        with anyio.move_on_after(0.05) as scope:
+            await tb.run_killable(lambda: ran.append("ran"), limiter=limiter)
+        assert scope.cancelled_caught
+        release.set()
+    assert ran == []
+    assert limiter.borrowed_tokens == 0
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_trio_move_on_after() -> None:
+    """trio.move_on_after works like anyio's."""
+    import trio
+
+    rec = Recorder()
+    with trio.move_on_after(0.05) as scope:
+        await tb.run_killable(rec)
+    assert scope.cancelled_caught
+    assert rec.events == ["token", "stopped"]
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_trio_nursery_cancel() -> None:
+    """A trio nursery cancelled by a sibling stops the target first."""
+    import trio
+
+    rec = Recorder()
+    async with trio.open_nursery() as nursery:
+
+        async def canceller() -> None:
+            await rec.started.wait()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(canceller)
+        await tb.run_killable(rec)
+    assert rec.events == ["token", "stopped"]
+
+
