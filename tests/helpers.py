@@ -7,6 +7,7 @@ import threading
 
 import anyio
 
+from threadbridge import TargetCancelled, uninterruptible
 from threadbridge._loop import current_link
 
 
@@ -19,9 +20,13 @@ class Signal:
         self.flag = threading.Event()
 
     def set(self) -> None:
-        if not self.flag.is_set():
-            self.flag.set()
-            self._link.post(self._event.set)
+        # Called from targets: rung 2 must not tear it half-way (the loop would never
+        # hear of it). Held off, the interrupt fires when the block exits, so a target
+        # that wants to catch TargetCancelled calls set() inside its try block.
+        with uninterruptible():
+            if not self.flag.is_set():
+                self.flag.set()
+                self._link.post(self._event.set)
 
     def is_set(self) -> bool:
         return self.flag.is_set()
@@ -70,3 +75,17 @@ def spin_until(flag: threading.Event) -> None:
     """A pure-Python loop that ignores its token until ``flag`` is set."""
     while not flag.is_set():
         pass
+
+
+def block_in_c(started: Signal, release: threading.Event) -> None:
+    """Announce the start, then block inside a C call until ``release`` is set.
+
+    An interrupt can only land between bytecodes, so it never reaches the thread while
+    it waits; one that lands before the wait begins (while announcing) is swallowed here
+    so that the target does reach its C call, as the tests that use it intend.
+    """
+    try:
+        started.set()
+    except TargetCancelled:
+        pass
+    release.wait()

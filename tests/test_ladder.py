@@ -11,7 +11,7 @@ import pytest
 
 import threadbridge as tb
 
-from .helpers import RungWatcher, Signal, spin_forever
+from .helpers import RungWatcher, Signal, block_in_c, spin_forever
 
 pytestmark = pytest.mark.anyio
 
@@ -100,8 +100,7 @@ async def test_rung3_abandons_thread_blocked_in_c_call(caplog: pytest.LogCapture
     release = threading.Event()
 
     def blocked_in_c() -> str:
-        started.set()
-        release.wait()
+        block_in_c(started, release)
         return "late result"
 
     limiter = anyio.CapacityLimiter(5)
@@ -141,8 +140,8 @@ async def test_swallowing_target_is_taken_to_rung3() -> None:
     release = threading.Event()
 
     def swallower() -> None:
-        started.set()
         try:
+            started.set()
             spin_forever()
         except tb.TargetCancelled:
             swallowed.set()
@@ -165,8 +164,8 @@ async def test_force_false_waits_for_the_target() -> None:
     events: list[str] = []
 
     def stubborn() -> None:
-        started.set()
         try:
+            started.set()
             spin_forever()
         except tb.TargetCancelled:
             events.append("swallowed")
@@ -289,8 +288,7 @@ async def test_ladder_total_time_is_bounded() -> None:
     release = threading.Event()
 
     def blocked() -> None:
-        started.set()
-        release.wait()
+        block_in_c(started, release)
 
     handle = tb.spawn(blocked, policy=tb.Policy(grace=0.1, interrupt_grace=0.1))
     try:

@@ -72,14 +72,14 @@ def _name_of(func: Callable[..., Any]) -> str:
 
 
 def _check_func(func: object, args: tuple[Any, ...], what: str) -> None:
-    if not callable(func):
-        raise TypeError(f"{what} expected a callable as its first argument, got {func!r}")
     if inspect.iscoroutine(func):
         func.close()
         raise TypeError(
             f"{what} expected a sync function, but got a coroutine object; pass the "
             "function itself (without calling it), and make it a plain `def`"
         )
+    if not callable(func):
+        raise TypeError(f"{what} expected a callable as its first argument, got {func!r}")
     target = func
     while isinstance(target, functools.partial):
         target = target.func

@@ -82,9 +82,25 @@ if _CPYTHON:
 CAN_INJECT = _CPYTHON
 
 
+class _Interrupted(TargetCancelled):
+    """The TargetCancelled that rung 2 injects into a thread.
+
+    CPython instantiates an injected exception class in the thread where it fires, at the
+    latest when a handler receives it; the constructor notes there that the injection is
+    spent, so that nothing later mistakes it for one still pending. It must not take a
+    lock: it may fire while its own thread holds the state's lock.
+    """
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(args or ("interrupted (rung 2)",)))
+        state = _local.state
+        if state is not None:
+            state.pending = False
+
+
 def inject(thread_id: int) -> None:
     """Schedule TargetCancelled in another thread, at its next bytecode boundary."""
-    _set_async_exc(thread_id, TargetCancelled)
+    _set_async_exc(thread_id, _Interrupted)
 
 
 def clear_injection(thread_id: int) -> None:

@@ -1,0 +1,178 @@
+"""The public names, and clear errors for every bad input."""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+import warnings
+
+import anyio
+import pytest
+
+import threadbridge as tb
+
+
+def test_all_names_exist_and_are_public() -> None:
+    """Every name in __all__ is importable and nothing public is missing from it."""
+    for name in tb.__all__:
+        assert getattr(tb, name) is not None
+    public = {n for n in dir(tb) if not n.startswith("_")}
+    assert public - set(tb.__all__) == set()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"grace": -1}, "grace"),
+        ({"grace": math.nan}, "grace"),
+        ({"interrupt_grace": -0.5}, "interrupt_grace"),
+        ({"interrupt_grace": math.nan}, "interrupt_grace"),
+    ],
+)
+def test_policy_rejects_bad_graces(kwargs: dict[str, float], message: str) -> None:
+    """Negative or NaN graces are a ValueError naming the field."""
+    with pytest.raises(ValueError, match=message):
+        tb.Policy(**kwargs)  # type: ignore[arg-type]
+
+
+def test_policy_rejects_wrong_types() -> None:
+    """Non-numbers and non-bools are a TypeError."""
+    with pytest.raises(TypeError, match="grace"):
+        tb.Policy(grace="1")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="grace"):
+        tb.Policy(grace=True)
+    with pytest.raises(TypeError, match="force"):
+        tb.Policy(force=1)  # type: ignore[arg-type]
+
+
+def test_policy_is_frozen_and_accepts_zero_and_inf() -> None:
+    """Policy is immutable; zero and infinite graces are allowed."""
+    p = tb.Policy(grace=0, interrupt_grace=math.inf)
+    with pytest.raises(AttributeError):
+        p.grace = 3  # type: ignore[misc]
+    assert tb.Policy() == tb.Policy(grace=1.0, interrupt=True, interrupt_grace=1.0, force=True)
+
+
+def test_spawn_outside_event_loop_says_what_to_do() -> None:
+    """spawn() from sync code is a RuntimeError that names asyncio.run/trio.run."""
+    with pytest.raises(RuntimeError, match=r"asyncio\.run|trio\.run"):
+        tb.spawn(print)
+
+
+def test_run_killable_outside_event_loop() -> None:
+    """run_killable() driven outside a loop gives the same clear RuntimeError."""
+    coro = tb.run_killable(print)
+    with pytest.raises(RuntimeError, match="event loop"):
+        coro.send(None)
+    coro.close()
+
+
+@pytest.mark.anyio
+async def test_async_function_is_type_error() -> None:
+    """An async function is refused before anything runs."""
+
+    async def job() -> None:
+        pass  # pragma: no cover
+
+    with pytest.raises(TypeError, match="async function"):
+        tb.spawn(job)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="async function"):
+        await tb.run_killable(functools.partial(job))  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_coroutine_object_is_closed_without_warning() -> None:
+    """A coroutine object is refused and closed, so no 'never awaited' warning leaks."""
+
+    async def job() -> None:
+        pass  # pragma: no cover
+
+    coro = job()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(TypeError, match="coroutine"):
+            tb.spawn(coro)  # type: ignore[arg-type]
+    assert coro.cr_frame is None  # closed
+
+
+@pytest.mark.anyio
+async def test_sync_function_returning_coroutine_is_type_error() -> None:
+    """A sync callable that returns a coroutine: TypeError, and the coroutine is closed."""
+
+    async def job() -> None:
+        pass  # pragma: no cover
+
+    with pytest.raises(TypeError, match="returned a coroutine"):
+        await tb.run_killable(lambda: job())
+
+
+@pytest.mark.anyio
+async def test_non_callable_is_type_error() -> None:
+    """A non-callable is a TypeError naming what was given."""
+    with pytest.raises(TypeError, match="callable"):
+        tb.spawn(42)  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_bad_options_are_clear() -> None:
+    """Unknown backends, policies and limiters are refused with a message."""
+    with pytest.raises(ValueError, match="backend"):
+        await tb.run_killable(print, backend="fork")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="Policy"):
+        tb.spawn(print, policy={"grace": 1})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="CapacityLimiter"):
+        tb.spawn(print, limiter=3)  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_keyword_arguments_through_partial() -> None:
+    """Keyword arguments reach the target through functools.partial."""
+    assert await tb.run_killable(functools.partial(int, base=16), "ff") == 255
+
+
+@pytest.mark.anyio
+async def test_handle_repr_and_name() -> None:
+    """A handle names its target."""
+
+    def my_target() -> int:
+        return 1
+
+    handle = tb.spawn(my_target)
+    assert "my_target" in handle.name
+    assert await handle == 1
+    assert "FINISHED" in repr(handle)
+
+
+@pytest.mark.anyio
+async def test_default_limiter_is_per_loop_and_40() -> None:
+    """The default thread limiter has 40 tokens and is reused within a loop."""
+    lim = tb.default_limiter()
+    assert lim.total_tokens == 40
+    assert tb.default_limiter("thread") is lim
+
+
+def test_errors_carry_their_data() -> None:
+    """WorkerCrashed and RemoteError keep what they describe."""
+    crashed = tb.WorkerCrashed("worker died", exitcode=3)
+    assert crashed.exitcode == 3
+    assert crashed.signal is None
+    remote = tb.RemoteError("mod.Err", "bad thing", "Traceback ...")
+    assert remote.type_name == "mod.Err"
+    assert "bad thing" in str(remote)
+    assert "Traceback" in str(remote)
+    assert issubclass(tb.TargetCancelled, BaseException)
+    assert not issubclass(tb.TargetCancelled, Exception)
+
+
+@pytest.mark.anyio
+async def test_await_in_another_loop_is_refused() -> None:
+    """A handle awaited from a different event loop gives a clear RuntimeError."""
+    handle = tb.spawn(threading.get_ident)
+    await handle
+
+    async def other() -> None:
+        with pytest.raises(RuntimeError, match="another event loop"):
+            await handle
+
+    await anyio.to_thread.run_sync(lambda: anyio.run(other))
