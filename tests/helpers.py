@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
+from types import CodeType
 
 import anyio
 
@@ -89,3 +91,20 @@ def block_in_c(started: Signal, release: threading.Event) -> None:
     except TargetCancelled:
         pass
     release.wait()
+
+
+async def until_running(thread_id: int, code: CodeType, line: int) -> None:
+    """Wait until the thread ``thread_id`` runs ``code`` at or past its ``line``-th line.
+
+    ``line`` counts from the ``def`` line (0).
+    For tests that need rung 2 to land inside a particular loop: the target cannot
+    announce that it has entered the loop without leaving it.
+    """
+    with anyio.fail_after(10):
+        while True:
+            frame = sys._current_frames().get(thread_id)
+            while frame is not None:
+                if frame.f_code is code and frame.f_lineno >= code.co_firstlineno + line:
+                    return
+                frame = frame.f_back
+            await anyio.sleep(0.001)

@@ -1,0 +1,128 @@
+"""2,000 cancellations at random moments, many right as targets return."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import anyio
+import pytest
+
+import threadbridge as tb
+from threadbridge._stats import COUNTERS
+
+pytestmark = pytest.mark.anyio
+
+CALLS = 2000
+CONCURRENCY = 20
+
+
+def busy_then_return(i: int, n: int) -> tuple[str, int]:
+    """A pure-Python loop of n steps that never checks its token."""
+    x = 0
+    for _ in range(n):
+        x += 1
+    return ("ok", i)
+
+
+def cooperative(i: int, n: int) -> tuple[str, int]:
+    """The same loop, checking its token on every step."""
+    for _ in range(n):
+        tb.check_cancelled()
+    return ("ok", i)
+
+
+async def test_hammer_random_cancellations() -> None:
+    """No pooled thread is lost, no result goes astray, threads return to baseline."""
+    rng = random.Random(20261125)
+    baseline = {t for t in threading.enumerate() if not t.name.startswith("threadbridge-")}
+    # Rung 2 at once: injections land anywhere, including in a target that is returning.
+    interrupt_now = tb.Policy(grace=0, interrupt_grace=30)
+    polite = tb.Policy(grace=30)
+    outcomes = {"returned": 0, "cancelled": 0}
+    wrong: list[object] = []
+
+    async def caller(i: int) -> None:
+        cooperative_target = rng.random() < 0.3
+        target = cooperative if cooperative_target else busy_then_return
+        policy = polite if cooperative_target else interrupt_now
+        n = rng.randrange(0, 3000)
+        delay = rng.choice([0, rng.uniform(0, 0.0005), rng.uniform(0, 0.003), 0.05])
+        use_handle = rng.random() < 0.2
+        with anyio.move_on_after(delay) as scope:
+            if use_handle:
+                result = await tb.spawn(target, i, n, policy=policy)
+            else:
+                result = await tb.run_killable(target, i, n, policy=policy)
+        if scope.cancelled_caught:
+            outcomes["cancelled"] += 1
+        else:
+            outcomes["returned"] += 1
+            if result != ("ok", i):
+                wrong.append((i, result))
+
+    limiter = anyio.CapacityLimiter(CONCURRENCY)
+
+    async def bounded(i: int) -> None:
+        async with limiter:
+            await caller(i)
+
+    with anyio.fail_after(240):
+        async with anyio.create_task_group() as tg:
+            for i in range(CALLS):
+                tg.start_soon(bounded, i)
+
+    assert wrong == []
+    assert outcomes["returned"] + outcomes["cancelled"] == CALLS
+    # Both kinds must really happen, or the test proves nothing.
+    assert outcomes["cancelled"] > CALLS // 10, outcomes
+    assert outcomes["returned"] > CALLS // 10, outcomes
+
+    stats = tb.stats()
+    assert stats.busy_threads == 0
+    assert stats.abandoned_threads == 0, "a pure-Python target outlived rung 2"
+    assert COUNTERS.wait_quiet(0)
+    # A pool thread killed by a stray injection would still be counted but not alive.
+    alive = [t for t in threading.enumerate() if t.name == "threadbridge-worker"]
+    assert len(alive) >= stats.threads
+    # The pool still serves calls on every thread it has.
+    results = []
+    async with anyio.create_task_group() as tg:
+        for i in range(100):
+
+            async def one(i: int = i) -> None:
+                results.append(await tb.run_killable(busy_then_return, i, 10))
+
+            tg.start_soon(one)
+    assert sorted(results) == [("ok", i) for i in range(100)]
+    others = {t for t in threading.enumerate() if not t.name.startswith("threadbridge-")}
+    assert others <= baseline | {t for t in others if t.name.startswith(("Trio thread",))}
+
+
+@pytest.mark.parametrize("trailing_calls", [0, 1, 2, 5])
+async def test_injection_at_return_stays_out_of_the_pool(trailing_calls: int) -> None:
+    """An interrupt that fires as the target returns is absorbed; the thread lives on."""
+    from threadbridge import _token
+
+    def target() -> threading.Thread:
+        thread = threading.current_thread()
+        state = _token._local.state
+        assert state is not None
+        # Rung 2 at the very end: it fires in the target's last steps or in the pool's
+        # bookkeeping right after, never later.
+        state.request_interrupt()
+        for _ in range(trailing_calls):
+            len(())
+        return thread
+
+    handle = tb.spawn(target)
+    try:
+        await handle
+        outcome = "returned"
+    except tb.TargetCancelled:
+        outcome = "interrupted"
+    assert outcome in ("returned", "interrupted")
+    # The same pool thread serves the next calls, untouched.
+    threads = {await tb.run_killable(threading.current_thread) for _ in range(5)}
+    assert all(t.is_alive() for t in threads)
+    assert await tb.run_killable(lambda: "clean") == "clean"

@@ -1,0 +1,243 @@
+"""What rung 2 can and cannot do: the hazards of raising inside a running thread.
+
+These tests document behaviour rather than hide it. Each asserts what really happens on
+the running CPython, so a change in the interpreter shows up here first (and the docs
+page on rung 2 must then change with it).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections.abc import Callable
+
+import anyio
+import pytest
+
+import threadbridge as tb
+
+from .helpers import Signal, spin_until, until_running
+
+pytestmark = pytest.mark.anyio
+
+POLICY = tb.Policy(grace=0, interrupt_grace=30)
+_go = True
+
+
+def _noop() -> None:
+    pass
+
+
+def _loop_in_callee() -> None:
+    while True:
+        pass
+
+
+# fmt: off
+def shape_while_true_one_line(done: list[str]) -> None:
+    try:
+        while True: pass  # noqa: E701 - the shape under test
+    finally:
+        done.append("handler")
+
+
+def shape_while_true_one_line_except(done: list[str]) -> None:
+    try:
+        while True: pass  # noqa: E701 - the shape under test
+    except tb.TargetCancelled:
+        done.append("handler")
+        raise
+# fmt: on
+
+
+def shape_while_true_two_lines(done: list[str]) -> None:
+    try:
+        while True:
+            pass
+    finally:
+        done.append("handler")
+
+
+def shape_while_flag(done: list[str]) -> None:
+    try:
+        while _go:
+            pass
+    finally:
+        done.append("handler")
+
+
+def shape_loop_in_callee(done: list[str]) -> None:
+    try:
+        _loop_in_callee()
+    finally:
+        done.append("handler")
+
+
+V = sys.version_info[:2]
+# Where CPython loses the handler of a `try` around a tight loop when an exception is
+# injected into it: it is raised at the loop's backward jump with an instruction offset
+# that the exception table does not cover. Measured on 3.10.13, 3.11.7, 3.12.1 and
+# 3.13.0, the same in every run.
+SHAPES: list[tuple[Callable[[list[str]], None], bool]] = [
+    (shape_while_true_one_line, V in ((3, 11), (3, 12))),
+    (shape_while_true_one_line_except, V in ((3, 11), (3, 12))),
+    (shape_while_true_two_lines, False),
+    (shape_while_flag, V >= (3, 13)),
+    (shape_loop_in_callee, False),
+]
+
+
+@pytest.mark.skipif(sys.implementation.name != "cpython", reason="rung 2 is CPython's")
+@pytest.mark.parametrize(
+    ("shape", "handler_skipped"), SHAPES, ids=lambda x: getattr(x, "__name__", str(x))
+)
+async def test_handler_of_tight_loop(
+    shape: Callable[[list[str]], None], handler_skipped: bool
+) -> None:
+    """Documents which tight loops lose their finally/except when rung 2 lands."""
+    done: list[str] = []
+    started = Signal()
+    ident: list[int] = []
+
+    def target() -> None:
+        ident.append(threading.get_ident())
+        started.set()
+        shape(done)
+
+    handle = tb.spawn(target, policy=POLICY)
+    with anyio.CancelScope() as scope:
+        await started.wait()
+        if shape is shape_loop_in_callee:
+            await until_running(ident[0], _loop_in_callee.__code__, 1)
+        else:
+            await until_running(ident[0], shape.__code__, 2)  # def, try, the loop
+        scope.cancel()
+        await handle
+    # Either way the target ended and its pool thread survived.
+    assert handle.stage is tb.Stage.INTERRUPTED
+    assert done == ([] if handler_skipped else ["handler"])
+    assert await tb.run_killable(lambda: "pool still works") == "pool still works"
+
+
+class SlowLockGuard:
+    """A Python-level context manager that takes a lock, then does slow setup."""
+
+    def __init__(self, lock: threading.Lock, entered: Signal, proceed: threading.Event):
+        self.lock = lock
+        self.entered = entered
+        self.proceed = proceed
+
+    def __enter__(self) -> SlowLockGuard:
+        self.lock.acquire()
+        self.entered.set()
+        spin_until(self.proceed)  # setup after the lock is held
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
+
+
+@pytest.mark.skipif(sys.implementation.name != "cpython", reason="rung 2 is CPython's")
+async def test_python_level_context_manager_leaves_lock_held() -> None:
+    """Rung 2 landing in a Python __enter__ skips __exit__: the lock stays held."""
+    lock = threading.Lock()
+    entered = Signal()
+    never = threading.Event()
+
+    def target() -> None:
+        with SlowLockGuard(lock, entered, never):
+            pass  # pragma: no cover - never reached
+
+    handle = tb.spawn(target, policy=POLICY)
+    with anyio.CancelScope() as scope:
+        await entered.wait()
+        scope.cancel()
+        await handle
+    assert handle.stage is tb.Stage.INTERRUPTED
+    assert lock.locked(), "the hazard: __exit__ never ran, the lock is left held"
+    lock.release()
+
+
+@pytest.mark.skipif(sys.implementation.name != "cpython", reason="rung 2 is CPython's")
+async def test_uninterruptible_keeps_the_lock_consistent() -> None:
+    """The same guard inside uninterruptible(): rung 2 waits, the lock is released."""
+    lock = threading.Lock()
+    entered = Signal()
+    from .helpers import RungWatcher
+
+    with RungWatcher() as watcher:
+
+        def target() -> None:
+            with tb.uninterruptible(), SlowLockGuard(lock, entered, watcher.rung2):
+                pass
+            tb.sleep(60)  # pragma: no cover - rung 2 fires as the block exits
+
+        handle = tb.spawn(target, policy=POLICY)
+        with anyio.CancelScope() as scope:
+            await entered.wait()
+            scope.cancel()
+            await handle
+    assert handle.stage is tb.Stage.INTERRUPTED
+    assert not lock.locked()
+
+
+async def test_nothing_lands_inside_a_blocking_c_call() -> None:
+    """A thread blocked in C is abandoned; the injection lands once the call returns."""
+    r, w = os.pipe()
+    started = Signal()
+    events: list[str] = []
+    ended = threading.Event()
+
+    def target() -> None:
+        try:
+            try:
+                started.set()
+            except tb.TargetCancelled:  # pragma: no cover - the loop cancels after start
+                events.append("early")
+                raise
+            os.read(r, 1)  # blocks in C until the test writes
+            events.append("read returned")
+            spin_until(threading.Event())
+        except tb.TargetCancelled:
+            events.append("TargetCancelled after the C call")
+        finally:
+            ended.set()
+
+    try:
+        handle = tb.spawn(target, policy=tb.Policy(grace=0, interrupt_grace=0.05))
+        with anyio.CancelScope() as scope:
+            await started.wait()
+            scope.cancel()
+            await handle
+        assert handle.stage is tb.Stage.ABANDONED
+        assert events == []
+        os.write(w, b"x")
+        ended.wait(10)
+    finally:
+        os.close(r)
+        os.close(w)
+    if sys.implementation.name == "cpython":
+        assert events in (
+            ["TargetCancelled after the C call"],
+            ["read returned", "TargetCancelled after the C call"],
+        )
+
+
+async def test_except_exception_does_not_swallow_target_cancelled() -> None:
+    """TargetCancelled is a BaseException: `except Exception` lets it through."""
+    started = Signal()
+    swallowed: list[str] = []
+
+    def target() -> None:
+        started.set()
+        while True:
+            try:
+                tb.check_cancelled()
+            except Exception:  # pragma: no cover - must not catch it
+                swallowed.append("swallowed")
+
+    handle = tb.spawn(target)
+    await started.wait()
+    assert await handle.stop() is tb.Stage.COOPERATIVE
+    assert swallowed == []

@@ -1,0 +1,171 @@
+"""The thread pool: reuse, retirement, limiters, stats, and interpreter exit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import anyio
+import pytest
+
+import threadbridge as tb
+from threadbridge import _thread
+
+from .helpers import Signal, block_in_c
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_threads_are_reused() -> None:
+    """Sequential calls run on the same pool thread."""
+    first = await tb.run_killable(threading.current_thread)
+    for _ in range(5):
+        assert await tb.run_killable(threading.current_thread) is first
+    assert first.name == "threadbridge-worker"
+    assert first.daemon
+
+
+async def test_idle_threads_retire(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pool thread with nothing to do for IDLE_TIMEOUT seconds exits."""
+    monkeypatch.setattr(_thread, "IDLE_TIMEOUT", 0.05)
+    thread = await tb.run_killable(threading.current_thread)
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert tb.stats().idle_threads == tb.stats().threads
+
+
+async def test_abandoned_thread_is_never_reused() -> None:
+    """After an abandon, later calls run on other threads; the old one exits when done."""
+    started = Signal()
+    release = threading.Event()
+    ran_on: list[threading.Thread] = []
+
+    def blocked() -> None:
+        ran_on.append(threading.current_thread())
+        block_in_c(started, release)
+
+    handle = tb.spawn(blocked, policy=tb.Policy(grace=0, interrupt_grace=0))
+    with anyio.CancelScope() as scope:
+        await started.wait()
+        scope.cancel()
+        await handle
+    assert handle.stage is tb.Stage.ABANDONED
+    later = {await tb.run_killable(threading.current_thread) for _ in range(20)}
+    assert ran_on[0] not in later
+    release.set()
+    ran_on[0].join(timeout=10)
+    assert not ran_on[0].is_alive()
+
+
+async def test_limiter_bounds_concurrency() -> None:
+    """With a limiter of 2, at most 2 targets run at once; the rest wait their turn."""
+    limiter = anyio.CapacityLimiter(2)
+    lock = threading.Lock()
+    running = 0
+    peak = 0
+
+    def target() -> None:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        time.sleep(0.01)
+        with lock:
+            running -= 1
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(8):
+            tg.start_soon(lambda: tb.run_killable(target, limiter=limiter))
+    assert peak == 2
+    assert limiter.borrowed_tokens == 0
+
+
+async def test_spawn_with_full_limiter_starts_when_room() -> None:
+    """spawn() with a full limiter returns at once and starts when a token frees up."""
+    limiter = anyio.CapacityLimiter(1)
+    release = threading.Event()
+    order: list[str] = []
+    first = tb.spawn(lambda: (release.wait(), order.append("first")), limiter=limiter)
+    second = tb.spawn(lambda: order.append("second"), limiter=limiter)
+    assert not second.done()
+    release.set()
+    await first
+    await second
+    assert order == ["first", "second"]
+
+
+async def test_spawn_queued_then_cancelled_never_runs() -> None:
+    """A spawned handle cancelled while queued for its limiter never runs its target."""
+    limiter = anyio.CapacityLimiter(1)
+    release = threading.Event()
+    ran: list[str] = []
+    first = tb.spawn(release.wait, limiter=limiter)
+    second = tb.spawn(lambda: ran.append("second"), limiter=limiter)
+    assert await second.stop() is tb.Stage.COOPERATIVE
+    with pytest.raises(tb.TargetCancelled):
+        await second
+    release.set()
+    await first
+    assert ran == []
+    assert limiter.borrowed_tokens == 0
+
+
+async def test_default_limiter_is_40() -> None:
+    """Without a limiter, at most 40 threads run targets at once."""
+    release = threading.Event()
+    handles = [tb.spawn(release.wait) for _ in range(45)]
+    assert tb.default_limiter().borrowed_tokens == 40
+    assert sum(not h.done() for h in handles) == 45
+    release.set()
+    for h in handles:
+        await h
+
+
+async def test_stats_counts_busy_and_stages() -> None:
+    """stats() shows busy threads while targets run, and counts finished runs."""
+    before = tb.stats().stages[tb.Stage.FINISHED]
+    started = Signal()
+    release = threading.Event()
+    handle = tb.spawn(lambda: (started.set(), release.wait()))
+    await started.wait()
+    assert tb.stats().busy_threads >= 1
+    release.set()
+    await handle
+    after = tb.stats()
+    assert after.stages[tb.Stage.FINISHED] == before + 1
+    assert after.busy_threads == 0
+    assert after.threads == after.idle_threads
+
+
+@pytest.mark.parametrize("runner", ["asyncio", "anyio-asyncio", "trio"])
+def test_abandoned_thread_does_not_delay_exit(runner: str) -> None:
+    """A 3 s blocking call abandoned at rung 3 does not delay interpreter exit."""
+    code = textwrap.dedent(
+        f"""
+        import time, threadbridge as tb
+        policy = tb.Policy(grace=0, interrupt_grace=0)
+        async def main():
+            import anyio
+            with anyio.move_on_after(0.05):
+                await tb.run_killable(time.sleep, 3, policy=policy)
+        runner = {runner!r}
+        t0 = time.monotonic()
+        if runner == "asyncio":
+            import asyncio; asyncio.run(main())
+        elif runner == "anyio-asyncio":
+            import anyio; anyio.run(main)
+        else:
+            import trio; trio.run(main)
+        print(time.monotonic())
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    exited = time.monotonic()  # CLOCK_MONOTONIC: comparable across processes on one machine
+    assert "abandoning" in out.stderr
+    # The run ended ~0.05 s into the 3 s sleep; waiting for it would take ~2.9 s more.
+    assert exited - float(out.stdout) < 2.0
