@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import threading
 import warnings
+from collections.abc import Coroutine
+from typing import Any
 
 import anyio
 import pytest
@@ -76,9 +79,9 @@ async def test_async_function_is_type_error() -> None:
         pass  # pragma: no cover
 
     with pytest.raises(TypeError, match="async function"):
-        tb.spawn(job)  # type: ignore[arg-type]
+        tb.spawn(job)
     with pytest.raises(TypeError, match="async function"):
-        await tb.run_killable(functools.partial(job))  # type: ignore[arg-type]
+        _ = await tb.run_killable(functools.partial(job))
 
 
 @pytest.mark.anyio
@@ -93,7 +96,7 @@ async def test_coroutine_object_is_closed_without_warning() -> None:
         warnings.simplefilter("error")
         with pytest.raises(TypeError, match="coroutine"):
             tb.spawn(coro)  # type: ignore[arg-type]
-    assert coro.cr_frame is None  # closed
+    assert inspect.getcoroutinestate(coro) == inspect.CORO_CLOSED
 
 
 @pytest.mark.anyio
@@ -103,8 +106,11 @@ async def test_sync_function_returning_coroutine_is_type_error() -> None:
     async def job() -> None:
         pass  # pragma: no cover
 
+    def returns_coroutine() -> Coroutine[Any, Any, None]:
+        return job()
+
     with pytest.raises(TypeError, match="returned a coroutine"):
-        await tb.run_killable(lambda: job())
+        _ = await tb.run_killable(returns_coroutine)
 
 
 @pytest.mark.anyio

@@ -36,12 +36,15 @@ class Gate:
 @pytest.mark.asyncio
 async def test_asyncio_timeout() -> None:
     """asyncio.timeout turns into TimeoutError only after the target has stopped."""
-    gate = Gate(asyncio.get_running_loop())
-    with pytest.raises(TimeoutError):
-        async with asyncio.timeout(0.05):
-            await tb.run_killable(gate)
-    assert gate.events == ["token", "stopped"]
-    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+    if sys.version_info >= (3, 11):  # also for mypy, which checks as 3.10
+        gate = Gate(asyncio.get_running_loop())
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await tb.run_killable(gate)
+        assert gate.events == ["token", "stopped"]
+        task = asyncio.current_task()
+        assert task is not None
+        assert task.cancelling() == 0
 
 
 @pytest.mark.asyncio

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 
 import anyio
 import pytest
@@ -58,8 +57,10 @@ async def test_task_group_sibling_failure() -> None:
         await rec.started.wait()
         raise ValueError("sibling failed")
 
-    with pytest.RaisesGroup(ValueError) if hasattr(pytest, "RaisesGroup") else pytest.raises(
-        BaseException
+    with (
+        pytest.RaisesGroup(ValueError)
+        if hasattr(pytest, "RaisesGroup")
+        else pytest.raises(BaseException)
     ):
         async with anyio.create_task_group() as tg:
             tg.start_soon(tb.run_killable, rec)
@@ -150,5 +151,3 @@ async def test_trio_nursery_cancel() -> None:
         nursery.start_soon(canceller)
         await tb.run_killable(rec)
     assert rec.events == ["token", "stopped"]
-
-

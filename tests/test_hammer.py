@@ -19,9 +19,9 @@ CONCURRENCY = 20
 
 def busy_then_return(i: int, n: int) -> tuple[str, int]:
     """A pure-Python loop of n steps that never checks its token."""
-    x = 0
-    for _ in range(n):
-        x += 1
+    total = 0
+    for step in range(n):
+        total += step
     return ("ok", i)
 
 

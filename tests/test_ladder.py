@@ -268,7 +268,12 @@ async def test_handle_cancel_returns_value_of_cooperative_target() -> None:
 async def test_stop_returns_stage() -> None:
     """await handle.stop() climbs and returns how far it went."""
     started = Signal()
-    handle = tb.spawn(lambda: (started.set(), spin_forever()), policy=FAST)
+
+    def target() -> None:
+        started.set()
+        spin_forever()
+
+    handle = tb.spawn(target, policy=FAST)
     await started.wait()
     assert await handle.stop() is tb.Stage.INTERRUPTED
     assert await handle.stop() is tb.Stage.INTERRUPTED  # again: nothing more happens

@@ -89,7 +89,12 @@ async def test_spawn_with_full_limiter_starts_when_room() -> None:
     limiter = anyio.CapacityLimiter(1)
     release = threading.Event()
     order: list[str] = []
-    first = tb.spawn(lambda: (release.wait(), order.append("first")), limiter=limiter)
+
+    def first_target() -> None:
+        release.wait()
+        order.append("first")
+
+    first = tb.spawn(first_target, limiter=limiter)
     second = tb.spawn(lambda: order.append("second"), limiter=limiter)
     assert not second.done()
     release.set()
@@ -130,7 +135,12 @@ async def test_stats_counts_busy_and_stages() -> None:
     before = tb.stats().stages[tb.Stage.FINISHED]
     started = Signal()
     release = threading.Event()
-    handle = tb.spawn(lambda: (started.set(), release.wait()))
+
+    def target() -> None:
+        started.set()
+        release.wait()
+
+    handle = tb.spawn(target)
     await started.wait()
     assert tb.stats().busy_threads >= 1
     release.set()

@@ -10,7 +10,7 @@ import pytest
 
 import threadbridge as tb
 
-from .helpers import RungWatcher, Signal, spin_forever, spin_until
+from .helpers import RungWatcher, Signal, spin_until
 
 pytestmark = pytest.mark.anyio
 

@@ -80,7 +80,7 @@ def _check_func(func: object, args: tuple[Any, ...], what: str) -> None:
         )
     if not callable(func):
         raise TypeError(f"{what} expected a callable as its first argument, got {func!r}")
-    target = func
+    target: Any = func
     while isinstance(target, functools.partial):
         target = target.func
     if inspect.iscoroutinefunction(target) or inspect.isasyncgenfunction(target):

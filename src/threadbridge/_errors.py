@@ -45,4 +45,6 @@ class RemoteError(Exception):
         self.traceback_text = traceback_text
 
     def __str__(self) -> str:
-        return f"{self.type_name}: {self.message}\n\nTraceback in the worker:\n{self.traceback_text}"
+        return (
+            f"{self.type_name}: {self.message}\n\nTraceback in the worker:\n{self.traceback_text}"
+        )

@@ -17,14 +17,15 @@ import time
 from collections.abc import Callable, Generator
 from typing import Any, Generic, Protocol, TypeVar
 
-from ._errors import TargetCancelled
 import anyio
 
+from ._errors import TargetCancelled
 from ._loop import Link
 from ._policy import Policy, Stage
 from ._stats import COUNTERS
 
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 
 logger = logging.getLogger("threadbridge")
 
@@ -91,7 +92,7 @@ class _Scheduler:
 SCHEDULER = _Scheduler()
 
 
-class Handle(Generic[T]):
+class Handle(Generic[T_co]):
     """A running piece of work: await it for its result, cancel it to stop it.
 
     Made by :func:`threadbridge.spawn`. These two lines are equivalent::
@@ -109,11 +110,11 @@ class Handle(Generic[T]):
         "__weakref__",
         "_cancel_time",
         "_end_time",
+        "_limiter",
         "_link",
         "_lock",
         "_loop_event",
         "_loop_settled",
-        "_limiter",
         "_name",
         "_outcome",
         "_policy",
@@ -201,7 +202,7 @@ class Handle(Generic[T]):
         await self._link.wait_settled(self)
         return self._stage
 
-    async def wait(self) -> T:
+    async def wait(self) -> T_co:
         """Wait for the target's result, and return it or raise its exception.
 
         Raises:
@@ -225,12 +226,12 @@ class Handle(Generic[T]):
         await self._link.wait_settled(self)
         return self._result()
 
-    async def _wait_here(self) -> T:
+    async def _wait_here(self) -> T_co:
         """wait() for a handle known to belong to the running loop."""
         await self._link.wait_settled(self)
         return self._result()
 
-    def __await__(self) -> Generator[Any, None, T]:
+    def __await__(self) -> Generator[Any, None, T_co]:
         return self.wait().__await__()
 
     def __repr__(self) -> str:
@@ -238,7 +239,7 @@ class Handle(Generic[T]):
 
     # --- internal -------------------------------------------------------------------
 
-    def _result(self) -> T:
+    def _result(self) -> T_co:
         outcome = self._outcome
         if outcome is None:
             raise TargetCancelled(f"{self._name} was {self._stage.value} (rung 3)")

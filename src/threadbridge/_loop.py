@@ -144,7 +144,7 @@ class TrioLink:
     def is_current(self) -> bool:
         trio = sys.modules["trio"]
         try:
-            return trio.lowlevel.current_trio_token() is self.token  # type: ignore[no-any-return]
+            return trio.lowlevel.current_trio_token() is self.token
         except RuntimeError:
             return False
 

@@ -28,9 +28,7 @@ class Stage(enum.Enum):
 
 def _check_duration(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(
-            f"Policy.{name} must be a number of seconds (int or float), got {value!r}"
-        )
+        raise TypeError(f"Policy.{name} must be a number of seconds (int or float), got {value!r}")
     if math.isnan(value) or value < 0:
         raise ValueError(
             f"Policy.{name} must be zero or more seconds (math.inf to wait forever), got {value!r}"

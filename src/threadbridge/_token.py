@@ -50,8 +50,8 @@ class Token:
             event = self._event
             if event is None:
                 event = self._event = threading.Event()
-            if self._flag:
-                return True
+                if self.is_set():  # set between the check above and taking the lock
+                    event.set()
         return event.wait(timeout)
 
     def _set(self) -> None:
@@ -261,7 +261,7 @@ def sleep(seconds: float) -> None:
         raise TargetCancelled("a stop was requested (rung 1)")
 
 
-class uninterruptible:  # noqa: N801 - used like a function: `with uninterruptible():`
+class uninterruptible:
     """Hold off rung 2 while the block runs; it fires when the outermost block exits.
 
     Use it around code that must not be torn by an exception landing at an arbitrary

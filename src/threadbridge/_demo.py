@@ -1,0 +1,165 @@
+"""The demo behind ``python -m threadbridge demo``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import anyio
+
+from ._api import spawn
+from ._errors import TargetCancelled
+from ._policy import Policy, Stage
+from ._token import cancel_requested
+
+POLICY = Policy(grace=0.2, interrupt_grace=0.3)
+
+RUNG = {
+    Stage.FINISHED: "-",
+    Stage.COOPERATIVE: "1 cooperative",
+    Stage.INTERRUPTED: "2 interrupt",
+    Stage.ABANDONED: "3 abandon",
+    Stage.KILLED: "3 kill",
+}
+
+
+@dataclass
+class Target:
+    title: str
+    func: Callable[[list[str]], None]
+
+
+def checks_token(log: list[str]) -> None:
+    try:
+        while not cancel_requested():
+            sum(range(1000))
+    finally:
+        log.append("finally ran")
+
+
+def _crunch() -> None:
+    x = 0
+    while True:
+        x += 1
+
+
+def pure_python_loop(log: list[str]) -> None:
+    try:
+        _crunch()
+    finally:
+        log.append("finally ran")
+
+
+def blocked_in_sleep(log: list[str]) -> None:
+    try:
+        time.sleep(5)
+    finally:
+        log.append("finally ran")
+
+
+def swallows_cancel(log: list[str]) -> None:
+    try:
+        _crunch()
+    except TargetCancelled:
+        log.append("swallowed TargetCancelled")
+    time.sleep(5)  # and carries on with something long
+
+
+TARGETS = [
+    Target("checks its token", checks_token),
+    Target("pure-Python loop, never checks", pure_python_loop),
+    Target("blocked in time.sleep(5)", blocked_in_sleep),
+    Target("swallows TargetCancelled", swallows_cancel),
+]
+
+
+@dataclass
+class Row:
+    loop: str
+    target: str
+    rung: str
+    stage: str
+    ms: float
+    note: str
+
+
+async def _run_one(loop_name: str, target: Target) -> Row:
+    log: list[str] = []
+    started = threading.Event()
+
+    def body() -> None:
+        started.set()
+        target.func(log)
+
+    handle = spawn(body, policy=POLICY)
+    # Let the target get going; a demo may sleep, a test would gate on an event.
+    await anyio.sleep(0.05)
+    assert started.is_set()
+    t0 = time.perf_counter()
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await handle
+    ms = (time.perf_counter() - t0) * 1000
+    note = ", ".join(log) if log else ""
+    if handle.stage is Stage.ABANDONED:
+        note = (note + "; " if note else "") + "thread left running as a daemon"
+    return Row(loop_name, target.title, RUNG[handle.stage], handle.stage.name, ms, note)
+
+
+async def _run_all(loop_name: str, rows: list[Row]) -> None:
+    for target in TARGETS:
+        rows.append(await _run_one(loop_name, target))
+
+
+def _table(rows: list[Row]) -> str:
+    headers = ("loop", "target", "stopped at rung", "stage", "cancel -> return", "what happened")
+    cells = [(r.loop, r.target, r.rung, r.stage, f"{r.ms:7.1f} ms", r.note) for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+
+    def join(values: tuple[str, ...]) -> str:
+        return "  ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)).rstrip()
+
+    out = [join(headers), join(tuple("-" * w for w in widths))]
+    out += [join(row) for row in cells]
+    return "\n".join(out)
+
+
+def demo() -> int:
+    # The ladder logs rungs 2 and 3; the table below says the same thing more readably.
+    logging.getLogger("threadbridge").setLevel(logging.CRITICAL)
+    print("threadbridge demo: each target is started with spawn(), then its await is")
+    print(
+        f"cancelled. Policy: grace={POLICY.grace}s before rung 2, "
+        f"interrupt_grace={POLICY.interrupt_grace}s before rung 3.\n"
+    )
+    rows: list[Row] = []
+    backends = ["asyncio"]
+    if importlib.util.find_spec("trio") is not None:
+        backends.append("trio")
+    for backend in backends:
+        anyio.run(_run_all, backend, rows, backend=backend)
+    print(_table(rows))
+    if "trio" not in backends:
+        print("\n(trio is not installed: pip install 'threadbridge[trio]' to see it too)")
+    print(
+        "\nRung 1 sets the target's token; rung 2 raises TargetCancelled inside the thread"
+        "\n(it cannot land inside a blocking C call such as time.sleep); rung 3 abandons"
+        "\nthe thread. The cancelled await returns only after the work has stopped or"
+        "\nbeen given up on."
+    )
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m threadbridge")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("demo", help="show the escalation ladder stopping blocking work")
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        return demo()
+    return 2  # pragma: no cover - argparse has refused anything else

@@ -1,0 +1,40 @@
+"""`python -m threadbridge demo` runs and shows each target stopped at its rung."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_demo_table() -> None:
+    """The demo prints one row per target and loop, each at the expected stage."""
+    out = subprocess.run(
+        [sys.executable, "-m", "threadbridge", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    rows = [line for line in out.stdout.splitlines() if line.startswith(("asyncio", "trio"))]
+    expected = {
+        "checks its token": "COOPERATIVE",
+        "pure-Python loop": "INTERRUPTED",
+        "blocked in time.sleep": "ABANDONED",
+        "swallows TargetCancelled": "ABANDONED",
+    }
+    for loop in ("asyncio", "trio"):
+        mine = [r for r in rows if r.startswith(loop)]
+        assert len(mine) == len(expected), out.stdout
+        for title, stage in expected.items():
+            (row,) = [r for r in mine if title in r]
+            assert stage in row, row
+    assert out.stderr == ""
+
+
+def test_usage_error() -> None:
+    """An unknown command exits non-zero with usage text."""
+    out = subprocess.run(
+        [sys.executable, "-m", "threadbridge", "nonsense"], capture_output=True, text=True
+    )
+    assert out.returncode == 2
+    assert "usage" in out.stderr
