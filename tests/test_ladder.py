@@ -11,7 +11,7 @@ import pytest
 
 import threadbridge as tb
 
-from .helpers import RungWatcher, Signal, block_in_c, spin_forever
+from .helpers import RungWatcher, Signal, block_in_c, spin_forever, spin_until
 
 pytestmark = pytest.mark.anyio
 
@@ -323,3 +323,25 @@ async def test_second_awaiter_sees_same_outcome() -> None:
         await anyio.wait_all_tasks_blocked()
         gate.set()
     assert results == [7, 7]
+
+
+async def test_rung2_unavailable_is_logged_and_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the interpreter cannot inject (PyPy), rung 2 is logged as skipped."""
+    from threadbridge import _token
+
+    monkeypatch.setattr(_token, "CAN_INJECT", False)
+    started = Signal()
+    release = threading.Event()
+
+    def target() -> None:
+        started.set()
+        spin_until(release)
+
+    with RungWatcher() as watcher:
+        handle = tb.spawn(target, policy=tb.Policy(grace=0, interrupt_grace=0))
+        try:
+            await cancel_after_start(handle, started)
+        finally:
+            release.set()
+    assert handle.stage is tb.Stage.ABANDONED
+    assert any("not available on this interpreter" in m for m in watcher.messages)
