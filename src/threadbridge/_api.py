@@ -106,21 +106,33 @@ def _check_options(
     return policy, limiter
 
 
-def _start(handle: Handle[Any], backend: Backend, func: Callable[..., Any], args: Any) -> None:
+def _prepare(
+    backend: Backend, func: Callable[..., Any], args: tuple[Any, ...], what: str
+) -> bytes | None:
+    """For processes: pickle the job now, so that what cannot travel fails at once."""
     if backend == "thread":
+        return None
+    from . import _process
+
+    _process.check_platform(what)
+    return _process.dumps_job(func, args, _name_of(func))
+
+
+def _start(
+    handle: Handle[Any],
+    backend: Backend,
+    func: Callable[..., Any],
+    args: Any,
+    payload: bytes | None,
+) -> None:
+    if payload is None:
         work = _thread.ThreadWork(handle, func, args)
         handle._start(work)
         _thread.submit(work)
-    else:  # pragma: no cover - guarded by _check_backend_available
-        raise AssertionError(backend)
+    else:
+        from . import _process
 
-
-def _check_backend_available(backend: Backend, what: str) -> None:
-    if backend == "process":
-        raise NotImplementedError(
-            f'{what}: backend="process" is not available in this version of threadbridge; '
-            'use backend="thread"'
-        )
+        _process.start(handle, handle._link, payload)
 
 
 def _new_handle(
@@ -182,8 +194,8 @@ async def run_killable(
     what = "run_killable()"
     _check_func(func, args, what)
     policy, limiter = _check_options(backend, policy, limiter, what)
-    _check_backend_available(backend, what)
     link = current_link(what)
+    payload = _prepare(backend, func, args, what)
     if limiter is None:
         limiter = _default_limiter(link, backend)
     await link.checkpoint_if_cancelled()
@@ -193,7 +205,7 @@ async def run_killable(
     except anyio.WouldBlock:
         await limiter.acquire_on_behalf_of(handle)
     try:
-        _start(handle, backend, func, args)
+        _start(handle, backend, func, args, payload)
     except BaseException:
         limiter.release_on_behalf_of(handle)
         raise
@@ -235,18 +247,18 @@ def spawn(
     what = "spawn()"
     _check_func(func, args, what)
     policy, limiter = _check_options(backend, policy, limiter, what)
-    _check_backend_available(backend, what)
     link = current_link(what)
+    payload = _prepare(backend, func, args, what)
     if limiter is None:
         limiter = _default_limiter(link, backend)
     handle: Handle[T] = _new_handle(func, policy, link, limiter)
     try:
         limiter.acquire_on_behalf_of_nowait(handle)
     except anyio.WouldBlock:
-        _start_when_admitted(handle, backend, func, args, limiter, link)
+        _start_when_admitted(handle, backend, func, args, payload, limiter, link)
     else:
         try:
-            _start(handle, backend, func, args)
+            _start(handle, backend, func, args, payload)
         except BaseException:
             limiter.release_on_behalf_of(handle)
             raise
@@ -289,6 +301,7 @@ def _start_when_admitted(
     backend: Backend,
     func: Callable[..., Any],
     args: tuple[Any, ...],
+    payload: bytes | None,
     limiter: anyio.CapacityLimiter,
     link: Link,
 ) -> None:
@@ -306,7 +319,7 @@ def _start_when_admitted(
                 await limiter.acquire_on_behalf_of(handle)
                 acquired = True
             if acquired:
-                _start(handle, backend, func, args)
+                _start(handle, backend, func, args, payload)
                 return
             handle._settle(Stage.COOPERATIVE, None, released=False)
         except BaseException as exc:

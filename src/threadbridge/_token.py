@@ -6,7 +6,6 @@ no trio, nothing that starts threads.
 
 from __future__ import annotations
 
-import ctypes
 import math
 import sys
 import threading
@@ -67,19 +66,28 @@ class Token:
 
 # --- rung 2 for threads -------------------------------------------------------------------
 
-_CPYTHON = sys.implementation.name == "cpython"
+CAN_INJECT = sys.implementation.name == "cpython"
 
-if _CPYTHON:
-    _set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
-    _set_async_exc.argtypes = [ctypes.c_ulong, ctypes.py_object]
-    _set_async_exc.restype = ctypes.c_int
-    # The same C function, declared so that None goes down as NULL ("clear what is
-    # pending") instead of as Py_None.
-    _clear_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)(
-        ("PyThreadState_SetAsyncExc", ctypes.pythonapi)
-    )
+# ctypes is loaded on first use: worker processes never inject, and it costs a few
+# milliseconds of start-up.
+_setters: tuple[object, object] | None = None
 
-CAN_INJECT = _CPYTHON
+
+def _async_exc_setters() -> tuple[object, object]:
+    global _setters
+    if _setters is None:
+        import ctypes
+
+        setter = ctypes.pythonapi.PyThreadState_SetAsyncExc
+        setter.argtypes = [ctypes.c_ulong, ctypes.py_object]
+        setter.restype = ctypes.c_int
+        # The same C function, declared so that None goes down as NULL ("clear what is
+        # pending") instead of as Py_None.
+        clearer = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)(
+            ("PyThreadState_SetAsyncExc", ctypes.pythonapi)
+        )
+        _setters = (setter, clearer)
+    return _setters
 
 
 class _Interrupted(TargetCancelled):
@@ -100,12 +108,12 @@ class _Interrupted(TargetCancelled):
 
 def inject(thread_id: int) -> None:
     """Schedule TargetCancelled in another thread, at its next bytecode boundary."""
-    _set_async_exc(thread_id, _Interrupted)
+    _async_exc_setters()[0](thread_id, _Interrupted)  # type: ignore[operator]
 
 
 def clear_injection(thread_id: int) -> None:
     """Withdraw an injected exception that has not been raised yet."""
-    _clear_async_exc(thread_id, None)
+    _async_exc_setters()[1](thread_id, None)  # type: ignore[operator]
 
 
 class TargetState:

@@ -1,0 +1,432 @@
+"""Process targets: a warm pool of worker processes, and the rungs for a process.
+
+Each event loop has its own pool; it shuts down when the loop ends. A worker leads its
+own process group, so rungs 2 and 3 reach the target's children too. Every worker is
+reaped by the thread that reads its results, so none is ever left a zombie.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from . import _wire
+from ._errors import WorkerCrashed
+from ._ladder import SCHEDULER, Handle
+from ._policy import Stage
+from ._stats import COUNTERS
+
+logger = logging.getLogger("threadbridge")
+
+# Idle workers beyond the one kept on standby exit after this many seconds. Starting a
+# worker costs tens of milliseconds, so this errs on the side of keeping them.
+IDLE_TIMEOUT = 60.0
+# When a loop ends, its workers get this long to exit on their own before SIGKILL.
+SHUTDOWN_GRACE = 1.0
+# Payloads larger than a pipe buffer are written from a helper thread, so that a slow
+# worker never blocks the event loop.
+_INLINE_WRITE = 60_000
+
+_BOOT = "from threadbridge._worker import main; main()"
+
+
+def check_platform(what: str) -> None:
+    if sys.platform == "win32":
+        raise NotImplementedError(
+            f'{what}: backend="process" needs process groups and POSIX signals, which '
+            'Windows lacks; use backend="thread" there'
+        )
+
+
+def dumps_job(func: Callable[..., Any], args: tuple[Any, ...], name: str) -> bytes:
+    """Pickle a job for a worker, or raise a TypeError that names what cannot travel."""
+    import cloudpickle
+
+    try:
+        return cloudpickle.dumps((func, args), protocol=pickle.HIGHEST_PROTOCOL)  # type: ignore[no-any-return,unused-ignore]
+    except Exception as exc:
+        error = exc
+    for index, arg in enumerate(args, 1):
+        try:
+            cloudpickle.dumps(arg)
+        except Exception as exc:
+            raise TypeError(
+                f"argument {index} to {name} ({type(arg).__qualname__} {arg!r:.60}) cannot "
+                f'be pickled for backend="process": {exc}. Pass a picklable value, or run '
+                'it with backend="thread"'
+            ) from None
+    raise TypeError(
+        f'{name} cannot be pickled for backend="process": {error}. Use a function that '
+        "can be pickled (cloudpickle handles lambdas and closures, but not what they "
+        'capture if that cannot be pickled), or backend="thread"'
+    ) from None
+
+
+class WorkerProcess:
+    """One worker process, the pipes to it, and the thread that reads its answers."""
+
+    def __init__(self, pool: ProcessPool) -> None:
+        self.pool = pool
+        self.lock = threading.Lock()
+        self.current: ProcessWork | None = None
+        self.killed = False
+        self.used = False
+        self.status = "starting"
+        self.idle_since = time.monotonic()
+        job_r, self.job_fd = os.pipe()
+        control_r, self.control_fd = os.pipe()
+        self.result_fd, result_w = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", _BOOT, str(job_r), str(control_r), str(result_w)],
+                pass_fds=(job_r, control_r, result_w),
+                start_new_session=True,  # leads its own process group
+                stdin=subprocess.DEVNULL,
+            )
+        except BaseException:
+            for fd in (self.job_fd, self.control_fd, self.result_fd):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (job_r, control_r, result_w):
+                os.close(fd)
+        self.pid = self.proc.pid
+        settings = {"sys_path": list(sys.path)}
+        _wire.write_frame(self.job_fd, _wire.INIT, 0, pickle.dumps(settings))
+        self.reader = threading.Thread(
+            target=self._read, name="threadbridge-worker-reader", daemon=True
+        )
+        self.reader.start()
+
+    # --- talking to the worker ---------------------------------------------------------
+
+    def run(self, work: ProcessWork, payload: bytes) -> None:
+        with self.lock:
+            self.current = work
+            self.used = True
+        if len(payload) <= _INLINE_WRITE:
+            self._write_job(work.job_id, payload)
+        else:
+            threading.Thread(
+                target=self._write_job, args=(work.job_id, payload), daemon=True
+            ).start()
+
+    def _write_job(self, job_id: int, payload: bytes) -> None:
+        try:
+            _wire.write_frame(self.job_fd, _wire.RUN, job_id, payload)
+        except OSError:
+            pass  # the worker has died; the reader reports it
+
+    def control(self, kind: int, job_id: int) -> None:
+        try:
+            _wire.write_frame(self.control_fd, kind, job_id)
+        except OSError:
+            pass
+
+    def ask_to_exit(self) -> None:
+        try:
+            _wire.write_frame(self.job_fd, _wire.EXIT)
+        except OSError:
+            pass
+
+    def signal_group(self, signum: int) -> None:
+        try:
+            os.killpg(self.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass  # the group is gone already
+
+    def kill(self) -> None:
+        """SIGKILL the worker's whole process group and reap the worker."""
+        self.signal_group(signal.SIGKILL)
+        self.proc.wait()
+
+    # --- the reader thread -------------------------------------------------------------
+
+    def _read(self) -> None:
+        while True:
+            try:
+                frame = _wire.read_frame(self.result_fd)
+            except OSError:
+                frame = None
+            if frame is None:
+                break
+            kind, job_id, payload = frame
+            if kind != _wire.RESULT:
+                continue
+            with self.lock:
+                work = self.current
+                if work is None or work.job_id != job_id:
+                    continue  # killed meanwhile: the ladder has reported it
+                self.current = None
+            self.pool._returned(self)
+            work._finished(payload)
+        # End of file: the worker has exited or been killed. Reap it, and take down
+        # anything its targets left in its process group.
+        returncode = self.proc.wait()
+        self.signal_group(signal.SIGKILL)
+        with self.lock:
+            work = self.current
+            self.current = None
+        for fd in (self.job_fd, self.control_fd, self.result_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.pool._died(self)
+        if work is not None:
+            work._crashed(returncode)
+
+
+class ProcessPool:
+    """The workers of one event loop.
+
+    Each worker's ``status`` ("idle", "busy", "retiring") changes only under ``lock``,
+    together with the counters that stats() reports.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.idle: list[WorkerProcess] = []
+        self.workers: set[WorkerProcess] = set()
+        self.closed = False
+        _all_pools.add(self)
+
+    def acquire(self) -> WorkerProcess:
+        with self.lock:
+            if self.closed:
+                raise RuntimeError("the event loop is shutting down; no new process work")
+            worker = self.idle.pop() if self.idle else None
+            if worker is not None:
+                worker.status = "busy"
+                COUNTERS.add(busy_workers=1, idle_workers=-1, standby_workers=-(not worker.used))
+            want_standby = not self.idle
+        if worker is None:
+            worker = self._new_worker("busy")
+        if want_standby:
+            threading.Thread(target=self._add_standby, daemon=True).start()
+        return worker
+
+    def _new_worker(self, status: str) -> WorkerProcess:
+        worker = WorkerProcess(self)
+        with self.lock:
+            self.workers.add(worker)
+            if self.closed:  # the loop ended while it started
+                worker.status = "retiring"
+                worker.ask_to_exit()
+            elif status == "busy":
+                worker.status = "busy"
+                COUNTERS.add(busy_workers=1)
+            else:
+                worker.status = "idle"
+                self.idle.insert(0, worker)
+                COUNTERS.add(idle_workers=1, standby_workers=1)
+        return worker
+
+    def _add_standby(self) -> None:
+        with self.lock:
+            if self.closed or self.idle:
+                return
+        try:
+            self._new_worker("idle")
+        except OSError:  # pragma: no cover - out of processes or descriptors
+            logger.exception("threadbridge: could not start a standby worker")
+
+    def _returned(self, worker: WorkerProcess) -> None:
+        """A worker finished a job and is free again (reader thread)."""
+        worker.idle_since = stamp = time.monotonic()
+        with self.lock:
+            if self.closed:
+                worker.status = "retiring"
+                COUNTERS.add(busy_workers=-1)
+            else:
+                worker.status = "idle"
+                self.idle.append(worker)
+                COUNTERS.add(busy_workers=-1, idle_workers=1)
+            closed = self.closed
+        if closed:
+            worker.ask_to_exit()
+        else:
+            SCHEDULER.call_later(IDLE_TIMEOUT, lambda: self._maybe_retire(worker, stamp))
+
+    def _maybe_retire(self, worker: WorkerProcess, stamp: float) -> None:
+        with self.lock:
+            if worker.idle_since != stamp or worker.status != "idle" or len(self.idle) < 2:
+                return  # used since, gone, or the last one on standby
+            self.idle.remove(worker)
+            worker.status = "retiring"
+            COUNTERS.add(idle_workers=-1)
+        worker.ask_to_exit()
+
+    def _died(self, worker: WorkerProcess) -> None:
+        """A worker process has exited and been reaped (reader thread)."""
+        with self.lock:
+            self.workers.discard(worker)
+            if worker.status == "idle":
+                self.idle.remove(worker)
+                COUNTERS.add(idle_workers=-1, standby_workers=-(not worker.used))
+            elif worker.status == "busy":
+                COUNTERS.add(busy_workers=-1)
+            worker.status = "gone"
+            replace = not self.closed and not self.idle
+        if replace:
+            self._add_standby()
+
+    def shutdown(self) -> None:
+        """End every worker: ask, wait up to SHUTDOWN_GRACE, then SIGKILL. Blocks."""
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            workers = list(self.workers)
+        for worker in workers:
+            worker.ask_to_exit()
+            if worker.current is not None:
+                worker.signal_group(signal.SIGTERM)
+        deadline = time.monotonic() + SHUTDOWN_GRACE
+        for worker in workers:
+            try:
+                worker.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                worker.kill()
+        for worker in workers:
+            worker.reader.join(timeout=5)
+
+
+_all_pools: weakref.WeakSet[ProcessPool] = weakref.WeakSet()
+_pools: weakref.WeakKeyDictionary[object, ProcessPool] = weakref.WeakKeyDictionary()
+_background: set[Any] = set()
+
+
+@atexit.register
+def _shutdown_all() -> None:
+    for pool in list(_all_pools):
+        pool.shutdown()
+
+
+def pool_for(link: Any) -> ProcessPool:
+    """The pool of the running loop; made, with its shutdown guard, on first use."""
+    key = link.key
+    pool = _pools.get(key)
+    if pool is None:
+        pool = _pools[key] = ProcessPool()
+        _guard(link, pool)
+    return pool
+
+
+def _guard(link: Any, pool: ProcessPool) -> None:
+    """Shut the pool down when the loop ends: a task that waits until it is cancelled."""
+    if link.name == "asyncio":
+        loop = link.loop
+
+        async def asyncio_guard() -> None:
+            try:
+                await loop.create_future()
+            finally:
+                pool.shutdown()
+
+        task = loop.create_task(asyncio_guard(), name="threadbridge process pool guard")
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+    else:
+        import trio
+
+        async def trio_guard() -> None:
+            try:
+                await trio.sleep_forever()
+            finally:
+                pool.shutdown()
+
+        trio.lowlevel.spawn_system_task(trio_guard, name="threadbridge process pool guard")
+
+
+_job_ids = iter(range(1, 1 << 63))
+
+
+class ProcessWork:
+    """One target in one worker process; the ladder's Work for the process backend."""
+
+    __slots__ = ("handle", "job_id", "worker")
+
+    def __init__(self, handle: Handle[Any], worker: WorkerProcess) -> None:
+        self.handle = handle
+        self.worker = worker
+        self.job_id = next(_job_ids)
+
+    def request_stop(self) -> None:
+        self.worker.control(_wire.CANCEL, self.job_id)
+
+    def interrupt(self) -> bool:
+        worker = self.worker
+        with worker.lock:
+            if worker.current is not self:
+                return False
+        worker.control(_wire.INTERRUPT, self.job_id)
+        return True
+
+    def force(self) -> None:
+        worker = self.worker
+        with worker.lock:
+            if worker.current is not self:
+                return  # it has just ended; the reader reports it
+            worker.current = None
+            worker.killed = True
+        worker.kill()
+        logger.warning(
+            "threadbridge: killed the worker process (pid %d) running %s and its process "
+            "group (rung 3): it did not stop within its grace periods",
+            worker.pid,
+            self.describe(),
+        )
+        self.handle._settle(Stage.KILLED, None, released=True)
+
+    def describe(self) -> str:
+        return self.handle.name
+
+    def _finished(self, payload: bytes) -> None:
+        try:
+            kind, value, flag = pickle.loads(payload)
+        except Exception as exc:
+            kind, flag = "raise", 0
+            value = TypeError(
+                f"the worker's answer for {self.describe()} cannot be unpickled: {exc}"
+            )
+        stage = (Stage.FINISHED, Stage.COOPERATIVE, Stage.INTERRUPTED)[flag]
+        self.handle._settle(stage, (kind == "return", value), released=True)
+
+    def _crashed(self, returncode: int) -> None:
+        if returncode < 0:
+            signum = -returncode
+            try:
+                signame = signal.Signals(signum).name
+            except ValueError:  # pragma: no cover
+                signame = str(signum)
+            error = WorkerCrashed(
+                f"the worker process running {self.describe()} was killed by {signame}",
+                signal=signum,
+            )
+        else:
+            error = WorkerCrashed(
+                f"the worker process running {self.describe()} exited with code "
+                f"{returncode} without answering",
+                exitcode=returncode,
+            )
+        rung = self.handle._rung
+        stage = Stage.INTERRUPTED if rung >= 2 else Stage.COOPERATIVE if rung else Stage.FINISHED
+        self.handle._settle(stage, (False, error), released=True)
+
+
+def start(handle: Handle[Any], link: Any, payload: bytes) -> None:
+    worker = pool_for(link).acquire()
+    work = ProcessWork(handle, worker)
+    handle._start(work)
+    worker.run(work, payload)

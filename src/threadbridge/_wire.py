@@ -1,0 +1,55 @@
+"""Framing for the private pipes between the parent and its worker processes.
+
+A frame is a header (payload length, kind, job id) followed by the payload. Both sides
+use blocking reads in threads of their own; this module must stay light, since worker
+processes import it.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+HEADER = struct.Struct("!IBQ")  # payload length, kind, job id
+
+# parent -> worker, on the job pipe
+INIT = 1  # payload: pickled settings (sys.path)
+RUN = 2  # payload: pickled (func, args)
+EXIT = 3  # no payload: finish and exit
+# parent -> worker, on the control pipe
+CANCEL = 10  # rung 1 for a job
+INTERRUPT = 11  # rung 2 for a job
+# worker -> parent, on the result pipe
+READY = 20  # payload: nothing; the worker has started
+RESULT = 21  # payload: pickled outcome
+
+
+def write_frame(fd: int, kind: int, job: int = 0, payload: bytes = b"") -> None:
+    data = HEADER.pack(len(payload), kind, job) + payload
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _read_exact(fd: int, size: int) -> bytes | None:
+    chunks = []
+    while size:
+        chunk = os.read(fd, min(size, 1 << 20))
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_frame(fd: int) -> tuple[int, int, bytes] | None:
+    """The next frame as (kind, job, payload), or None at end of file."""
+    header = _read_exact(fd, HEADER.size)
+    if header is None:
+        return None
+    size, kind, job = HEADER.unpack(header)
+    payload = _read_exact(fd, size) if size else b""
+    if payload is None:
+        return None
+    return kind, job, payload
