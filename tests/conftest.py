@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 
+import psutil
 import pytest
 
 from threadbridge._stats import COUNTERS
@@ -33,9 +35,28 @@ def _pooled(thread: threading.Thread) -> bool:
     return thread.name.startswith(_POOLS)
 
 
+def _children_left(timeout: float) -> list[str]:
+    """Children (and zombies) of this process still there after ``timeout`` seconds."""
+    me = psutil.Process()
+    deadline = time.monotonic() + timeout
+    while True:
+        left = me.children(recursive=True)
+        if not left or time.monotonic() > deadline:
+            break
+        psutil.wait_procs(left, timeout=max(0.0, deadline - time.monotonic()))
+    described = []
+    for proc in left:
+        try:
+            described.append(f"{proc.pid} {proc.status()} {' '.join(proc.cmdline())[:80]}")
+        except psutil.NoSuchProcess:
+            continue
+    return described
+
+
 @pytest.fixture(autouse=True)
 def no_leaks() -> Iterator[None]:
-    """Fail the test if a target is still running, or a thread or an fd outlives it."""
+    """Fail the test if a target still runs, or a thread, child process, zombie or fd
+    outlives it."""
     before_threads = set(threading.enumerate())
     before_fds = _fd_count()
     yield
@@ -47,5 +68,7 @@ def no_leaks() -> Iterator[None]:
         thread.join(timeout=5)
     alive = [t.name for t in strays if t.is_alive()]
     assert not alive, f"threads left running by the test: {alive}"
+    children = _children_left(timeout=10)
+    assert not children, f"child processes left by the test: {children}"
     after_fds = _fd_count()
     assert after_fds <= before_fds, f"file descriptors leaked: {before_fds} -> {after_fds}"

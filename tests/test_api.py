@@ -182,3 +182,13 @@ async def test_await_in_another_loop_is_refused() -> None:
             await handle
 
     await anyio.to_thread.run_sync(lambda: anyio.run(other))
+
+
+def test_errors_pickle_round_trip() -> None:
+    """WorkerCrashed and RemoteError survive pickling with their data."""
+    import pickle
+
+    crashed = pickle.loads(pickle.dumps(tb.WorkerCrashed("died", signal=9)))
+    assert (str(crashed), crashed.exitcode, crashed.signal) == ("died", None, 9)
+    remote = pickle.loads(pickle.dumps(tb.RemoteError("m.E", "msg", "tb")))
+    assert (remote.type_name, remote.message, remote.traceback_text) == ("m.E", "msg", "tb")

@@ -28,6 +28,9 @@ class WorkerCrashed(Exception):
         self.exitcode = exitcode
         self.signal = signal
 
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (str(self),), {"exitcode": self.exitcode, "signal": self.signal})
+
 
 class RemoteError(Exception):
     """An exception raised in a worker process that could not be sent back as itself.
@@ -43,6 +46,9 @@ class RemoteError(Exception):
         self.type_name = type_name
         self.message = message
         self.traceback_text = traceback_text
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.type_name, self.message, self.traceback_text))
 
     def __str__(self) -> str:
         return (

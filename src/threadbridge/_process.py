@@ -170,10 +170,11 @@ class WorkerProcess:
                 self.current = None
             self.pool._returned(self)
             work._finished(payload)
-        # End of file: the worker has exited or been killed. Reap it, and take down
-        # anything its targets left in its process group.
-        returncode = self.proc.wait()
+        # End of file: the worker has exited or been killed. Take down anything its
+        # targets left in its process group (while the unreaped worker still holds the
+        # group's id, so that it cannot have been reused), then reap it.
         self.signal_group(signal.SIGKILL)
+        returncode = self.proc.wait()
         with self.lock:
             work = self.current
             self.current = None

@@ -1,0 +1,176 @@
+"""Targets for worker processes: a light module (stdlib and threadbridge only), so that a
+worker importing it starts fast."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import threadbridge as tb
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def pid() -> int:
+    return os.getpid()
+
+
+def pgid() -> tuple[int, int]:
+    return os.getpid(), os.getpgrp()
+
+
+class CustomError(Exception):
+    pass
+
+
+def raise_custom(message: str) -> None:
+    raise CustomError(message)
+
+
+class Unpicklable(Exception):
+    """An exception that cannot travel back: it holds a lock."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        import threading
+
+        self.lock = threading.Lock()
+
+
+def raise_unpicklable() -> None:
+    raise Unpicklable("holds a lock")
+
+
+def _refuse_to_load() -> None:
+    raise RuntimeError("this exception cannot be rebuilt")
+
+
+class Unloadable(Exception):
+    """Pickles, but cannot be unpickled."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_refuse_to_load, ())
+
+
+def raise_unloadable() -> None:
+    raise Unloadable("cannot be rebuilt")
+
+
+def return_unpicklable() -> object:
+    import threading
+
+    return threading.Lock()
+
+
+def exit_with(code: int) -> None:
+    os._exit(code)
+
+
+def segfault() -> None:
+    ctypes.string_at(0)
+
+
+def mark(path: str, text: str) -> None:
+    with open(path, "a") as f:
+        f.write(text + "\n")
+
+
+def write_pid_then_sleep(path: str, seconds: float) -> None:
+    mark(path, str(os.getpid()))
+    time.sleep(seconds)
+
+
+def cooperative(path: str) -> str:
+    mark(path, "started")
+    try:
+        tb.current_token().wait()
+        mark(path, f"token {tb.cancel_requested()}")
+        tb.check_cancelled()
+        return "unreachable"
+    finally:
+        mark(path, "finally")
+
+
+def tb_sleeper(path: str) -> None:
+    mark(path, "started")
+    try:
+        tb.sleep(60)
+    except tb.TargetCancelled:
+        mark(path, "woke")
+        raise
+
+
+def blocking_sleeper(path: str) -> None:
+    """Blocks in time.sleep (C); rung 2's SIGTERM interrupts it."""
+    mark(path, "started")
+    try:
+        with open(path + ".with", "w") as f:
+            f.write("open")
+            time.sleep(60)
+    except tb.TargetCancelled:
+        mark(path, "TargetCancelled")
+        raise
+    finally:
+        mark(path, "finally")
+
+
+def uninterruptible_then_sleep(path: str, hold: float) -> None:
+    mark(path, "started")
+    try:
+        with tb.uninterruptible():
+            mark(path, "in block")
+            time.sleep(hold)  # SIGTERM arrives here, and waits
+            mark(path, "block done")
+        mark(path, "after block")
+    except tb.TargetCancelled:
+        mark(path, "TargetCancelled")
+        raise
+
+
+def ignores_sigterm_with_grandchild(path: str) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    mark(path, f"{os.getpid()} {child.pid}")
+    while True:
+        time.sleep(60)
+
+
+def swallows(path: str) -> None:
+    mark(path, "started")
+    try:
+        time.sleep(60)
+    except tb.TargetCancelled:
+        mark(path, "swallowed")
+    time.sleep(60)
+
+
+def spawn_grandchild_and_return(path: str) -> int:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    return child.pid
+
+
+def busy_until_file(path: str) -> None:
+    mark(path, str(os.getpid()))
+    while not Path(path + ".go").exists():
+        time.sleep(0.01)
+
+
+def sigint_self_then_return() -> str:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.05)
+    return "survived SIGINT"
+
+
+def token_state() -> tuple[bool, bool]:
+    return tb.cancel_requested(), tb.current_token().is_set()
+
+
+def imports_of_worker() -> list[str]:
+    return sorted(m for m in ("anyio", "trio") if m in sys.modules)

@@ -1,0 +1,322 @@
+"""backend="process": warm workers, the ladder by signals, nothing left behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Literal
+
+import anyio
+import psutil
+import pytest
+
+import threadbridge as tb
+
+from . import targets
+
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.skipif(sys.platform == "win32", reason="the process backend is POSIX only"),
+]
+
+P: Literal["process"] = "process"
+
+
+async def lines_of(path: Path, count: int) -> list[str]:
+    """The first ``count`` lines a worker has written to ``path`` (bounded wait)."""
+    with anyio.fail_after(30):
+        while True:
+            if path.exists():
+                lines = path.read_text().splitlines()
+                if len(lines) >= count:
+                    return lines
+            await anyio.sleep(0.005)
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie whose parent is not us counts as exited)."""
+    try:
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return True
+
+
+async def test_result_and_warm_reuse() -> None:
+    """A call returns its result; later calls reuse the same warm worker."""
+    assert await tb.run_killable(targets.add, 2, 3, backend=P) == 5
+    first = await tb.run_killable(targets.pid, backend=P)
+    assert first != os.getpid()
+    assert await tb.run_killable(targets.pid, backend=P) == first
+
+
+async def test_worker_leads_its_own_process_group() -> None:
+    """Each worker leads its own process group, so rungs 2 and 3 reach its children."""
+    pid, pgid = await tb.run_killable(targets.pgid, backend=P)
+    assert pid == pgid != os.getpgrp()
+
+
+async def test_worker_does_not_import_anyio_or_trio() -> None:
+    """The worker's entry point is light: no anyio, no trio."""
+    assert await tb.run_killable(targets.imports_of_worker, backend=P) == []
+
+
+async def test_lambdas_and_closures_travel() -> None:
+    """cloudpickle carries lambdas and closures defined here."""
+    offset = 10
+    assert await tb.run_killable(lambda x: x + offset, 5, backend=P) == 15
+
+    def local(n: int) -> list[int]:
+        return [i * offset for i in range(n)]
+
+    assert await tb.run_killable(local, 3, backend=P) == [0, 10, 20]
+
+
+async def test_exception_keeps_type_and_worker_traceback() -> None:
+    """The target's exception arrives as its own type, with the worker's frames."""
+    with pytest.raises(targets.CustomError, match="boom") as info:
+        await tb.run_killable(targets.raise_custom, "boom", backend=P)
+    text = "".join(traceback.format_exception(info.value))
+    assert "raise_custom" in text
+    assert "targets.py" in text
+
+
+async def test_unpicklable_argument_is_type_error_before_any_worker() -> None:
+    """An argument that cannot be pickled: TypeError naming it; no worker is used."""
+    busy_before = tb.stats().busy_workers
+    with pytest.raises(TypeError, match=r"argument 2 to add \(lock"):
+        await tb.run_killable(targets.add, 1, threading.Lock(), backend=P)  # type: ignore[arg-type]
+    assert tb.stats().busy_workers == busy_before
+    assert tb.default_limiter("process").borrowed_tokens == 0
+    assert await tb.run_killable(targets.add, 1, 1, backend=P) == 2
+
+
+async def test_unpicklable_result_is_clear_error() -> None:
+    """A result that cannot be pickled back is a TypeError saying so; the pool lives."""
+    with pytest.raises(TypeError, match=r"result .* cannot be pickled"):
+        await tb.run_killable(targets.return_unpicklable, backend=P)
+    assert await tb.run_killable(targets.add, 1, 1, backend=P) == 2
+
+
+@pytest.mark.parametrize(
+    ("target", "type_name"),
+    [
+        (targets.raise_unpicklable, "tests.targets.Unpicklable"),
+        (targets.raise_unloadable, "tests.targets.Unloadable"),
+    ],
+)
+async def test_exception_that_cannot_travel_is_remote_error(target: object, type_name: str) -> None:
+    """An exception that cannot be pickled back arrives as RemoteError with its text."""
+    with pytest.raises(tb.RemoteError) as info:
+        await tb.run_killable(target, backend=P)  # type: ignore[arg-type]
+    assert info.value.type_name == type_name
+    assert info.value.message
+    assert "Traceback" in info.value.traceback_text
+    assert await tb.run_killable(targets.add, 1, 1, backend=P) == 2
+
+
+@pytest.mark.parametrize(
+    ("target", "args", "exitcode", "signum"),
+    [
+        (targets.exit_with, (3,), 3, None),
+        (targets.segfault, (), None, signal.SIGSEGV),
+    ],
+)
+async def test_crash_is_worker_crashed_and_pool_survives(
+    target: object, args: tuple[object, ...], exitcode: int | None, signum: int | None
+) -> None:
+    """os._exit and a segfault give WorkerCrashed with the code or signal."""
+    with pytest.raises(tb.WorkerCrashed) as info:
+        await tb.run_killable(target, *args, backend=P)  # type: ignore[arg-type]
+    assert info.value.exitcode == exitcode
+    assert info.value.signal == signum
+    assert await tb.run_killable(targets.add, 1, 1, backend=P) == 2
+
+
+async def test_sigkill_from_outside_is_worker_crashed(tmp_path: Path) -> None:
+    """A worker SIGKILLed by someone else gives WorkerCrashed(signal=SIGKILL)."""
+    path = tmp_path / "pid"
+    handle = tb.spawn(targets.write_pid_then_sleep, str(path), 60, backend=P)
+    (worker,) = await lines_of(path, 1)
+    os.kill(int(worker), signal.SIGKILL)
+    with pytest.raises(tb.WorkerCrashed) as info:
+        await handle
+    assert info.value.signal == signal.SIGKILL
+    assert await tb.run_killable(targets.add, 1, 1, backend=P) == 2
+
+
+async def test_rung1_token_is_visible_in_the_worker(tmp_path: Path) -> None:
+    """Rung 1 sets the token inside the worker; a cooperative target stops there."""
+    path = tmp_path / "log"
+    handle = tb.spawn(targets.cooperative, str(path), backend=P, policy=tb.Policy(grace=30))
+    await lines_of(path, 1)
+    assert await handle.stop() is tb.Stage.COOPERATIVE
+    assert path.read_text().splitlines() == ["started", "token True", "finally"]
+
+
+async def test_threadbridge_sleep_wakes_in_worker(tmp_path: Path) -> None:
+    """threadbridge.sleep() in a worker wakes up at rung 1."""
+    path = tmp_path / "log"
+    handle = tb.spawn(targets.tb_sleeper, str(path), backend=P, policy=tb.Policy(grace=30))
+    await lines_of(path, 1)
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await handle
+    assert handle.stage is tb.Stage.COOPERATIVE
+    assert path.read_text().splitlines() == ["started", "woke"]
+
+
+async def test_token_clear_in_plain_call() -> None:
+    """A target that is not cancelled sees a clear token."""
+    assert await tb.run_killable(targets.token_state, backend=P) == (False, False)
+
+
+async def test_rung2_sigterm_interrupts_blocking_sleep(tmp_path: Path) -> None:
+    """SIGTERM becomes TargetCancelled in the target: time.sleep ends, finally runs."""
+    path = tmp_path / "log"
+    policy = tb.Policy(grace=0.05, interrupt_grace=30)
+    handle = tb.spawn(targets.blocking_sleeper, str(path), backend=P, policy=policy)
+    await lines_of(path, 1)
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await handle
+    assert handle.stage is tb.Stage.INTERRUPTED
+    assert path.read_text().splitlines() == ["started", "TargetCancelled", "finally"]
+    # The worker survived rung 2 and is reused.
+    assert await tb.run_killable(targets.add, 1, 1, backend=P) == 2
+
+
+async def test_uninterruptible_holds_off_sigterm(tmp_path: Path) -> None:
+    """In a worker, rung 2 inside uninterruptible() fires when the block exits."""
+    path = tmp_path / "log"
+    policy = tb.Policy(grace=0, interrupt_grace=30)
+    handle = tb.spawn(targets.uninterruptible_then_sleep, str(path), 0.5, backend=P, policy=policy)
+    await lines_of(path, 2)
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await handle
+    assert handle.stage is tb.Stage.INTERRUPTED
+    assert path.read_text().splitlines() == [
+        "started",
+        "in block",
+        "block done",
+        "TargetCancelled",
+    ]
+
+
+async def test_rung3_kills_worker_and_grandchild(tmp_path: Path) -> None:
+    """A target that ignores SIGTERM is SIGKILLed with its grandchild; both are gone."""
+    path = tmp_path / "log"
+    policy = tb.Policy(grace=0.05, interrupt_grace=0.1)
+    handle = tb.spawn(targets.ignores_sigterm_with_grandchild, str(path), backend=P, policy=policy)
+    (line,) = await lines_of(path, 1)
+    worker, grandchild = (int(x) for x in line.split())
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await handle
+    assert handle.stage is tb.Stage.KILLED
+    # Reaped by the time the await returned: not even a zombie of ours.
+    assert not psutil.pid_exists(worker) or gone(worker)
+    assert worker not in [p.pid for p in psutil.Process().children()]
+    with anyio.fail_after(10):
+        while not gone(grandchild):
+            await anyio.sleep(0.01)
+    # A standby took over: the next call does not wait for a cold start.
+    assert await tb.run_killable(targets.add, 1, 1, backend=P) == 2
+
+
+async def test_swallowing_target_is_killed(tmp_path: Path) -> None:
+    """A target that swallows TargetCancelled is killed after interrupt_grace."""
+    path = tmp_path / "log"
+    policy = tb.Policy(grace=0.05, interrupt_grace=0.1)
+    handle = tb.spawn(targets.swallows, str(path), backend=P, policy=policy)
+    await lines_of(path, 1)
+    assert await handle.stop() is tb.Stage.KILLED
+    assert path.read_text().splitlines() == ["started", "swallowed"]
+
+
+async def test_workers_ignore_sigint() -> None:
+    """SIGINT is the parent's: a worker that receives one goes on."""
+    assert await tb.run_killable(targets.sigint_self_then_return, backend=P) == "survived SIGINT"
+
+
+async def test_stats_report_workers() -> None:
+    """stats() shows busy, idle and standby workers."""
+    release = anyio.Event()
+    await tb.run_killable(targets.add, 1, 1, backend=P)
+    stats = tb.stats()
+    assert stats.busy_workers == 0
+    assert stats.idle_workers >= 1
+    assert stats.standby_workers <= stats.idle_workers
+    release.set()
+
+
+async def test_default_process_limiter_is_cpu_count() -> None:
+    """By default one busy worker per CPU."""
+    assert tb.default_limiter("process").total_tokens == (os.cpu_count() or 1)
+
+
+def test_parent_death_kills_busy_worker_and_grandchild(tmp_path: Path) -> None:
+    """SIGKILL the parent: its busy worker and the worker's child exit promptly."""
+    path = tmp_path / "log"
+    code = textwrap.dedent(
+        f"""
+        import sys, anyio, threadbridge as tb
+        sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
+        from tests import targets
+        async def main():
+            await tb.run_killable(targets.ignores_sigterm_with_grandchild, {str(path)!r},
+                                  backend="process")
+        anyio.run(main)
+        """
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 60
+        while not path.exists() or not path.read_text().strip():
+            assert time.monotonic() < deadline, "the worker never started"
+            time.sleep(0.01)
+        worker, grandchild = (int(x) for x in path.read_text().split())
+        parent.kill()
+        parent.wait()
+        t0 = time.monotonic()
+        while not (gone(worker) and gone(grandchild)):
+            assert time.monotonic() - t0 < 1.0, "the worker outlived its parent by 1 s"
+            time.sleep(0.005)
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+@pytest.mark.parametrize("runner", ["asyncio", "trio"])
+def test_short_program_exits_promptly_and_leaves_nothing(tmp_path: Path, runner: str) -> None:
+    """A program that used the process backend exits at once, its workers gone."""
+    path = tmp_path / "pids"
+    code = textwrap.dedent(
+        f"""
+        import sys, anyio, threadbridge as tb
+        sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
+        from tests import targets
+        async def main():
+            for _ in range(3):
+                targets.mark({str(path)!r}, str(await tb.run_killable(targets.pid,
+                                                                      backend="process")))
+        anyio.run(main, backend={runner!r})
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-W", "error", "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert out.stderr == ""
+    for pid in {int(x) for x in path.read_text().split()}:
+        assert gone(pid)
