@@ -16,6 +16,8 @@ def test_demo_table() -> None:
         check=True,
     )
     rows = [line for line in out.stdout.splitlines() if line.startswith(("asyncio", "trio"))]
+    process_rows = [r for r in rows if "/proc" in r]
+    rows = [r for r in rows if "/proc" not in r]
     expected = {
         "checks its token": "COOPERATIVE",
         "pure-Python loop": "INTERRUPTED",
@@ -28,6 +30,13 @@ def test_demo_table() -> None:
         for title, stage in expected.items():
             (row,) = [r for r in mine if title in r]
             assert stage in row, row
+    for loop in ("asyncio", "trio"):
+        (sleeper,) = [r for r in process_rows if r.startswith(loop) and "time.sleep" in r]
+        assert "INTERRUPTED" in sleeper
+        assert "finally ran in the worker" in sleeper
+        (killed,) = [r for r in process_rows if r.startswith(loop) and "SIGTERM" in r]
+        assert "KILLED" in killed
+        assert "killed, reaped" in killed
     assert out.stderr == ""
 
 

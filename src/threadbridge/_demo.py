@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import anyio
 
@@ -78,6 +80,48 @@ TARGETS = [
 ]
 
 
+# Process targets report through a file: what happens in the worker after a cancel
+# never comes back as a result.
+def sleeps_in_worker(marker: str) -> None:
+    with open(marker, "a") as f:
+        f.write("started;\n")
+    try:
+        time.sleep(30)
+    finally:
+        with open(marker, "a") as f:
+            f.write("finally ran\n")
+
+
+def ignores_sigterm_in_worker(marker: str) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    with open(marker, "a") as f:
+        f.write(f"{os.getpid()} {child.pid}\n")
+    time.sleep(60)
+
+
+def _gone(pid: int) -> bool:
+    """Exited (a zombie counts: it no longer runs)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+    except OSError:  # pragma: no cover - no /proc: ask the kernel instead
+        import os
+
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+
 @dataclass
 class Row:
     loop: str
@@ -111,9 +155,48 @@ async def _run_one(loop_name: str, target: Target) -> Row:
     return Row(loop_name, target.title, RUNG[handle.stage], handle.stage.name, ms, note)
 
 
-async def _run_all(loop_name: str, rows: list[Row]) -> None:
+async def _run_process(loop_name: str, title: str, func: Callable[[str], None]) -> Row:
+    import os
+    import tempfile
+
+    fd, marker = tempfile.mkstemp(prefix="threadbridge-demo-")
+    os.close(fd)
+    try:
+        handle = spawn(func, marker, backend="process", policy=POLICY)
+        with anyio.fail_after(30):  # the first call starts a worker process
+            while not Path(marker).read_text():
+                await anyio.sleep(0.01)
+        t0 = time.perf_counter()
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await handle
+        ms = (time.perf_counter() - t0) * 1000
+        text = Path(marker).read_text().split()
+        if func is ignores_sigterm_in_worker:
+            worker, grandchild = (int(x) for x in text[:2])
+            with anyio.fail_after(5):
+                while not _gone(grandchild):
+                    await anyio.sleep(0.01)
+            note = f"SIGTERM ignored; worker {worker} and its child {grandchild} killed, reaped"  # noqa: E501
+        else:
+            note = " ".join(w for w in text if w != "started;") + " in the worker"
+    finally:
+        os.unlink(marker)
+    return Row(loop_name, title, RUNG[handle.stage], handle.stage.name, ms, note)
+
+
+async def _run_all(loop_name: str, rows: list[Row], processes: bool) -> None:
     for target in TARGETS:
         rows.append(await _run_one(loop_name, target))
+    if processes:
+        rows.append(
+            await _run_process(f"{loop_name}/proc", "time.sleep(30) in a worker", sleeps_in_worker)
+        )
+        rows.append(
+            await _run_process(
+                f"{loop_name}/proc", "ignores SIGTERM, has a child", ignores_sigterm_in_worker
+            )
+        )
 
 
 def _table(rows: list[Row]) -> str:
@@ -141,16 +224,18 @@ def demo() -> int:
     backends = ["asyncio"]
     if importlib.util.find_spec("trio") is not None:
         backends.append("trio")
+    processes = sys.platform != "win32"
     for backend in backends:
-        anyio.run(_run_all, backend, rows, backend=backend)
+        anyio.run(_run_all, backend, rows, processes, backend=backend)
     print(_table(rows))
     if "trio" not in backends:
         print("\n(trio is not installed: pip install 'threadbridge[trio]' to see it too)")
     print(
         "\nRung 1 sets the target's token; rung 2 raises TargetCancelled inside the thread"
-        "\n(it cannot land inside a blocking C call such as time.sleep); rung 3 abandons"
-        "\nthe thread. The cancelled await returns only after the work has stopped or"
-        "\nbeen given up on."
+        "\n(it cannot land inside a blocking C call such as time.sleep) or sends SIGTERM to"
+        "\nthe worker process, which interrupts even time.sleep; rung 3 abandons the thread"
+        "\nor SIGKILLs the worker's whole process group. The cancelled await returns only"
+        "\nafter the work has stopped, been killed and reaped, or been given up on."
     )
     return 0
 
