@@ -177,7 +177,7 @@ async def _run_process(loop_name: str, title: str, func: Callable[[str], None]) 
             with anyio.fail_after(5):
                 while not _gone(grandchild):
                     await anyio.sleep(0.01)
-            note = f"SIGTERM ignored; worker {worker} and its child {grandchild} killed, reaped"  # noqa: E501
+            note = f"SIGTERM ignored; worker {worker} and its child {grandchild} killed, reaped"
         else:
             note = " ".join(w for w in text if w != "started;") + " in the worker"
     finally:
