@@ -263,6 +263,7 @@ class Handle(Generic[T_co]):
         *,
         released: bool,
         counted: bool = False,
+        in_loop: bool = False,
     ) -> None:
         """The work ended (or was forced). Called exactly once, from any thread.
 
@@ -274,7 +275,11 @@ class Handle(Generic[T_co]):
         self._stage = stage  # last: done() and the ladder read it without the lock
         if not counted:
             COUNTERS.ended(stage)
-        self._link.post(self._loop_release_and_wake if released else self._loop_wake)
+        then = self._loop_release_and_wake if released else self._loop_wake
+        if in_loop:  # already in the loop's thread: no need to go round it
+            then()
+        else:
+            self._link.post(then)
 
     def _released(self) -> None:
         """A forced target has really ended now: give its capacity back."""

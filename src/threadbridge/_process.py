@@ -73,16 +73,23 @@ def dumps_job(func: Callable[..., Any], args: tuple[Any, ...], name: str) -> byt
 
 
 class WorkerProcess:
-    """One worker process, the pipes to it, and the thread that reads its answers."""
+    """One worker process and the pipes to it.
+
+    Its answers are read by the event loop itself (asyncio's add_reader, a trio system
+    task): one thread hop fewer per call than a reader thread would cost.
+    """
 
     def __init__(self, pool: ProcessPool) -> None:
         self.pool = pool
+        self.link = pool.link
         self.lock = threading.Lock()
         self.current: ProcessWork | None = None
         self.killed = False
         self.used = False
+        self.finished = False
         self.status = "starting"
         self.idle_since = time.monotonic()
+        self.parser = _wire.FrameParser()
         job_r, self.job_fd = os.pipe()
         control_r, self.control_fd = os.pipe()
         self.result_fd, result_w = os.pipe()
@@ -101,12 +108,10 @@ class WorkerProcess:
             for fd in (job_r, control_r, result_w):
                 os.close(fd)
         self.pid = self.proc.pid
+        os.set_blocking(self.result_fd, False)
         settings = {"sys_path": list(sys.path)}
         _wire.write_frame(self.job_fd, _wire.INIT, 0, pickle.dumps(settings))
-        self.reader = threading.Thread(
-            target=self._read, name="threadbridge-worker-reader", daemon=True
-        )
-        self.reader.start()
+        self.link.post(self._watch)
 
     # --- talking to the worker ---------------------------------------------------------
 
@@ -125,7 +130,7 @@ class WorkerProcess:
         try:
             _wire.write_frame(self.job_fd, _wire.RUN, job_id, payload)
         except OSError:
-            pass  # the worker has died; the reader reports it
+            pass  # the worker has died; end of file on its results reports it
 
     def control(self, kind: int, job_id: int) -> None:
         try:
@@ -150,17 +155,66 @@ class WorkerProcess:
         self.signal_group(signal.SIGKILL)
         self.proc.wait()
 
-    # --- the reader thread -------------------------------------------------------------
+    # --- reading answers, in the event loop ---------------------------------------------
 
-    def _read(self) -> None:
-        while True:
-            try:
-                frame = _wire.read_frame(self.result_fd)
-            except OSError:
-                frame = None
-            if frame is None:
-                break
-            kind, job_id, payload = frame
+    def _watch(self) -> None:
+        if self.finished:
+            return
+        if self.link.name == "asyncio":
+            self.link.loop.add_reader(self.result_fd, self._on_readable)
+        else:
+            import trio
+
+            trio.lowlevel.spawn_system_task(self._trio_reader, name="threadbridge worker reader")
+
+    def _unwatch(self) -> None:
+        """Stop reading (in the loop's thread, or after the loop has gone)."""
+        try:
+            if self.link.name == "asyncio":
+                self.link.loop.remove_reader(self.result_fd)
+            else:
+                import trio
+
+                trio.lowlevel.notify_closing(self.result_fd)
+        except (RuntimeError, ValueError, OSError):
+            pass  # the loop has closed
+
+    def _on_readable(self) -> None:
+        try:
+            data = os.read(self.result_fd, 1 << 20)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        self._feed(data)
+
+    async def _trio_reader(self) -> None:
+        import trio
+
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(self.result_fd)
+                try:
+                    data = os.read(self.result_fd, 1 << 20)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                self._feed(data)
+                if not data:
+                    return
+        except trio.ClosedResourceError:
+            return  # shut down by the pool
+
+    def _feed(self, data: bytes) -> None:
+        if not data:
+            # End of file: the worker has exited or been killed. Reaping may block for
+            # a moment, so it happens in a thread.
+            if self.link.name == "asyncio":
+                self.link.loop.remove_reader(self.result_fd)
+            threading.Thread(target=self._finish, daemon=True).start()
+            return
+        for kind, job_id, payload in self.parser.feed(data):
             if kind != _wire.RESULT:
                 continue
             with self.lock:
@@ -169,15 +223,20 @@ class WorkerProcess:
                     continue  # killed meanwhile: the ladder has reported it
                 self.current = None
             self.pool._returned(self)
-            work._finished(payload)
-        # End of file: the worker has exited or been killed. Take down anything its
-        # targets left in its process group (while the unreaped worker still holds the
-        # group's id, so that it cannot have been reused), then reap it.
-        self.signal_group(signal.SIGKILL)
-        returncode = self.proc.wait()
+            work._finished(payload, in_loop=True)
+
+    def _finish(self) -> None:
+        """The worker is gone or going: clean up once. Any thread; the loop no longer reads."""
         with self.lock:
+            if self.finished:
+                return
+            self.finished = True
             work = self.current
             self.current = None
+        # Take down anything its targets left in its process group, while the unreaped
+        # worker still holds the group's id (so that it cannot have been reused)...
+        self.signal_group(signal.SIGKILL)
+        returncode = self.proc.wait()  # ...then reap it: never a zombie
         for fd in (self.job_fd, self.control_fd, self.result_fd):
             try:
                 os.close(fd)
@@ -195,11 +254,13 @@ class ProcessPool:
     together with the counters that stats() reports.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, link: Any) -> None:
+        self.link = link
         self.lock = threading.Lock()
         self.idle: list[WorkerProcess] = []
         self.workers: set[WorkerProcess] = set()
         self.closed = False
+        self.retire_scheduled = False
         _all_pools.add(self)
 
     def acquire(self) -> WorkerProcess:
@@ -243,30 +304,48 @@ class ProcessPool:
             logger.exception("threadbridge: could not start a standby worker")
 
     def _returned(self, worker: WorkerProcess) -> None:
-        """A worker finished a job and is free again (reader thread)."""
-        worker.idle_since = stamp = time.monotonic()
+        """A worker finished a job and is free again."""
+        worker.idle_since = time.monotonic()
         with self.lock:
             if self.closed:
                 worker.status = "retiring"
-                COUNTERS.add(busy_workers=-1)
             else:
                 worker.status = "idle"
                 self.idle.append(worker)
-                COUNTERS.add(busy_workers=-1, idle_workers=1)
+            with COUNTERS.lock:
+                COUNTERS.busy_workers -= 1
+                if not self.closed:
+                    COUNTERS.idle_workers += 1
+                COUNTERS.wake()
             closed = self.closed
+            schedule = not closed and not self.retire_scheduled
+            self.retire_scheduled = self.retire_scheduled or schedule
         if closed:
             worker.ask_to_exit()
-        else:
-            SCHEDULER.call_later(IDLE_TIMEOUT, lambda: self._maybe_retire(worker, stamp))
+        elif schedule:
+            SCHEDULER.call_later(IDLE_TIMEOUT, self._retire_idle)
 
-    def _maybe_retire(self, worker: WorkerProcess, stamp: float) -> None:
+    def _retire_idle(self) -> None:
+        """Let workers idle for IDLE_TIMEOUT exit; the most recently used one stays."""
+        now = time.monotonic()
         with self.lock:
-            if worker.idle_since != stamp or worker.status != "idle" or len(self.idle) < 2:
-                return  # used since, gone, or the last one on standby
-            self.idle.remove(worker)
-            worker.status = "retiring"
-            COUNTERS.add(idle_workers=-1)
-        worker.ask_to_exit()
+            self.retire_scheduled = False
+            if self.closed:
+                return
+            keep = self.idle[-1:]  # the standby
+            old = [w for w in self.idle[:-1] if now - w.idle_since >= IDLE_TIMEOUT]
+            for worker in old:
+                self.idle.remove(worker)
+                worker.status = "retiring"
+                COUNTERS.add(idle_workers=-1, standby_workers=-(not worker.used))
+            rest = [w for w in self.idle if w not in keep]
+            if rest:
+                self.retire_scheduled = True
+                delay = IDLE_TIMEOUT - (now - min(w.idle_since for w in rest))
+        for worker in old:
+            worker.ask_to_exit()
+        if rest:
+            SCHEDULER.call_later(max(delay, 0.0), self._retire_idle)
 
     def _died(self, worker: WorkerProcess) -> None:
         """A worker process has exited and been reaped (reader thread)."""
@@ -299,8 +378,9 @@ class ProcessPool:
                 worker.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 worker.kill()
-        for worker in workers:
-            worker.reader.join(timeout=5)
+            # The loop will not read again (it is ending, or gone): clean up here.
+            worker._unwatch()
+            worker._finish()
 
 
 _all_pools: weakref.WeakSet[ProcessPool] = weakref.WeakSet()
@@ -319,7 +399,7 @@ def pool_for(link: Any) -> ProcessPool:
     key = link.key
     pool = _pools.get(key)
     if pool is None:
-        pool = _pools[key] = ProcessPool()
+        pool = _pools[key] = ProcessPool(link)
         _guard(link, pool)
     return pool
 
@@ -393,7 +473,7 @@ class ProcessWork:
     def describe(self) -> str:
         return self.handle.name
 
-    def _finished(self, payload: bytes) -> None:
+    def _finished(self, payload: bytes, *, in_loop: bool) -> None:
         try:
             kind, value, flag = pickle.loads(payload)
         except Exception as exc:
@@ -402,7 +482,7 @@ class ProcessWork:
                 f"the worker's answer for {self.describe()} cannot be unpickled: {exc}"
             )
         stage = (Stage.FINISHED, Stage.COOPERATIVE, Stage.INTERRUPTED)[flag]
-        self.handle._settle(stage, (kind == "return", value), released=True)
+        self.handle._settle(stage, (kind == "return", value), released=True, in_loop=in_loop)
 
     def _crashed(self, returncode: int) -> None:
         if returncode < 0:

@@ -53,3 +53,25 @@ def read_frame(fd: int) -> tuple[int, int, bytes] | None:
     if payload is None:
         return None
     return kind, job, payload
+
+
+class FrameParser:
+    """Splits a non-blocking byte stream into frames."""
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
+        buffer = self._buffer
+        buffer += data
+        frames = []
+        while len(buffer) >= HEADER.size:
+            size, kind, job = HEADER.unpack_from(buffer)
+            end = HEADER.size + size
+            if len(buffer) < end:
+                break
+            frames.append((kind, job, bytes(buffer[HEADER.size : end])))
+            del buffer[:end]
+        return frames
