@@ -28,7 +28,13 @@ def _fd_count() -> int:
 # thread cache, anyio's and asyncio's default executors. A thread of theirs outliving a
 # test is reuse, not a leak; threadbridge's busy and abandoned threads are checked through
 # its counters instead.
-_POOLS = ("threadbridge-", "Trio thread", "AnyIO worker thread", "asyncio_")
+_POOLS = (
+    "threadbridge-worker",
+    "threadbridge-ladder",
+    "Trio thread",
+    "AnyIO worker thread",
+    "asyncio_",
+)
 
 
 def _pooled(thread: threading.Thread) -> bool:

@@ -174,3 +174,18 @@ def token_state() -> tuple[bool, bool]:
 
 def imports_of_worker() -> list[str]:
     return sorted(m for m in ("anyio", "trio") if m in sys.modules)
+
+
+def _sleep_forever() -> None:
+    while True:
+        time.sleep(60)
+
+
+def mp_grandchild(path: str) -> None:
+    import multiprocessing
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    child = multiprocessing.get_context("spawn").Process(target=_sleep_forever)
+    child.start()
+    mark(path, str(child.pid))
+    _sleep_forever()

@@ -10,6 +10,7 @@ import textwrap
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -320,3 +321,67 @@ def test_short_program_exits_promptly_and_leaves_nothing(tmp_path: Path, runner:
     assert out.stderr == ""
     for pid in {int(x) for x in path.read_text().split()}:
         assert gone(pid)
+
+
+@pytest.fixture
+def fork_start() -> Iterator[None]:
+    tb.set_start_method("fork")
+    try:
+        yield
+    finally:
+        tb.set_start_method("spawn")
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+@pytest.mark.usefixtures("fork_start")
+async def test_fork_start_method(tmp_path: Path) -> None:
+    """With set_start_method("fork") workers start by os.fork and climb the same ladder."""
+    pid, pgid = await tb.run_killable(targets.pgid, backend=P)
+    assert pid == pgid != os.getpid()
+    path = tmp_path / "log"
+    policy = tb.Policy(grace=0.05, interrupt_grace=0.1)
+    handle = tb.spawn(targets.ignores_sigterm_with_grandchild, str(path), backend=P, policy=policy)
+    (line,) = await lines_of(path, 1)
+    assert await handle.stop() is tb.Stage.KILLED
+    grandchild = int(line.split()[1])
+    with anyio.fail_after(10):
+        while not gone(grandchild):
+            await anyio.sleep(0.01)
+    assert await tb.run_killable(targets.add, 2, 2, backend=P) == 4
+
+
+def test_unknown_start_method() -> None:
+    """An unknown start method is a ValueError listing the choices."""
+    with pytest.raises(ValueError, match="spawn"):
+        tb.set_start_method("forkserver")
+
+
+async def test_idle_workers_retire_but_one_stays(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers idle past IDLE_TIMEOUT exit; one stays on standby."""
+    from threadbridge import _process
+
+    monkeypatch.setattr(_process, "IDLE_TIMEOUT", 0.2)
+    release = Path(os.devnull)  # unused; the two calls below overlap on two workers
+    del release
+    async with anyio.create_task_group() as tg:
+        for _ in range(2):
+            tg.start_soon(lambda: tb.run_killable(time.sleep, 0.2, backend=P))
+    assert tb.stats().idle_workers >= 2
+    with anyio.fail_after(10):
+        while tb.stats().idle_workers > 1:
+            await anyio.sleep(0.02)
+    assert tb.stats().idle_workers == 1
+    assert await tb.run_killable(targets.add, 1, 2, backend=P) == 3
+
+
+async def test_multiprocessing_grandchild_dies_at_rung3(tmp_path: Path) -> None:
+    """A multiprocessing.Process started by the target dies with the worker's group."""
+    path = tmp_path / "log"
+    policy = tb.Policy(grace=0.05, interrupt_grace=0.1)
+    handle = tb.spawn(targets.mp_grandchild, str(path), backend=P, policy=policy)
+    (line,) = await lines_of(path, 1)
+    grandchild = int(line)
+    assert await handle.stop() is tb.Stage.KILLED
+    with anyio.fail_after(10):
+        while not gone(grandchild):
+            await anyio.sleep(0.01)

@@ -24,6 +24,7 @@ _WHERE = {
     "TargetCancelled": "_errors",
     "WorkerCrashed": "_errors",
     "Handle": "_ladder",
+    "set_start_method": "_process",
     "Policy": "_policy",
     "Stage": "_policy",
     "Stats": "_stats",
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from ._ladder import Handle as Handle
     from ._policy import Policy as Policy
     from ._policy import Stage as Stage
+    from ._process import set_start_method as set_start_method
     from ._stats import Stats as Stats
     from ._stats import stats as stats
     from ._token import Token as Token
@@ -69,6 +71,7 @@ __all__ = (
     "current_token",
     "default_limiter",
     "run_killable",
+    "set_start_method",
     "sleep",
     "spawn",
     "stats",

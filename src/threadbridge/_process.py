@@ -39,6 +39,63 @@ _INLINE_WRITE = 60_000
 
 _BOOT = "from threadbridge._worker import main; main()"
 
+START_METHODS = ("spawn", "fork")
+_start_method = "spawn"
+
+
+def set_start_method(method: str) -> None:
+    """Choose how new worker processes start.
+
+    * ``"spawn"`` (the default): a fresh interpreter (fork and exec, or posix_spawn).
+      Safe in a parent with threads; a cold start costs tens of milliseconds.
+    * ``"fork"``: ``os.fork()`` of the parent, which then runs the worker loop. Starts in
+      a few milliseconds, but forking a process that has threads can deadlock the child
+      if another thread held a lock at that moment (Python 3.12+ warns about it). Use it
+      only in a parent that runs no other threads of its own.
+
+    Workers already running keep the method they started with.
+
+    Raises:
+        ValueError: an unknown method.
+    """
+    global _start_method
+    if method not in START_METHODS:
+        raise ValueError(f"start method must be one of {START_METHODS}, got {method!r}")
+    _start_method = method
+
+
+class _Forked:
+    """The parts of subprocess.Popen that the pool uses, for a forked worker."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._lock = threading.Lock()
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if self.returncode is not None:
+                    return self.returncode
+                flags = 0 if deadline is None else os.WNOHANG
+                pid, status = os.waitpid(self.pid, flags)
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+                    return self.returncode
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout or 0)
+            time.sleep(0.005)
+
+
+def _fork_worker(job_r: int, control_r: int, result_w: int) -> _Forked:
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child, which never returns
+        from . import _worker
+
+        _worker.after_fork(job_r, control_r, result_w)
+    return _Forked(pid)
+
 
 def check_platform(what: str) -> None:
     if sys.platform == "win32":
@@ -94,12 +151,16 @@ class WorkerProcess:
         control_r, self.control_fd = os.pipe()
         self.result_fd, result_w = os.pipe()
         try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", _BOOT, str(job_r), str(control_r), str(result_w)],
-                pass_fds=(job_r, control_r, result_w),
-                start_new_session=True,  # leads its own process group
-                stdin=subprocess.DEVNULL,
-            )
+            self.proc: subprocess.Popen[bytes] | _Forked
+            if _start_method == "fork":
+                self.proc = _fork_worker(job_r, control_r, result_w)
+            else:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-c", _BOOT, str(job_r), str(control_r), str(result_w)],
+                    pass_fds=(job_r, control_r, result_w),
+                    start_new_session=True,  # leads its own process group
+                    stdin=subprocess.DEVNULL,
+                )
         except BaseException:
             for fd in (self.job_fd, self.control_fd, self.result_fd):
                 os.close(fd)
@@ -123,7 +184,10 @@ class WorkerProcess:
             self._write_job(work.job_id, payload)
         else:
             threading.Thread(
-                target=self._write_job, args=(work.job_id, payload), daemon=True
+                target=self._write_job,
+                args=(work.job_id, payload),
+                name="threadbridge-write",
+                daemon=True,
             ).start()
 
     def _write_job(self, job_id: int, payload: bytes) -> None:
@@ -212,7 +276,7 @@ class WorkerProcess:
             # a moment, so it happens in a thread.
             if self.link.name == "asyncio":
                 self.link.loop.remove_reader(self.result_fd)
-            threading.Thread(target=self._finish, daemon=True).start()
+            threading.Thread(target=self._finish, name="threadbridge-reap", daemon=True).start()
             return
         for kind, job_id, payload in self.parser.feed(data):
             if kind != _wire.RESULT:
@@ -275,16 +339,18 @@ class ProcessPool:
         if worker is None:
             worker = self._new_worker("busy")
         if want_standby:
-            threading.Thread(target=self._add_standby, daemon=True).start()
+            threading.Thread(
+                target=self._add_standby, name="threadbridge-standby", daemon=True
+            ).start()
         return worker
 
     def _new_worker(self, status: str) -> WorkerProcess:
         worker = WorkerProcess(self)
         with self.lock:
             self.workers.add(worker)
-            if self.closed:  # the loop ended while it started
+            closed = self.closed
+            if closed:  # the loop ended while it started
                 worker.status = "retiring"
-                worker.ask_to_exit()
             elif status == "busy":
                 worker.status = "busy"
                 COUNTERS.add(busy_workers=1)
@@ -292,6 +358,15 @@ class ProcessPool:
                 worker.status = "idle"
                 self.idle.insert(0, worker)
                 COUNTERS.add(idle_workers=1, standby_workers=1)
+        if closed:
+            # shutdown() did not see it: end it here, the same way.
+            worker.ask_to_exit()
+            try:
+                worker.proc.wait(timeout=SHUTDOWN_GRACE)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+            worker._finish()
+            raise RuntimeError("the event loop is shutting down; no new process work")
         return worker
 
     def _add_standby(self) -> None:
@@ -300,6 +375,8 @@ class ProcessPool:
                 return
         try:
             self._new_worker("idle")
+        except RuntimeError:
+            pass  # the loop ended meanwhile
         except OSError:  # pragma: no cover - out of processes or descriptors
             logger.exception("threadbridge: could not start a standby worker")
 

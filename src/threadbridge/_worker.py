@@ -170,7 +170,47 @@ def _run(job_id: int, payload: bytes) -> bytes:
 
 
 def main() -> None:
+    """Entry point of a spawned worker: the pipe descriptors come as arguments."""
     job_fd, control_fd, result_fd = (int(a) for a in sys.argv[1:4])
+    serve(job_fd, control_fd, result_fd)
+
+
+def after_fork(job_fd: int, control_fd: int, result_fd: int) -> None:
+    """Entry point of a forked worker, in the child right after os.fork(). Never returns."""
+    global _lock, _current, _interrupt_for, _last_started
+    try:
+        os.setsid()
+        keep = {0, 1, 2, job_fd, control_fd, result_fd}
+        for fd in _open_fds():
+            if fd not in keep:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        signal.set_wakeup_fd(-1)  # the parent's event loop set one
+        for signum in (signal.SIGCHLD, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1):
+            signal.signal(signum, signal.SIG_DFL)
+        _lock = threading.Lock()  # another parent thread may have held it at the fork
+        _current, _interrupt_for, _last_started = None, 0, 0
+        _early.clear()
+        from . import _token
+
+        _token._EVENT_LOCK = threading.Lock()
+        serve(job_fd, control_fd, result_fd)
+    finally:
+        os._exit(1)
+
+
+def _open_fds() -> list[int]:
+    try:
+        return [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:  # pragma: no cover - no /proc (macOS): try them all
+        import resource
+
+        return list(range(3, resource.getrlimit(resource.RLIMIT_NOFILE)[0]))
+
+
+def serve(job_fd: int, control_fd: int, result_fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     # The control thread needs the GIL to set a token while a pure-Python target holds
     # it; the default 5 ms switch interval would add up to 5 ms to every rung 1.
