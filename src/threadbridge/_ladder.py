@@ -21,7 +21,7 @@ import anyio
 
 from ._errors import TargetCancelled
 from ._loop import Link
-from ._policy import Policy, Stage
+from ._policy import Policy, Stage, effective_graces
 from ._stats import COUNTERS
 
 T = TypeVar("T")
@@ -186,7 +186,7 @@ class Handle(Generic[T_co]):
             work = self._work
         if work is not None:
             work.request_stop()
-        SCHEDULER.call_later(self._policy.grace, self._rung2)
+        SCHEDULER.call_later(effective_graces(self._policy)[0], self._rung2)
 
     async def stop(self) -> Stage:
         """Climb the ladder and wait until the work has stopped or been given up on.
@@ -306,13 +306,13 @@ class Handle(Generic[T_co]):
         if policy.interrupt:
             with self._lock:
                 self._rung = 2
+            grace, delay = effective_graces(policy)
             if work.interrupt():
                 logger.info(
                     "threadbridge: %s ignored its token for %ss; interrupting it (rung 2)",
                     work.describe(),
-                    policy.grace,
+                    grace,
                 )
-            delay = policy.interrupt_grace
         else:
             delay = 0.0
         if policy.force:

@@ -72,3 +72,14 @@ class Policy:
 
 
 DEFAULT_POLICY = Policy()
+
+# Set by threadbridge.testing.set_testing(): caps on every policy's grace periods, so that
+# test suites do not wait out real ones. (grace, interrupt_grace) or None.
+testing_caps: tuple[float, float] | None = None
+
+
+def effective_graces(policy: Policy) -> tuple[float, float]:
+    caps = testing_caps
+    if caps is None:
+        return policy.grace, policy.interrupt_grace
+    return min(policy.grace, caps[0]), min(policy.interrupt_grace, caps[1])

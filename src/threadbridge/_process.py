@@ -545,10 +545,18 @@ class ProcessWork:
             worker.pid,
             self.describe(),
         )
+        self._ended()
         self.handle._settle(Stage.KILLED, None, released=True)
 
     def describe(self) -> str:
         return self.handle.name
+
+    def describe_running(self) -> str:
+        return f"worker process {self.worker.pid} running {self.describe()}"
+
+    def _ended(self) -> None:
+        with COUNTERS.lock:
+            COUNTERS.running.pop(id(self), None)
 
     def _finished(self, payload: bytes, *, in_loop: bool) -> None:
         try:
@@ -559,6 +567,7 @@ class ProcessWork:
                 f"the worker's answer for {self.describe()} cannot be unpickled: {exc}"
             )
         stage = (Stage.FINISHED, Stage.COOPERATIVE, Stage.INTERRUPTED)[flag]
+        self._ended()
         self.handle._settle(stage, (kind == "return", value), released=True, in_loop=in_loop)
 
     def _crashed(self, returncode: int) -> None:
@@ -580,11 +589,14 @@ class ProcessWork:
             )
         rung = self.handle._rung
         stage = Stage.INTERRUPTED if rung >= 2 else Stage.COOPERATIVE if rung else Stage.FINISHED
+        self._ended()
         self.handle._settle(stage, (False, error), released=True)
 
 
 def start(handle: Handle[Any], link: Any, payload: bytes) -> None:
     worker = pool_for(link).acquire()
     work = ProcessWork(handle, worker)
+    with COUNTERS.lock:
+        COUNTERS.running[id(work)] = work
     handle._start(work)
     worker.run(work, payload)

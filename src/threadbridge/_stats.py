@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 from ._policy import Stage
 
@@ -56,6 +57,10 @@ class _Counters:
         self.standby_workers = 0
         self.stages: dict[Stage, int] = dict.fromkeys(Stage, 0)
         del self.stages[Stage.RUNNING]
+        # What runs now, for leak reports: id(work) -> work (with a describe_running()).
+        self.running: dict[int, Any] = {}
+        # Called (under the lock) when the last running target ends; they must not block.
+        self.quiet_callbacks: list[Callable[[], None]] = []
 
     def add(self, **deltas: int) -> None:
         with self.lock:
@@ -71,6 +76,18 @@ class _Counters:
         """Wake wait_quiet(); call with the lock held, after a count went down."""
         if self.waiters:
             self.cond.notify_all()
+        if self.quiet_callbacks and not self.active():
+            callbacks, self.quiet_callbacks = self.quiet_callbacks, []
+            for callback in callbacks:
+                callback()
+
+    def active(self) -> int:
+        return self.busy_threads + self.abandoned_threads + self.busy_workers
+
+    def describe_running(self) -> list[str]:
+        with self.lock:
+            works = list(self.running.values())
+        return [work.describe_running() for work in works]
 
     def snapshot(self) -> Stats:
         with self.lock:

@@ -53,6 +53,7 @@ def submit(work: ThreadWork) -> None:
         if reuse:
             COUNTERS.idle_threads -= 1
         COUNTERS.busy_threads += 1
+        COUNTERS.running[id(work)] = work
     if reuse:
         _queue.put(work)
         return
@@ -61,7 +62,10 @@ def submit(work: ThreadWork) -> None:
             target=_pool_main, args=(work,), name="threadbridge-worker", daemon=True
         ).start()
     except BaseException:
-        COUNTERS.add(busy_threads=-1)
+        with COUNTERS.lock:
+            COUNTERS.busy_threads -= 1
+            del COUNTERS.running[id(work)]
+            COUNTERS.wake()
         raise
 
 
@@ -112,6 +116,11 @@ class ThreadWork:
     def describe(self) -> str:
         return self.handle.name
 
+    def describe_running(self) -> str:
+        if self.state.abandoned:
+            return f"abandoned thread still running {self.describe()}"
+        return f"thread running {self.describe()}"
+
     # --- in the pool thread ----------------------------------------------------------
 
     def run(self) -> bool:
@@ -132,8 +141,11 @@ class ThreadWork:
         local.state = None
         local.token = _token.NEVER_SET
         if abandoned:
-            COUNTERS.add(abandoned_threads=-1)
             self.handle._released()
+            with COUNTERS.lock:
+                COUNTERS.abandoned_threads -= 1
+                del COUNTERS.running[id(self)]
+                COUNTERS.wake()
             return False
         if state.interrupt_requested:
             stage = Stage.INTERRUPTED
@@ -145,6 +157,7 @@ class ThreadWork:
             COUNTERS.busy_threads -= 1
             COUNTERS.idle_threads += 1
             COUNTERS.stages[stage] += 1
+            del COUNTERS.running[id(self)]
             COUNTERS.wake()
         self.handle._settle(stage, outcome, released=True, counted=True)
         return True

@@ -1,0 +1,145 @@
+"""threadbridge.testing: leak checks, fast graces, waiting for targets, the plugin."""
+
+from __future__ import annotations
+
+import threading
+
+import anyio
+import pytest
+
+import threadbridge as tb
+from threadbridge import testing
+
+from .helpers import RungWatcher, Signal, block_in_c, spin_forever
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_leak_check_names_abandoned_thread() -> None:
+    """An abandoned thread still alive after the block is reported with its target."""
+    started = Signal()
+    release = threading.Event()
+
+    def stuck_in_c() -> None:
+        block_in_c(started, release)
+
+    leaking = testing.leak_check(timeout=0.05)
+    try:
+        leaking.__enter__()
+        handle = tb.spawn(stuck_in_c, policy=tb.Policy(grace=0, interrupt_grace=0))
+        await started.wait()
+        assert await handle.stop() is tb.Stage.ABANDONED
+        with pytest.raises(testing.LeakError, match=r"abandoned thread still running .*stuck_in_c"):
+            leaking.__exit__(None, None, None)
+        assert testing.active_count() == 1
+    finally:
+        release.set()
+    with anyio.fail_after(10):
+        await testing.wait_all_ended()
+    assert testing.active_count() == 0
+
+
+async def test_leak_check_names_running_thread_target() -> None:
+    """A target still running (never awaited) is reported as such."""
+    release = threading.Event()
+
+    def forgotten() -> None:
+        release.wait()
+
+    try:
+        with (
+            pytest.raises(testing.LeakError, match=r"thread running .*forgotten"),
+            testing.leak_check(timeout=0.05),
+        ):
+            tb.spawn(forgotten)
+    finally:
+        release.set()
+    await testing.wait_all_ended(timeout=10)
+
+
+async def test_leak_check_passes_when_clean() -> None:
+    """Work that ended inside the block is no leak."""
+    with testing.leak_check():
+        assert await tb.run_killable(lambda: 3) == 3
+
+
+async def test_wait_all_ended_times_out() -> None:
+    """wait_all_ended raises TimeoutError while a target keeps running."""
+    release = threading.Event()
+    handle = tb.spawn(release.wait)
+    try:
+        with pytest.raises(TimeoutError):
+            await testing.wait_all_ended(timeout=0.05)
+    finally:
+        release.set()
+    await handle
+    await testing.wait_all_ended(timeout=10)
+
+
+async def test_fast_graces_caps_every_policy() -> None:
+    """Inside fast_graces() a 30 s grace turns into a short one; outside it is back."""
+    started = Signal()
+
+    def target() -> None:
+        started.set()
+        spin_forever()
+
+    with RungWatcher() as watcher, testing.fast_graces(grace=0.01, interrupt_grace=30):
+        handle = tb.spawn(target, policy=tb.Policy(grace=30, interrupt_grace=30))
+        await started.wait()
+        with anyio.fail_after(10):  # far below the policy's own 30 s
+            assert await handle.stop() is tb.Stage.INTERRUPTED
+    assert any("0.01s" in m for m in watcher.messages)
+    from threadbridge import _policy
+
+    assert _policy.testing_caps is None
+
+
+def test_set_testing_validates_and_undoes() -> None:
+    """set_testing refuses bad graces and can be switched off."""
+    from threadbridge import _policy
+
+    with pytest.raises(ValueError, match="grace"):
+        testing.set_testing(True, grace=-1)
+    testing.set_testing(True, grace=0.5, interrupt_grace=0.5)
+    assert _policy.effective_graces(tb.Policy(grace=3, interrupt_grace=0.1)) == (0.5, 0.1)
+    testing.set_testing(False)
+    assert _policy.testing_caps is None
+
+
+PLUGIN_TEST = """
+import threading, anyio, pytest, threadbridge as tb
+
+release = threading.Event()
+
+def stubborn_target():
+    release.wait()
+
+@pytest.mark.anyio
+async def test_leaks():
+    handle = tb.spawn(stubborn_target, policy=tb.Policy(grace=0, interrupt_grace=0))
+    await handle.stop()
+
+def test_after():
+    release.set()
+
+@pytest.mark.anyio
+async def test_fast(threadbridge_fast_graces, threadbridge_leak_check):
+    with anyio.move_on_after(0.01):
+        await tb.run_killable(tb.sleep, 60, policy=tb.Policy(grace=60))
+"""
+
+
+def test_pytest_plugin_reports_leaks(pytester: pytest.Pytester) -> None:
+    """With threadbridge_leak_check = true, a leaking test errors and names the target."""
+    pytester.makeini(
+        "[pytest]\nthreadbridge_leak_check = true\nanyio_mode = auto\n"
+        "filterwarnings =\n    ignore::pytest.PytestUnknownMarkWarning\n"
+    )
+    pytester.makeconftest(
+        "import pytest\n@pytest.fixture\ndef anyio_backend():\n    return 'asyncio'\n"
+    )
+    pytester.makepyfile(PLUGIN_TEST)
+    result = pytester.runpytest_subprocess("-p", "anyio", "-q")
+    result.stdout.fnmatch_lines(["*LeakError*", "*abandoned thread still running*stubborn_target*"])
+    result.assert_outcomes(passed=3, errors=1)
