@@ -189,3 +189,27 @@ def mp_grandchild(path: str) -> None:
     child.start()
     mark(path, str(child.pid))
     _sleep_forever()
+
+
+def die_while_answering() -> None:
+    """Send half of an answer frame, then die: a worker killed mid-result."""
+    from threadbridge import _wire, _worker
+
+    header = _wire.HEADER.pack(1000, _wire.RESULT, 0)
+    os.write(_worker._result_fd, header + b"x" * 10)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fork_and_return(child_returns: bool) -> str:
+    pid = os.fork()
+    if pid == 0:
+        if child_returns:
+            return "from the child"  # the worker must not let this through
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return "from the worker"
+
+
+def long_c_call(n: int) -> int:
+    """One C call that holds the GIL throughout: no bytecode boundary to stop at."""
+    return sum(range(n))

@@ -214,6 +214,14 @@ class WorkerProcess:
         except (ProcessLookupError, PermissionError):
             pass  # the group is gone already
 
+    def exited(self) -> bool:
+        """Whether the worker process has ended, without reaping it (lock-free)."""
+        try:
+            flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
+            return os.waitid(os.P_PID, self.pid, flags) is not None
+        except ChildProcessError:
+            return True  # reaped already
+
     def kill(self) -> None:
         """SIGKILL the worker's whole process group and reap the worker."""
         self.signal_group(signal.SIGKILL)
@@ -332,6 +340,12 @@ class ProcessPool:
             if self.closed:
                 raise RuntimeError("the event loop is shutting down; no new process work")
             worker = self.idle.pop() if self.idle else None
+            # Skip a worker that has died while idle (OOM killer, a kill from outside)
+            # and whose end of file the loop has not read yet: it would fail the call.
+            while worker is not None and worker.exited():
+                worker.status = "dead"
+                COUNTERS.add(idle_workers=-1, standby_workers=-(not worker.used))
+                worker = self.idle.pop() if self.idle else None
             if worker is not None:
                 worker.status = "busy"
                 COUNTERS.add(busy_workers=1, idle_workers=-1, standby_workers=-(not worker.used))
@@ -433,7 +447,7 @@ class ProcessPool:
                 COUNTERS.add(idle_workers=-1, standby_workers=-(not worker.used))
             elif worker.status == "busy":
                 COUNTERS.add(busy_workers=-1)
-            worker.status = "gone"
+            worker.status = "gone"  # from "retiring" or "dead", nothing to count
             replace = not self.closed and not self.idle
         if replace:
             self._add_standby()

@@ -42,6 +42,8 @@ _interrupt_for = 0  # job id that the last rung-2 SIGTERM was meant for
 _last_started = 0  # job ids only grow: a message for an older job is stale
 _early: dict[int, int] = {}  # rungs that arrived before their job started
 _lock = threading.Lock()
+_pid = 0  # this worker's pid: a target's fork that returns must not act as the worker
+_result_fd = _control_fd = -1  # kept for fault-injection tests
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -143,6 +145,10 @@ def _run(job_id: int, payload: bytes) -> bytes:
             outcome = (False, exc)
     except TargetCancelled as exc:  # rung 2 landed just after the target returned
         outcome = (False, exc)
+    if os.getpid() != _pid:
+        # The target forked and its child has returned from it: that child must not go
+        # on to answer the parent or read jobs meant for the real worker.
+        os._exit(0)
     while True:
         try:
             state.running = False
@@ -211,6 +217,8 @@ def _open_fds() -> list[int]:
 
 
 def serve(job_fd: int, control_fd: int, result_fd: int) -> None:
+    global _pid, _result_fd, _control_fd
+    _pid, _result_fd, _control_fd = os.getpid(), result_fd, control_fd
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     # The control thread needs the GIL to set a token while a pure-Python target holds
     # it; the default 5 ms switch interval would add up to 5 ms to every rung 1.

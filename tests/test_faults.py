@@ -1,0 +1,192 @@
+"""Faults: workers dying mid-answer, pipes closed, forking targets, the GIL, Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Literal
+
+import anyio
+import psutil
+import pytest
+
+import threadbridge as tb
+
+from . import targets
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+
+P: Literal["process"] = "process"
+ROOT = str(Path(__file__).parent.parent)
+
+
+def gone(pid: int) -> bool:
+    try:
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.anyio
+async def test_worker_killed_while_sending_its_result() -> None:
+    """Half an answer then death: WorkerCrashed, nothing misread, the pool goes on."""
+    with pytest.raises(tb.WorkerCrashed) as info:
+        await tb.run_killable(targets.die_while_answering, backend=P)
+    assert info.value.signal == signal.SIGKILL
+    assert await tb.run_killable(targets.add, 2, 2, backend=P) == 4
+
+
+@pytest.mark.anyio
+async def test_control_pipe_closed_under_busy_worker() -> None:
+    """A busy worker whose control pipe closes takes itself down at once (it cannot be
+    told to stop any more): WorkerCrashed, and the pool goes on."""
+    from threadbridge import _process
+
+    handle = tb.spawn(time.sleep, 10, backend=P)
+    worker = handle._work.worker  # type: ignore[union-attr]
+    assert isinstance(worker, _process.WorkerProcess)
+    await anyio.sleep(0.2)  # the worker has read its job (a crash either way)
+    os.close(worker.control_fd)
+    worker.control_fd = os.open(os.devnull, os.O_WRONLY)  # so that cleanup closes something
+    with anyio.fail_after(5):  # far less than the target's own 10 s
+        with pytest.raises(tb.WorkerCrashed):
+            await handle
+    assert await tb.run_killable(targets.add, 2, 2, backend=P) == 4
+
+
+@pytest.mark.anyio
+async def test_job_pipe_closed_by_the_parent() -> None:
+    """If the parent's end of a busy worker's job pipe closes, the answer still comes
+    back; the worker then exits and a standby serves the next call."""
+    from threadbridge import _process
+
+    handle = tb.spawn(time.sleep, 0.3, backend=P)
+    worker = handle._work.worker  # type: ignore[union-attr]
+    assert isinstance(worker, _process.WorkerProcess)
+    os.close(worker.job_fd)
+    worker.job_fd = os.open(os.devnull, os.O_WRONLY)  # so that cleanup closes something
+    assert await handle is None
+    with anyio.fail_after(10):
+        while not worker.exited():  # exited for good, not a leader thread that is exiting
+            await anyio.sleep(0.01)
+    assert await tb.run_killable(targets.add, 2, 2, backend=P) == 4
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("child_returns", [False, True])
+async def test_target_that_forks(child_returns: bool) -> None:
+    """A target's fork never answers for the worker, even if the child returns."""
+    result = await tb.run_killable(targets.fork_and_return, child_returns, backend=P)
+    assert result == "from the worker"
+    for _ in range(3):
+        assert await tb.run_killable(targets.add, 1, 1, backend=P) == 2
+
+
+def test_grandchild_of_a_normal_return_lives_until_the_worker_exits() -> None:
+    """A target that starts a child and returns leaves it running in the worker's
+    process group; it is killed when the worker exits (here: the loop ends)."""
+
+    async def main() -> int:
+        child = await tb.run_killable(targets.spawn_grandchild_and_return, "", backend=P)
+        assert not gone(child), "the child runs on after the target returned"
+        return child
+
+    for backend in ("asyncio", "trio"):
+        child = anyio.run(main, backend=backend)
+        deadline = time.monotonic() + 10
+        while not gone(child):
+            assert time.monotonic() < deadline, "the child outlived its worker"
+            time.sleep(0.01)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("backend", ["thread", "process"])
+async def test_long_c_call_freezes_loop_only_for_threads(backend: str) -> None:
+    """A C call that holds the GIL freezes the event loop too when run in a thread;
+    in a worker process the loop keeps ticking."""
+    n = 30_000_000
+    t0 = time.perf_counter()
+    targets.long_c_call(n)
+    duration = time.perf_counter() - t0
+    gaps: list[float] = []
+    done = anyio.Event()
+
+    async def ticker() -> None:
+        last = time.perf_counter()
+        while not done.is_set():
+            await anyio.sleep(0.005)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    await tb.run_killable(targets.add, 0, 0, backend=backend)  # warm up
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        await anyio.sleep(0.02)
+        await tb.run_killable(targets.long_c_call, n, backend=backend)  # type: ignore[arg-type]
+        done.set()
+    if backend == "thread":
+        assert max(gaps) > duration / 2, "the loop should have been frozen"
+    else:
+        assert max(gaps) < duration / 2, "the loop should have kept ticking"
+
+
+SIGINT_PROGRAM = """
+import sys, anyio, threadbridge as tb
+sys.path.insert(0, {root!r})
+from tests import targets
+async def main():
+    print(await tb.run_killable(targets.pid, backend="process"), flush=True)
+    await tb.run_killable(targets.{target}, {path!r}, backend={backend!r})
+{runner}
+"""
+
+RUNNERS = {
+    "asyncio": "import asyncio; asyncio.run(main())",
+    "trio": "import trio; trio.run(main)",
+}
+
+
+@pytest.mark.parametrize("runner", ["asyncio", "trio"])
+@pytest.mark.parametrize(
+    ("backend", "target"), [("thread", "tb_sleeper"), ("process", "blocking_sleeper")]
+)
+def test_sigint_ends_program_promptly(
+    tmp_path: Path, runner: str, backend: str, target: str
+) -> None:
+    """Ctrl-C during run_killable: KeyboardInterrupt, workers gone, only a traceback."""
+    path = tmp_path / "log"
+    code = SIGINT_PROGRAM.format(
+        root=ROOT, target=target, path=str(path), backend=backend, runner=RUNNERS[runner]
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        worker = int(proc.stdout.readline())
+        deadline = time.monotonic() + 30
+        while not path.exists() or "started" not in path.read_text():
+            assert time.monotonic() < deadline, "the target never started"
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        elapsed = time.monotonic() - t0
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode != 0
+    assert elapsed < 5, "a cooperative stop or SIGTERM should end it well within 5 s"
+    assert err.startswith("Traceback"), err
+    assert err.rstrip().endswith("KeyboardInterrupt"), err
+    assert "Warning" not in err and "threadbridge:" not in err, err
+    assert gone(worker)
