@@ -131,7 +131,7 @@ async def test_long_c_call_freezes_loop_only_for_threads(
     async with anyio.create_task_group() as tg:
         tg.start_soon(ticker)
         await anyio.sleep(0.02)
-        await tb.run_killable(targets.long_c_call, n, backend=backend)  # type: ignore[arg-type]
+        await tb.run_killable(targets.long_c_call, n, backend=backend)
         done.set()
     if backend == "thread":
         assert max(gaps) > duration / 2, "the loop should have been frozen"
