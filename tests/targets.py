@@ -213,3 +213,27 @@ def fork_and_return(child_returns: bool) -> str:
 def long_c_call(n: int) -> int:
     """One C call that holds the GIL throughout: no bytecode boundary to stop at."""
     return sum(range(n))
+
+
+def stress_target(i: int, behaviour: str, amount: float) -> tuple[str, int]:
+    """One of several behaviours, for the stress and property tests."""
+    if behaviour == "return":
+        return ("ok", i)
+    if behaviour == "raise":
+        raise CustomError(str(i))
+    if behaviour == "check":
+        deadline = time.monotonic() + amount
+        while time.monotonic() < deadline:
+            tb.check_cancelled()
+        return ("ok", i)
+    if behaviour == "tb_sleep":
+        tb.sleep(amount)
+        return ("ok", i)
+    if behaviour == "sleep":  # blocking C call: rung 2 by SIGTERM in a worker
+        time.sleep(amount)
+        return ("ok", i)
+    if behaviour == "ignore_term":  # only rung 3 stops it, before `amount` passes
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        time.sleep(amount)
+        return ("ok", i)
+    raise ValueError(behaviour)

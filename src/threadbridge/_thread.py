@@ -130,13 +130,16 @@ class ThreadWork:
         state.thread_id = threading.get_ident()
         local.state = state
         local.token = state.token
-        state.running = True
-        try:
-            outcome = self._call()
-        except TargetCancelled as exc:
-            # Rung 2 landed in _call's own bookkeeping, after the target had returned.
-            outcome = (False, exc)
-        abandoned = state.settle()
+        if state.begin():
+            try:
+                outcome = self._call()
+            except TargetCancelled as exc:
+                # Rung 2 landed in _call's own bookkeeping, after the target had returned.
+                outcome = (False, exc)
+            abandoned = state.settle()
+        else:  # the ladder got to rung 2 or 3 before a thread picked it up
+            outcome = (False, TargetCancelled("stopped before it started"))
+            abandoned = False
         # From here on no injected exception can reach this thread.
         local.state = None
         local.token = _token.NEVER_SET

@@ -134,6 +134,8 @@ class TargetState:
         "lock",
         "pending",
         "running",
+        "skip",
+        "started",
         "thread_id",
         "token",
     )
@@ -142,6 +144,8 @@ class TargetState:
         self.token = token
         self.lock = lock  # the handle's: never held while another lock is taken
         self.running = False
+        self.started = False  # a pool thread has picked it up
+        self.skip = False  # rung 3 came before it started: never run it
         self.thread_id = 0
         self.depth = 0  # nesting of uninterruptible() blocks
         self.interrupt_requested = False  # rung 2 reached: at most once
@@ -152,7 +156,12 @@ class TargetState:
     def request_interrupt(self) -> bool:
         """Rung 2 for a thread target. Returns whether the target was still running."""
         with self.lock:
-            if not self.running or self.interrupt_requested:
+            if self.interrupt_requested:
+                return False
+            if not self.started:
+                self.interrupt_requested = True  # it will not run at all
+                return True
+            if not self.running:
                 return False
             self.interrupt_requested = True
             if self.depth:
@@ -165,9 +174,21 @@ class TargetState:
     def abandon(self) -> bool:
         """Rung 3 for a thread target. Returns whether the target was still running."""
         with self.lock:
+            if not self.started:
+                self.skip = True  # the pool thread that picks it up reports it
+                return False
             if not self.running:
                 return False
             self.abandoned = True
+            return True
+
+    def begin(self) -> bool:
+        """Called in the pool thread before the target: whether to run it at all."""
+        with self.lock:
+            self.started = True
+            if self.interrupt_requested or self.skip:
+                return False
+            self.running = True
             return True
 
     def settle(self) -> bool:

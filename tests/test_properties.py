@@ -1,0 +1,150 @@
+"""Property-based tests: random policies, behaviours and cancel timings keep the
+invariants. The await returns within the policy's bound, ``handle.stage`` agrees with
+what the target did, and nothing is left running."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import anyio
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import threadbridge as tb
+from threadbridge import testing
+
+from . import targets
+from .helpers import spin_forever
+
+pytestmark = pytest.mark.anyio
+
+HUGE = 1e9  # a grace that never runs out within a test
+MARGIN = 3.0  # generous: scheduling on a loaded 2-core machine
+
+_release = threading.Event()
+
+
+def thread_target(i: int, behaviour: str, amount: float) -> tuple[str, int]:
+    if behaviour == "spin":  # pure Python, never checks: rung 2 stops it
+        spin_forever()
+    if behaviour == "block":  # blocked in C: only rung 3 ends the wait for it
+        _release.wait()
+        return ("ok", i)
+    if behaviour == "swallow":
+        try:
+            spin_forever()
+        except tb.TargetCancelled:
+            _release.wait()
+        return ("ok", i)
+    return targets.stress_target(i, behaviour, amount)
+
+
+@dataclass
+class Case:
+    behaviour: str
+    amount: float
+    policy: tb.Policy
+    delay: float
+
+
+small = st.sampled_from([0.0, 0.001, 0.01, 0.05])
+
+
+@st.composite
+def cases(draw: st.DrawFn, behaviours: list[str]) -> Case:
+    behaviour = draw(st.sampled_from(behaviours))
+    amount = draw(st.sampled_from([0.0, 0.001, 0.01]))
+    ends_itself = behaviour in ("return", "raise", "check", "tb_sleep")
+    if ends_itself:  # any grace, even one that never runs out
+        grace = draw(st.one_of(small, st.just(HUGE)))
+        interrupt_grace = draw(st.one_of(small, st.just(HUGE)))
+        interrupt = draw(st.booleans())
+    elif behaviour == "spin":  # rung 2 must come, soon
+        grace, interrupt, interrupt_grace = draw(small), True, draw(st.one_of(small, st.just(HUGE)))
+    elif behaviour == "swallow":  # rung 2 is what it swallows; rung 3 must come soon
+        grace, interrupt, interrupt_grace = draw(small), True, draw(small)
+    else:  # blocked in C: rung 3 must come, soon
+        grace, interrupt, interrupt_grace = draw(small), draw(st.booleans()), draw(small)
+    policy = tb.Policy(grace=grace, interrupt=interrupt, interrupt_grace=interrupt_grace)
+    delay = draw(st.sampled_from([0.0, 0.0005, 0.005, 0.05]))
+    return Case(behaviour, amount, policy, delay)
+
+
+def bound(case: Case) -> float:
+    """How long the cancelled await may take, at most."""
+    p = case.policy
+    if case.behaviour in ("return", "raise", "check", "tb_sleep"):
+        return case.delay + case.amount + MARGIN
+    if case.behaviour == "spin":
+        return case.delay + p.grace + MARGIN
+    return case.delay + p.grace + p.interrupt_grace + MARGIN
+
+
+ALLOWED = {
+    "return": {tb.Stage.FINISHED, tb.Stage.COOPERATIVE, tb.Stage.INTERRUPTED},
+    "raise": {tb.Stage.FINISHED, tb.Stage.COOPERATIVE, tb.Stage.INTERRUPTED},
+    "check": {tb.Stage.FINISHED, tb.Stage.COOPERATIVE, tb.Stage.INTERRUPTED},
+    "tb_sleep": {tb.Stage.FINISHED, tb.Stage.COOPERATIVE, tb.Stage.INTERRUPTED},
+    "spin": {tb.Stage.INTERRUPTED},
+    "block": {tb.Stage.ABANDONED},
+    "swallow": {tb.Stage.ABANDONED},
+}
+
+
+async def run_case(case: Case, backend: str) -> None:
+    _release.clear()
+    target = thread_target if backend == "thread" else targets.stress_target
+    handle = tb.spawn(target, 7, case.behaviour, case.amount, policy=case.policy, backend=backend)  # type: ignore[arg-type]
+    t0 = time.monotonic()
+    with anyio.move_on_after(case.delay) as scope:
+        try:
+            result = await handle
+        except targets.CustomError:
+            result = ("ok", 7)
+    elapsed = time.monotonic() - t0
+    _release.set()
+    assert elapsed <= bound(case), (elapsed, case)
+    assert handle.done()
+    if not scope.cancelled_caught:
+        assert result == ("ok", 7)
+        assert handle.stage is tb.Stage.FINISHED
+    else:
+        allowed = set(ALLOWED[case.behaviour])
+        p = case.policy
+        if p.grace == 0 and p.interrupt:
+            allowed.add(tb.Stage.INTERRUPTED)  # rung 2 may come before the target starts
+        rung3_after = p.grace + (p.interrupt_grace if p.interrupt else 0)
+        if backend == "thread" and rung3_after == 0:
+            # Rung 3 comes at once: the target may not have had time to react.
+            allowed.add(tb.Stage.ABANDONED)
+        if backend == "process" and rung3_after < 1.0:
+            # A worker may still be starting (tens of milliseconds) when rung 3 comes.
+            allowed.add(tb.Stage.KILLED)
+        assert handle.stage in allowed, (handle.stage, case)
+    # Nothing keeps running: abandoned threads end once released.
+    await testing.wait_all_ended(timeout=10)
+
+
+PROPERTY_SETTINGS = settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    derandomize=True,
+)
+
+
+@PROPERTY_SETTINGS
+@given(case=cases(["return", "raise", "check", "tb_sleep", "spin", "block", "swallow"]))
+async def test_thread_invariants(case: Case) -> None:
+    """Threads: bounded await, a stage that fits the behaviour, no leak."""
+    await run_case(case, "thread")
+
+
+@settings(PROPERTY_SETTINGS, max_examples=25)
+@given(case=cases(["return", "raise", "check", "tb_sleep"]))
+async def test_process_invariants(case: Case) -> None:
+    """Worker processes: the same invariants for targets that end by themselves."""
+    await run_case(case, "process")
