@@ -52,25 +52,34 @@ async def hammer(
     rss: dict[str, int] = {}
     me = psutil.Process()
 
+    finished = 0
+
     async def one(i: int) -> None:
+        nonlocal finished
         async with limiter:
-            call, delay = make_call(i, rng)
-            with anyio.move_on_after(delay) as scope:
-                try:
-                    result = await call
-                except targets.CustomError as exc:
-                    if str(exc) != str(i):
-                        wrong.append((i, exc))
-                    counts["raised"] += 1
-                    return
-            if scope.cancelled_caught:
-                counts["cancelled"] += 1
-            elif result != ("ok", i):
-                wrong.append((i, result))
-            else:
-                counts["returned"] += 1
-            if i == calls // 10:
-                rss["tenth"] = me.memory_info().rss
+            try:
+                await check_one(i)
+            finally:
+                finished += 1
+                if finished == calls // 10:
+                    rss["tenth"] = me.memory_info().rss
+
+    async def check_one(i: int) -> None:
+        call, delay = make_call(i, rng)
+        with anyio.move_on_after(delay) as scope:
+            try:
+                result = await call
+            except targets.CustomError as exc:
+                if str(exc) != str(i):
+                    wrong.append((i, exc))
+                counts["raised"] += 1
+                return
+        if scope.cancelled_caught:
+            counts["cancelled"] += 1
+        elif result != ("ok", i):
+            wrong.append((i, result))
+        else:
+            counts["returned"] += 1
 
     async with anyio.create_task_group() as tg:
         for i in range(calls):
