@@ -135,13 +135,22 @@ def _start(
         _process.start(handle, handle._link, payload)
 
 
-def _new_handle(
+def _setup(
     func: Callable[..., Any],
-    policy: Policy,
-    link: Link,
-    limiter: anyio.CapacityLimiter,
-) -> Handle[Any]:
-    return Handle(_name_of(func), policy, link, limiter)
+    args: tuple[Any, ...],
+    backend: object,
+    policy: object,
+    limiter: object,
+    what: str,
+) -> tuple[Link, Handle[Any], bytes | None]:
+    """Check everything the caller gave, and make the handle (not started yet)."""
+    _check_func(func, args, what)
+    checked_policy, checked_limiter = _check_options(backend, policy, limiter, what)
+    link = current_link(what)
+    payload = _prepare(backend, func, args, what)  # type: ignore[arg-type]
+    if checked_limiter is None:
+        checked_limiter = _default_limiter(link, backend)  # type: ignore[arg-type]
+    return link, Handle(_name_of(func), checked_policy, link, checked_limiter), payload
 
 
 async def run_killable(
@@ -191,15 +200,9 @@ async def run_killable(
         Then the native cancellation (``asyncio.CancelledError``, ``trio.Cancelled``)
         propagates. A rung is skipped when the work has ended by then.
     """
-    what = "run_killable()"
-    _check_func(func, args, what)
-    policy, limiter = _check_options(backend, policy, limiter, what)
-    link = current_link(what)
-    payload = _prepare(backend, func, args, what)
-    if limiter is None:
-        limiter = _default_limiter(link, backend)
+    link, handle, payload = _setup(func, args, backend, policy, limiter, "run_killable()")
+    limiter = handle._limiter
     await link.checkpoint_if_cancelled()
-    handle = _new_handle(func, policy, link, limiter)
     try:
         limiter.acquire_on_behalf_of_nowait(handle)
     except anyio.WouldBlock:
@@ -244,14 +247,8 @@ def spawn(
         with ``handle.cancel()`` / ``await handle.stop()``, or by cancelling a task that
         awaits the handle. The rungs are those of :func:`run_killable`.
     """
-    what = "spawn()"
-    _check_func(func, args, what)
-    policy, limiter = _check_options(backend, policy, limiter, what)
-    link = current_link(what)
-    payload = _prepare(backend, func, args, what)
-    if limiter is None:
-        limiter = _default_limiter(link, backend)
-    handle: Handle[T] = _new_handle(func, policy, link, limiter)
+    link, handle, payload = _setup(func, args, backend, policy, limiter, "spawn()")
+    limiter = handle._limiter
     try:
         limiter.acquire_on_behalf_of_nowait(handle)
     except anyio.WouldBlock:

@@ -251,14 +251,19 @@ class WorkerProcess:
         except (RuntimeError, ValueError, OSError):
             pass  # the loop has closed
 
-    def _on_readable(self) -> None:
+    def _read_available(self) -> bytes | None:
+        """What the pipe holds now: b"" at end of file, None if nothing yet."""
         try:
-            data = os.read(self.result_fd, 1 << 20)
+            return os.read(self.result_fd, 1 << 20)
         except BlockingIOError:
-            return
+            return None
         except OSError:
-            data = b""
-        self._feed(data)
+            return b""
+
+    def _on_readable(self) -> None:
+        data = self._read_available()
+        if data is not None:
+            self._feed(data)
 
     async def _trio_reader(self) -> None:
         import trio
@@ -266,15 +271,11 @@ class WorkerProcess:
         try:
             while True:
                 await trio.lowlevel.wait_readable(self.result_fd)
-                try:
-                    data = os.read(self.result_fd, 1 << 20)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    data = b""
-                self._feed(data)
-                if not data:
-                    return
+                data = self._read_available()
+                if data is not None:
+                    self._feed(data)
+                    if not data:
+                        return
         except trio.ClosedResourceError:
             return  # shut down by the pool
 
