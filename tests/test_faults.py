@@ -140,7 +140,10 @@ async def test_long_c_call_freezes_loop_only_for_threads(
 
 
 SIGINT_PROGRAM = """
-import sys, anyio, threadbridge as tb
+import signal, sys, anyio, threadbridge as tb
+# As in a terminal: a shell starts background jobs with SIGINT ignored, and a test suite
+# may run from one.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, {root!r})
 from tests import targets
 async def main():
