@@ -24,20 +24,20 @@ pytestmark = pytest.mark.anyio
 HUGE = 1e9  # a grace that never runs out within a test
 MARGIN = 3.0  # generous: scheduling on a loaded 2-core machine
 
-_release = threading.Event()
 
-
-def thread_target(i: int, behaviour: str, amount: float) -> tuple[str, int]:
+def thread_target(
+    i: int, behaviour: str, amount: float, release: threading.Event
+) -> tuple[str, int]:
     if behaviour == "spin":  # pure Python, never checks: rung 2 stops it
         spin_forever()
     if behaviour == "block":  # blocked in C: only rung 3 ends the wait for it
-        _release.wait()
+        release.wait()
         return ("ok", i)
     if behaviour == "swallow":
         try:
             spin_forever()
         except tb.TargetCancelled:
-            _release.wait()
+            release.wait()
         return ("ok", i)
     return targets.stress_target(i, behaviour, amount)
 
@@ -95,37 +95,52 @@ ALLOWED = {
 
 
 async def run_case(case: Case, backend: str) -> None:
-    _release.clear()
-    target = thread_target if backend == "thread" else targets.stress_target
-    handle = tb.spawn(target, 7, case.behaviour, case.amount, policy=case.policy, backend=backend)  # type: ignore[arg-type]
-    t0 = time.monotonic()
-    with anyio.move_on_after(case.delay) as scope:
-        try:
-            result = await handle
-        except targets.CustomError:
-            result = ("ok", 7)
-    elapsed = time.monotonic() - t0
-    _release.set()
-    assert elapsed <= bound(case), (elapsed, case)
-    assert handle.done()
-    if not scope.cancelled_caught:
-        assert result == ("ok", 7)
-        assert handle.stage is tb.Stage.FINISHED
-    else:
-        allowed = set(ALLOWED[case.behaviour])
-        p = case.policy
-        if p.grace == 0 and p.interrupt:
-            allowed.add(tb.Stage.INTERRUPTED)  # rung 2 may come before the target starts
-        rung3_after = p.grace + (p.interrupt_grace if p.interrupt else 0)
-        if backend == "thread" and rung3_after == 0:
-            # Rung 3 comes at once: the target may not have had time to react.
-            allowed.add(tb.Stage.ABANDONED)
-        if backend == "process" and rung3_after < 1.0:
-            # A worker may still be starting (tens of milliseconds) when rung 3 comes.
-            allowed.add(tb.Stage.KILLED)
-        assert handle.stage in allowed, (handle.stage, case)
-    # Nothing keeps running: abandoned threads end once released.
-    await testing.wait_all_ended(timeout=10)
+    # Each example has its own release event, set whatever happens: a thread left
+    # waiting by one example must never wait on into the next.
+    release = threading.Event()
+    try:
+        if backend == "thread":
+            args: tuple[object, ...] = (7, case.behaviour, case.amount, release)
+            handle = tb.spawn(thread_target, *args, policy=case.policy)  # type: ignore[arg-type]
+        else:
+            handle = tb.spawn(
+                targets.stress_target,
+                7,
+                case.behaviour,
+                case.amount,
+                policy=case.policy,
+                backend="process",
+            )
+        t0 = time.monotonic()
+        with anyio.move_on_after(case.delay) as scope:
+            try:
+                result = await handle
+            except targets.CustomError:
+                result = ("ok", 7)
+        elapsed = time.monotonic() - t0
+        release.set()
+        assert elapsed <= bound(case), (elapsed, case)
+        assert handle.done()
+        if not scope.cancelled_caught:
+            assert result == ("ok", 7)
+            assert handle.stage is tb.Stage.FINISHED
+        else:
+            allowed = set(ALLOWED[case.behaviour])
+            p = case.policy
+            if p.grace == 0 and p.interrupt:
+                allowed.add(tb.Stage.INTERRUPTED)  # rung 2 may come before the target starts
+            rung3_after = p.grace + (p.interrupt_grace if p.interrupt else 0)
+            if backend == "thread" and rung3_after == 0:
+                # Rung 3 comes at once: the target may not have had time to react.
+                allowed.add(tb.Stage.ABANDONED)
+            if backend == "process" and rung3_after < 1.0:
+                # A worker may still be starting (tens of milliseconds) when rung 3 comes.
+                allowed.add(tb.Stage.KILLED)
+            assert handle.stage in allowed, (handle.stage, case)
+    finally:
+        release.set()
+        # Nothing keeps running: abandoned threads end once released.
+        await testing.wait_all_ended(timeout=10)
 
 
 PROPERTY_SETTINGS = settings(
