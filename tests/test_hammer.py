@@ -126,3 +126,31 @@ async def test_injection_at_return_stays_out_of_the_pool(trailing_calls: int) ->
     threads = {await tb.run_killable(threading.current_thread) for _ in range(5)}
     assert all(t.is_alive() for t in threads)
     assert await tb.run_killable(lambda: "clean") == "clean"
+
+
+async def test_injection_just_before_the_target_stays_out_of_the_pool(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rung 2 landing between "marked running" and the target's first line is caught:
+    the call ends INTERRUPTED and its pool thread lives on."""
+    from threadbridge import _token
+
+    original = _token.TargetState.begin
+
+    def begin_then_interrupt(self: _token.TargetState) -> bool:
+        started = original(self)
+        if started:
+            self.request_interrupt()  # fires at the next bytecode boundary, right here
+        return started
+
+    monkeypatch.setattr(_token.TargetState, "begin", begin_then_interrupt)
+    ran: list[str] = []
+    handle = tb.spawn(lambda: ran.append("target ran"))
+    with pytest.raises(tb.TargetCancelled):
+        await handle
+    assert handle.stage is tb.Stage.INTERRUPTED
+    assert ran == []
+    monkeypatch.setattr(_token.TargetState, "begin", original)
+    threads = {await tb.run_killable(threading.current_thread) for _ in range(5)}
+    assert all(t.is_alive() for t in threads)
+    assert tb.stats().busy_threads == 0

@@ -130,16 +130,21 @@ class ThreadWork:
         state.thread_id = threading.get_ident()
         local.state = state
         local.token = state.token
-        if state.begin():
-            try:
+        started = False
+        try:
+            # From the moment begin() marks the target running, rung 2 may be injected:
+            # it can fire before the target's first line or after its last, so all of
+            # this stays inside the try.
+            started = state.begin()
+            if started:
                 outcome = self._call()
-            except TargetCancelled as exc:
-                # Rung 2 landed in _call's own bookkeeping, after the target had returned.
-                outcome = (False, exc)
-            abandoned = state.settle()
-        else:  # the ladder got to rung 2 or 3 before a thread picked it up
-            outcome = (False, TargetCancelled("stopped before it started"))
-            abandoned = False
+            else:  # the ladder got to rung 2 or 3 before a thread picked it up
+                outcome = (False, TargetCancelled("stopped before it started"))
+        except TargetCancelled as exc:
+            # Rung 2 landed in this bookkeeping, just before or after the target.
+            outcome = (False, exc)
+            started = True
+        abandoned = state.settle() if started else False
         # From here on no injected exception can reach this thread.
         local.state = None
         local.token = _token.NEVER_SET

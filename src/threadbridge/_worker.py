@@ -137,13 +137,15 @@ def _run(job_id: int, payload: bytes) -> bytes:
         _current = _Job(job_id, state)
     _local.state = state
     _local.token = state.token
-    state.running = True
     try:
+        # Once running is set, SIGTERM may be turned into TargetCancelled at any
+        # bytecode: just before the target's first line, or just after its last.
+        state.running = True
         try:
             outcome: tuple[bool, object] = (True, func(*args))
         except BaseException as exc:
             outcome = (False, exc)
-    except TargetCancelled as exc:  # rung 2 landed just after the target returned
+    except TargetCancelled as exc:  # rung 2 landed in this bookkeeping
         outcome = (False, exc)
     if os.getpid() != _pid:
         # The target forked and its child has returned from it: that child must not go
