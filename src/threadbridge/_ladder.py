@@ -270,9 +270,18 @@ class Handle(Generic[T_co]):
         The backend decides, under its own lock, whether the target ended or was forced,
         so only one of the two ever calls this.
         """
-        self._outcome = outcome
-        self._end_time = time.monotonic()
-        self._stage = stage  # last: done() and the ladder read it without the lock
+        with self._lock:
+            if self._stage is not Stage.RUNNING:
+                # Reported twice (a race between ending and being forced that the backend
+                # did not settle): the first report stands, and the limiter token must
+                # not be given back twice.
+                logger.debug(
+                    "threadbridge: %s reported twice (%s, then %s)", self, self._stage, stage
+                )
+                return
+            self._outcome = outcome
+            self._end_time = time.monotonic()
+            self._stage = stage  # last: done() and the ladder read it without the lock
         if not counted:
             COUNTERS.ended(stage)
         then = self._loop_release_and_wake if released else self._loop_wake
@@ -286,7 +295,12 @@ class Handle(Generic[T_co]):
         self._link.post(self._loop_release)
 
     def _loop_release(self) -> None:
-        self._limiter.release_on_behalf_of(self)
+        # Runs as a loop callback, where an exception would take the whole loop down
+        # (trio turns it into TrioInternalError): a token that is not held is logged.
+        try:
+            self._limiter.release_on_behalf_of(self)
+        except RuntimeError:
+            logger.debug("threadbridge: %s held no limiter token to give back", self)
 
     def _loop_wake(self) -> None:
         self._loop_settled = True
@@ -295,7 +309,7 @@ class Handle(Generic[T_co]):
             self._link.wake(waiters)
 
     def _loop_release_and_wake(self) -> None:
-        self._limiter.release_on_behalf_of(self)
+        self._loop_release()
         self._loop_wake()
 
     def _rung2(self) -> None:
