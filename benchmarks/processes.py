@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import platform
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ import anyio.to_process
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _proc_targets as targets
+from _table import print_table
 
 import threadbridge as tb
 
@@ -193,14 +193,7 @@ def main() -> None:
         "cancel, SIGTERM (rung 2)",
     ]
     rows.sort(key=lambda r: (order.index(r[2]), r[0], r[1]))
-    headers = ("measure", "loop", "library", "time")
-    table = [(r[2], r[0], r[1], r[3]) for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in table)) for i, h in enumerate(headers)]
-    print(f"Python {platform.python_version()} on {platform.machine()}, {sys.platform}")
-    print(" | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
-    print("-|-".join("-" * w for w in widths))
-    for r in table:
-        print(" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+    print_table(("measure", "loop", "library", "time"), [(r[2], r[0], r[1], r[3]) for r in rows])
     print(
         "\nwarm no-op: median of sequential calls. cancel rows: from the cancel to the await"
         "\nreturning; threadbridge has reaped the worker by then."

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import platform
 import statistics
 import sys
 import threading
 import time
 import timeit
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -28,6 +28,9 @@ import anyio.to_thread
 import trio
 
 import threadbridge as tb
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _table import print_table
 
 Call = Callable[[Callable[[], Any]], Awaitable[Any]]
 
@@ -220,13 +223,7 @@ def main() -> None:
         anyio.run(suite, loop, args.quick, rows, backend=loop)
     cost = f"{cancel_requested_cost():.0f} ns"
     rows.append(("-", "threadbridge", "cancel_requested()", cost, ""))
-    headers = ("loop", "what", "measure", "latency / returned", "throughput / stopped")
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    print(f"Python {platform.python_version()} on {platform.machine()}, {sys.platform}")
-    print(" | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
-    print("-|-".join("-" * w for w in widths))
-    for row in rows:
-        print(" | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+    print_table(("loop", "what", "measure", "latency / returned", "throughput / stopped"), rows)
     print(
         "\nno-op rows: median µs per sequential call, and calls/s with 40 concurrent callers."
         "\ncancel rows: time from the cancel to the await returning, and to the target really"
