@@ -71,7 +71,7 @@ def _name_of(func: Callable[..., Any]) -> str:
     return name if isinstance(name, str) else repr(func)
 
 
-def _check_func(func: object, args: tuple[Any, ...], what: str) -> None:
+def _check_func(func: object, what: str) -> None:
     if inspect.iscoroutine(func):
         func.close()
         raise TypeError(
@@ -144,7 +144,7 @@ def _setup(
     what: str,
 ) -> tuple[Link, Handle[Any], bytes | None]:
     """Check everything the caller gave, and make the handle (not started yet)."""
-    _check_func(func, args, what)
+    _check_func(func, what)
     checked_policy, checked_limiter = _check_options(backend, policy, limiter, what)
     link = current_link(what)
     payload = _prepare(backend, func, args, what)  # type: ignore[arg-type]
