@@ -10,7 +10,7 @@ from types import CodeType
 import anyio
 
 from threadbridge import TargetCancelled, uninterruptible
-from threadbridge._loop import current_link
+from threadbridge._loop import Link, current_link
 
 
 class Signal:
@@ -45,16 +45,31 @@ class RungWatcher(logging.Handler):
         self.rung2 = threading.Event()
         self.rung3 = threading.Event()
         self.messages: list[str] = []
+        self._link: Link | None = None
+        self.rung2_seen: anyio.Event | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
         self.messages.append(message)
         if "rung 2" in message:
             self.rung2.set()
+            if self._link is not None and self.rung2_seen is not None:
+                self._link.post(self.rung2_seen.set)
         if "rung 3" in message:
             self.rung3.set()
 
+    async def wait_rung2(self) -> None:
+        """Wait in the event loop until rung 2 has been logged."""
+        assert self.rung2_seen is not None, "enter the watcher inside the event loop"
+        with anyio.fail_after(10):
+            await self.rung2_seen.wait()
+
     def __enter__(self) -> RungWatcher:
+        try:
+            self._link = current_link("RungWatcher")
+            self.rung2_seen = anyio.Event()
+        except RuntimeError:
+            self._link = None  # used outside an event loop
         logger = logging.getLogger("threadbridge")
         self._old_level = logger.level
         logger.setLevel(logging.DEBUG)
@@ -108,3 +123,29 @@ async def until_running(thread_id: int, code: CodeType, line: int) -> None:
                     return
                 frame = frame.f_back
             await anyio.sleep(0.001)
+
+
+def traced_call_returns() -> bool:
+    """Call a function under sys.settrace in a fresh thread; whether it returned.
+
+    On CPython 3.11 such a call spins forever at its first instruction while the
+    interpreter's shared "asynchronous exception pending" flag is left set.
+    """
+    done = threading.Event()
+
+    def tracer(frame: object, event: str, arg: object) -> object:
+        return tracer
+
+    def noop() -> None:
+        pass
+
+    def traced() -> None:
+        sys.settrace(tracer)  # type: ignore[arg-type]
+        try:
+            noop()
+        finally:
+            sys.settrace(None)
+        done.set()
+
+    threading.Thread(target=traced, name="traced-call", daemon=True).start()
+    return done.wait(10)

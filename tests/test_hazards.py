@@ -17,7 +17,7 @@ import pytest
 
 import threadbridge as tb
 
-from .helpers import Signal, spin_until, until_running
+from .helpers import RungWatcher, Signal, spin_until, traced_call_returns, until_running
 
 pytestmark = pytest.mark.anyio
 
@@ -227,6 +227,69 @@ async def test_nothing_lands_inside_a_blocking_c_call() -> None:
             ["TargetCancelled after the C call"],
             ["read returned", "TargetCancelled after the C call"],
         )
+
+
+async def test_traced_code_runs_while_an_injection_waits_in_c() -> None:
+    """Rung 2 pending in a thread blocked in C does not freeze traced code elsewhere.
+
+    CPython before 3.13 keeps one "exception pending" flag per interpreter; on 3.11 a
+    function called under sys.settrace (coverage, debuggers) spins at its first
+    instruction for as long as that flag is set. threadbridge clears the flag right after
+    injecting; the target still gets its exception once the C call returns.
+    """
+    r, w = os.pipe()
+    started = Signal()
+    events: list[str] = []
+    ident: list[int] = []
+
+    def target() -> None:
+        ident.append(threading.get_ident())
+        started.set()
+        try:
+            _read_one(r, events)
+        except tb.TargetCancelled:
+            events.append("TargetCancelled after the C call")
+            raise
+
+    try:
+        with RungWatcher() as watcher:
+            handle = tb.spawn(target, policy=POLICY)
+            await started.wait()
+            await until_running(ident[0], _read_one.__code__, 1)
+            handle.cancel()
+            await watcher.wait_rung2()
+        assert traced_call_returns()
+        os.write(w, b"x")
+        assert await handle.stop() is tb.Stage.INTERRUPTED
+    finally:
+        os.close(r)
+        os.close(w)
+    assert events[-1] == "TargetCancelled after the C call"
+
+
+async def test_withdrawn_injection_leaves_nothing_behind() -> None:
+    """An injection withdrawn before it fired leaves no flag that freezes traced code."""
+    from threadbridge import _token
+
+    release = threading.Event()
+    outcome: list[str] = []
+
+    def blocked() -> None:
+        try:
+            release.wait()
+            outcome.append("returned")
+        except BaseException as exc:
+            outcome.append(type(exc).__name__)
+
+    thread = threading.Thread(target=blocked, daemon=True)
+    thread.start()
+    assert thread.ident is not None
+    _token.inject(thread.ident)
+    _token.clear_injection(thread.ident)
+    assert traced_call_returns()
+    release.set()
+    thread.join(10)
+    assert outcome == ["returned"]
 
 
 async def test_except_exception_does_not_swallow_target_cancelled() -> None:

@@ -106,14 +106,44 @@ class _Interrupted(TargetCancelled):
             state.pending = False
 
 
+# Before 3.13 the "an asynchronous exception is pending" flag is one per interpreter,
+# not per thread. It is set whenever PyThreadState_SetAsyncExc is called, and cleared only
+# when a thread raises its own pending exception. While it stays set, every thread takes
+# the interpreter's slow path at each check; on CPython 3.11 any function call made under
+# sys.settrace (coverage, debuggers, hypothesis' explain phase) then spins forever at its
+# first instruction. It stays set while an injection waits in a thread blocked in C, and
+# for good after an injection is withdrawn. So the injecting thread clears the flag at
+# once by raising and catching an exception of its own: the target keeps its pending
+# exception, which the interpreter flags again when the target next takes the GIL.
+_SHARED_FLAG = sys.version_info < (3, 13)
+
+
+class _FlagReset(BaseException):
+    """Injected into the current thread and caught at once; never seen elsewhere."""
+
+
+def _reset_shared_flag() -> None:
+    if not _SHARED_FLAG:
+        return
+    setter = _async_exc_setters()[0]
+    try:
+        setter(threading.get_ident(), _FlagReset)  # type: ignore[operator]
+        while True:  # raised at the latest at the first backward jump
+            pass
+    except _FlagReset:
+        pass
+
+
 def inject(thread_id: int) -> None:
     """Schedule TargetCancelled in another thread, at its next bytecode boundary."""
     _async_exc_setters()[0](thread_id, _Interrupted)  # type: ignore[operator]
+    _reset_shared_flag()
 
 
 def clear_injection(thread_id: int) -> None:
     """Withdraw an injected exception that has not been raised yet."""
     _async_exc_setters()[1](thread_id, None)  # type: ignore[operator]
+    _reset_shared_flag()
 
 
 class TargetState:
