@@ -182,20 +182,25 @@ async def run_killable(
         What ``func`` returned.
 
     Raises:
-        Exception: whatever ``func`` raised, as itself.
-        TypeError: ``func`` is async or not callable.
+        Exception: whatever ``func`` raised, as itself (from a worker process too, or
+            as :class:`RemoteError` when it cannot travel back).
+        TypeError: ``func`` is async or not callable, or (processes) cannot be pickled.
         RuntimeError: called outside an asyncio or trio event loop.
+        WorkerCrashed: (processes) the worker died without answering.
 
     Cancellation:
         When the awaiting task is cancelled, the await is shielded while the work climbs:
 
-        * rung 1: the target's token is set: ``cancel_requested()`` turns true,
+        * rung 1, at once: the target's token is set: ``cancel_requested()`` turns true,
           ``check_cancelled()`` and ``sleep()`` raise :class:`TargetCancelled`.
-        * rung 2, after ``policy.grace``: :class:`TargetCancelled` is raised inside the
-          thread, once, outside ``uninterruptible()`` blocks. It cannot land inside a
-          blocking C call, and it can leave locks and other state torn; see the docs.
-        * rung 3, after ``policy.interrupt_grace``: the thread is abandoned, left
-          running as a daemon with its result discarded.
+        * rung 2, after ``policy.grace``: a thread gets :class:`TargetCancelled` raised
+          inside it, once, outside ``uninterruptible()`` blocks (it cannot land inside a
+          blocking C call, and it can leave state torn; see the hazards page); a worker
+          process gets SIGTERM, which raises :class:`TargetCancelled` in the target, even
+          inside ``time.sleep``.
+        * rung 3, after ``policy.interrupt_grace``: a thread is abandoned, left running
+          as a daemon with its result discarded and counted in ``stats()``; a worker's
+          whole process group is SIGKILLed and reaped before the await returns.
 
         Then the native cancellation (``asyncio.CancelledError``, ``trio.Cancelled``)
         propagates. A rung is skipped when the work has ended by then.
@@ -207,12 +212,39 @@ async def run_killable(
         limiter.acquire_on_behalf_of_nowait(handle)
     except anyio.WouldBlock:
         await limiter.acquire_on_behalf_of(handle)
+    if link.name == "trio":
+        # Ctrl-C under trio raises KeyboardInterrupt wherever unprotected code runs; if it
+        # landed between starting the target and the shielded wait, nothing would stop
+        # the target. Protected, it arrives at the wait, and the ladder runs first.
+        return await _trio_protected()(handle, backend, func, args, payload)  # type: ignore[no-any-return]
+    return await _start_and_wait(handle, backend, func, args, payload)  # type: ignore[no-any-return]
+
+
+async def _start_and_wait(
+    handle: Handle[Any],
+    backend: Backend,
+    func: Callable[..., Any],
+    args: Any,
+    payload: bytes | None,
+) -> Any:
     try:
         _start(handle, backend, func, args, payload)
     except BaseException:
-        limiter.release_on_behalf_of(handle)
+        handle._limiter.release_on_behalf_of(handle)
         raise
-    return await handle._wait_here()  # type: ignore[no-any-return]
+    return await handle._wait_here()
+
+
+_protected: Callable[..., Any] | None = None
+
+
+def _trio_protected() -> Callable[..., Any]:
+    global _protected
+    if _protected is None:
+        import trio
+
+        _protected = trio.lowlevel.enable_ki_protection(_start_and_wait)
+    return _protected
 
 
 def spawn(
@@ -232,7 +264,12 @@ def spawn(
         result = await spawn(func, *args)
 
     Args:
-        func, *args, backend, policy, limiter: as for :func:`run_killable`.
+        func: a plain (not async) callable.
+        *args: positional arguments for ``func``.
+        backend: ``"thread"`` (default) or ``"process"``.
+        policy: how hard to try when stopping; defaults to ``Policy()``.
+        limiter: an :class:`anyio.CapacityLimiter`; defaults to
+            :func:`default_limiter` of the running loop.
 
     Returns:
         A :class:`Handle`: ``await`` it for the result, ``cancel()`` or ``await stop()``
@@ -245,7 +282,13 @@ def spawn(
     Cancellation:
         Nothing is cancelled by leaving the scope that called ``spawn()``: stop the work
         with ``handle.cancel()`` / ``await handle.stop()``, or by cancelling a task that
-        awaits the handle. The rungs are those of :func:`run_killable`.
+        awaits the handle. Then it climbs:
+
+        * rung 1, at once: the target's token is set.
+        * rung 2, after ``policy.grace``: :class:`TargetCancelled` raised in the thread,
+          or SIGTERM to the worker process.
+        * rung 3, after ``policy.interrupt_grace``: the thread is abandoned, or the
+          worker's process group SIGKILLed and reaped.
     """
     link, handle, payload = _setup(func, args, backend, policy, limiter, "spawn()")
     limiter = handle._limiter

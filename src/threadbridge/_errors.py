@@ -12,6 +12,18 @@ class TargetCancelled(BaseException):
 
     A caller sees it only when it awaits a handle that was stopped through
     :meth:`Handle.cancel` or :meth:`Handle.stop` rather than by cancelling the await.
+
+    Example::
+
+        def export(rows, path):
+            with open(path, "w") as out:
+                try:
+                    for row in rows:
+                        threadbridge.check_cancelled()
+                        out.write(render(row))
+                except threadbridge.TargetCancelled:
+                    out.write("# cancelled\n")  # tidy up, then let it propagate
+                    raise
     """
 
 
@@ -21,6 +33,14 @@ class WorkerCrashed(Exception):
     Attributes:
         exitcode: the process's exit status, when it exited (``os._exit(3)`` gives 3).
         signal: the number of the signal that killed it, when a signal did.
+
+    Example::
+
+        try:
+            await run_killable(native_code, backend="process")
+        except threadbridge.WorkerCrashed as exc:
+            log.error("worker died: exit code %s, signal %s", exc.exitcode, exc.signal)
+        # the pool replaces the worker: the next call runs as usual
     """
 
     def __init__(self, message: str, *, exitcode: int | None = None, signal: int | None = None):
@@ -39,6 +59,14 @@ class RemoteError(Exception):
         type_name: the qualified name of the original exception's type.
         message: ``str()`` of the original exception.
         traceback_text: the formatted traceback from the worker.
+
+    Example::
+
+        try:
+            await run_killable(uses_a_socket, backend="process")
+        except threadbridge.RemoteError as exc:
+            log.error("worker raised %s: %s\n%s", exc.type_name, exc.message,
+                      exc.traceback_text)
     """
 
     def __init__(self, type_name: str, message: str, traceback_text: str):

@@ -16,6 +16,13 @@ class Stage(enum.Enum):
     * ``INTERRUPTED``: ended after rung 2 (an injected exception, or SIGTERM for a process).
     * ``ABANDONED``: a thread left running at rung 3; its result is discarded.
     * ``KILLED``: a worker process SIGKILLed at rung 3.
+
+    Example::
+
+        handle = threadbridge.spawn(crunch, rows)
+        stage = await handle.stop()
+        if stage is threadbridge.Stage.ABANDONED:
+            log.warning("crunch is still running in the background")
     """
 
     RUNNING = "running"

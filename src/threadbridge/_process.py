@@ -57,6 +57,13 @@ def set_start_method(method: str) -> None:
 
     Raises:
         ValueError: an unknown method.
+
+    Args:
+        method: ``"spawn"`` or ``"fork"``.
+
+    Example::
+
+        threadbridge.set_start_method("fork")  # before the first process call
     """
     global _start_method
     if method not in START_METHODS:

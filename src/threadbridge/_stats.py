@@ -25,6 +25,12 @@ class Stats:
         busy_workers: worker processes running a target.
         standby_workers: idle workers kept warm so that a call after a kill starts at once.
         stages: how many runs ended at each stage since the process started.
+
+    Example::
+
+        s = threadbridge.stats()
+        print(f"{s.busy_threads} busy, {s.abandoned_threads} abandoned, "
+              f"{s.stages[threadbridge.Stage.INTERRUPTED]} interrupted so far")
     """
 
     threads: int = 0

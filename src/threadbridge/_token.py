@@ -23,6 +23,13 @@ class Token:
 
     ``is_set()`` turns true at rung 1 and stays true. ``wait(timeout)`` blocks until it is
     set or the timeout passes, and returns whether it is set.
+
+    Example::
+
+        def poll_device(dev):
+            token = threadbridge.current_token()
+            while not token.wait(timeout=0.5):  # wakes at once on rung 1
+                dev.poll()
     """
 
     __slots__ = ("_event", "_flag")
@@ -274,6 +281,12 @@ def check_cancelled() -> None:
 
     Raises:
         TargetCancelled: a stop was requested.
+
+    Example::
+
+        for chunk in chunks:
+            threadbridge.check_cancelled()  # rung 1 stops the loop here
+            process(chunk)
     """
     if _local.token._flag:
         raise TargetCancelled("a stop was requested (rung 1)")
@@ -284,6 +297,15 @@ def current_token() -> Token:
 
     Raises:
         RuntimeError: called outside a target run by threadbridge.
+
+    Returns:
+        The running target's :class:`Token`.
+
+    Example::
+
+        token = threadbridge.current_token()
+        while not token.is_set():
+            step()
     """
     state = _local.state
     if state is None:
@@ -303,6 +325,15 @@ def sleep(seconds: float) -> None:
     Raises:
         TargetCancelled: a stop was requested before or during the sleep.
         ValueError: ``seconds`` is negative or NaN.
+
+    Args:
+        seconds: how long to sleep.
+
+    Example::
+
+        while True:
+            refresh_cache()
+            threadbridge.sleep(30)  # a cancel ends the wait at once
     """
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
         raise TypeError(f"sleep() takes a number of seconds, got {seconds!r}")

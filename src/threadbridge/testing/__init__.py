@@ -43,11 +43,27 @@ __all__ = (
 
 
 class LeakError(AssertionError):
-    """Work, a thread or a process outlived the test. The message names each one."""
+    """Work, a thread or a process outlived the test. The message names each one.
+
+    Example::
+
+        try:
+            check_leaks(timeout=1)
+        except LeakError as exc:
+            print(exc)  # "thread running crunch still running after the test", ...
+    """
 
 
 def active_count() -> int:
-    """Targets running now: busy pool threads, abandoned threads, busy workers."""
+    """Targets running now: busy pool threads, abandoned threads, busy workers.
+
+    Returns:
+        The number of targets running in this process now.
+
+    Example::
+
+        assert threadbridge.testing.active_count() == 0
+    """
     with COUNTERS.lock:
         return COUNTERS.active()
 
@@ -59,6 +75,14 @@ async def wait_all_ended(timeout: float | None = None) -> None:
 
     Raises:
         TimeoutError: ``timeout`` seconds passed first.
+
+    Args:
+        timeout: seconds to wait at most; ``None`` waits for ever.
+
+    Example::
+
+        handle.cancel()
+        await threadbridge.testing.wait_all_ended(timeout=5)
     """
     import anyio
 
@@ -80,6 +104,20 @@ def set_testing(on: bool, *, grace: float = 0.01, interrupt_grace: float = 0.05)
 
     While on, a policy's ``grace`` is at most ``grace`` and its ``interrupt_grace`` at
     most ``interrupt_grace``; the rest of the policy (interrupt, force) is unchanged.
+
+    Args:
+        on: whether to cap.
+        grace: the cap on every policy's ``grace``.
+        interrupt_grace: the cap on every policy's ``interrupt_grace``.
+
+    Raises:
+        ValueError: a negative or NaN cap.
+
+    Example::
+
+        # conftest.py
+        def pytest_configure(config):
+            threadbridge.testing.set_testing(True)
     """
     if on:
         _policy.Policy(grace=grace, interrupt_grace=interrupt_grace)  # validates them
@@ -90,7 +128,18 @@ def set_testing(on: bool, *, grace: float = 0.01, interrupt_grace: float = 0.05)
 
 @contextmanager
 def fast_graces(grace: float = 0.01, interrupt_grace: float = 0.05) -> Iterator[None]:
-    """:func:`set_testing` for the duration of a ``with`` block; restores what was."""
+    """:func:`set_testing` for the duration of a ``with`` block; restores what was.
+
+    Args:
+        grace: the cap on every policy's ``grace``.
+        interrupt_grace: the cap on every policy's ``interrupt_grace``.
+
+    Example::
+
+        with fast_graces():
+            with anyio.move_on_after(0.1):
+                await threadbridge.run_killable(swallows_cancel)  # abandoned in ~60 ms
+    """
     before = _policy.testing_caps
     set_testing(True, grace=grace, interrupt_grace=interrupt_grace)
     try:
@@ -137,6 +186,18 @@ def check_leaks(timeout: float = 5.0, *, ignore_children: set[int] | None = None
     Waits first: targets that are ending (a cancelled cooperative target) get
     ``timeout`` seconds to finish. Worker processes of a loop that has ended are gone by
     the time ``asyncio.run``/``trio.run`` returns.
+
+    Args:
+        timeout: seconds to wait for targets that are ending.
+        ignore_children: process ids of children that existed before the test.
+
+    Raises:
+        LeakError: something outlived the test; the message names each leak.
+
+    Example::
+
+        def teardown_method(self):
+            threadbridge.testing.check_leaks(timeout=2)
     """
     problems = []
     if not COUNTERS.wait_quiet(timeout):
@@ -159,6 +220,14 @@ def leak_check(timeout: float = 5.0) -> Iterator[None]:
     """Fail (LeakError) if the block leaves a target running or a child process behind.
 
     For any test runner. Children that existed before the block are not counted.
+
+    Raises:
+        LeakError: something outlived the block; the message names each leak.
+
+    Example::
+
+        with leak_check():
+            asyncio.run(main())
     """
     before = set(_children())
     yield

@@ -1,0 +1,59 @@
+"""A user's test suite, on asyncio and trio, that uses threadbridge.testing.
+
+    pytest -p anyio docs/examples/test_with_threadbridge.py
+
+The ``threadbridge_leak_check`` fixture fails a test after which a target still runs;
+``fast_graces()`` shrinks every grace period so that the ladder climbs in milliseconds.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import anyio
+import pytest
+
+import threadbridge
+from threadbridge.testing import fast_graces, wait_all_ended
+
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("threadbridge_leak_check")]
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def deaf_loop() -> None:
+    """Never checks its token: only rung 2 stops it."""
+    while True:
+        pass
+
+
+def swallow_then_wait(release: threading.Event) -> None:
+    """Catches TargetCancelled and carries on: rung 3 gives up on it."""
+    try:
+        deaf_loop()
+    except threadbridge.TargetCancelled:
+        release.wait()
+
+
+async def test_timeout_interrupts_a_deaf_loop() -> None:
+    with fast_graces():
+        handle = threadbridge.spawn(deaf_loop)
+        with anyio.move_on_after(0.05):
+            await handle
+    assert handle.stage is threadbridge.Stage.INTERRUPTED
+
+
+async def test_a_target_that_swallows_the_interrupt_is_abandoned() -> None:
+    release = threading.Event()
+    with fast_graces():
+        handle = threadbridge.spawn(swallow_then_wait, release)
+        assert await handle.stop() is threadbridge.Stage.ABANDONED
+    release.set()
+    await wait_all_ended(timeout=5)  # the abandoned thread really ends
+
+
+async def test_results_come_back_unchanged() -> None:
+    assert await threadbridge.run_killable(sum, [1, 2, 3]) == 6
