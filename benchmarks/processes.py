@@ -30,7 +30,7 @@ import anyio.to_process
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _proc_targets as targets
-from _table import print_table
+from _table import print_table, save
 
 import threadbridge as tb
 
@@ -164,6 +164,7 @@ async def pebble_suite(n: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", metavar="DIR", help="also write processes.json and processes.png")
     args = parser.parse_args()
     n = 200 if args.quick else 1000
     rows: list[Row] = []
@@ -193,7 +194,13 @@ def main() -> None:
         "cancel, SIGTERM (rung 2)",
     ]
     rows.sort(key=lambda r: (order.index(r[2]), r[0], r[1]))
-    print_table(("measure", "loop", "library", "time"), [(r[2], r[0], r[1], r[3]) for r in rows])
+    headers = ("measure", "loop", "library", "time")
+    table = [(r[2], r[0], r[1], r[3]) for r in rows]
+    print_table(headers, table)
+    if args.out:
+        save(
+            "processes", headers, table, out_dir=args.out, group=0, label=(1, 2), value=3, unit="ms"
+        )
     print(
         "\nwarm no-op: median of sequential calls. cancel rows: from the cancel to the await"
         "\nreturning; threadbridge has reaped the worker by then."
