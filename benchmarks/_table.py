@@ -20,9 +20,12 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
         print(" | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
 
 
-def _number(cell: str) -> float | None:
+def _number(cell: str) -> tuple[float, str] | None:
+    """The first number in a cell, and the unit written after it."""
     match = re.search(r"[-+]?\d[\d,]*\.?\d*", cell)
-    return float(match.group(0).replace(",", "")) if match else None
+    if not match:
+        return None
+    return float(match.group(0).replace(",", "")), cell[match.end() :].strip()
 
 
 def save(
@@ -33,13 +36,12 @@ def save(
     out_dir: str,
     group: int,
     label: Sequence[int],
-    value: int,
-    unit: str,
+    values: Sequence[int],
 ) -> None:
     """Write the results as ``<stem>.json`` and a bar chart ``<stem>.png`` in ``out_dir``.
 
-    One panel per distinct value of column ``group``; in each, one bar per row, labelled
-    by the ``label`` columns, its length the number in column ``value``.
+    One panel per distinct value of column ``group`` and per column in ``values``; in
+    each, one bar per row, labelled by the ``label`` columns.
     """
     import matplotlib
 
@@ -61,30 +63,24 @@ def save(
     }
     (out / f"{stem}.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
 
-    groups: dict[str, list[tuple[str, float]]] = {}
+    panels: dict[tuple[str, int], list[tuple[str, float, str]]] = {}
     for row in rows:
-        number = _number(row[value])
-        if number is None:
-            continue
-        name = " · ".join(row[i] for i in label)
-        groups.setdefault(row[group], []).append((name, number))
-    fig, axes = plt.subplots(
-        len(groups),
-        1,
-        figsize=(8, 1.2 + 0.42 * sum(len(v) for v in groups.values())),
-        squeeze=False,
-    )
-    for ax, (title, bars) in zip(axes[:, 0], groups.items(), strict=True):
+        for column in values:
+            parsed = _number(row[column])
+            if parsed is not None:
+                name = " · ".join(row[i] for i in label)
+                panels.setdefault((row[group], column), []).append((name, *parsed))
+    height = 1.0 + sum(0.9 + 0.32 * len(bars) for bars in panels.values())
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, height), squeeze=False)
+    for ax, ((title, column), bars) in zip(axes[:, 0], panels.items(), strict=True):
         names = [b[0] for b in bars]
-        values = [b[1] for b in bars]
         colours = ["tab:orange" if "threadbridge" in n else "tab:blue" for n in names]
-        ax.barh(names, values, color=colours)
+        ax.barh(names, [b[1] for b in bars], color=colours)
         ax.invert_yaxis()
-        ax.set_title(title, fontsize=10, loc="left")
-        ax.set_xlabel(f"{headers[value]} ({unit})", fontsize=8)
+        ax.set_title(f"{title}: {headers[column]} ({bars[0][2]})", fontsize=9, loc="left")
         ax.tick_params(labelsize=8)
     fig.suptitle(f"{stem}: {machine}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out / f"{stem}.png", dpi=110)
+    fig.savefig(out / f"{stem}.png", dpi=100)
     plt.close(fig)
     print(f"\nwrote {out / (stem + '.json')} and {out / (stem + '.png')}")

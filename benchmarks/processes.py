@@ -198,9 +198,7 @@ def main() -> None:
     table = [(r[2], r[0], r[1], r[3]) for r in rows]
     print_table(headers, table)
     if args.out:
-        save(
-            "processes", headers, table, out_dir=args.out, group=0, label=(1, 2), value=3, unit="ms"
-        )
+        save("processes", headers, table, out_dir=args.out, group=0, label=(1, 2), values=(3,))
     print(
         "\nwarm no-op: median of sequential calls. cancel rows: from the cancel to the await"
         "\nreturning; threadbridge has reaped the worker by then."

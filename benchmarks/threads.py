@@ -234,8 +234,7 @@ def main() -> None:
             out_dir=args.out,
             group=2,
             label=(0, 1),
-            value=3,
-            unit="µs for calls, ms for cancels, ns for cancel_requested()",
+            values=(3, 4),
         )
     print(
         "\nno-op rows: median µs per sequential call, and calls/s with 40 concurrent callers."
