@@ -188,42 +188,58 @@ def _read_one(fd: int, events: list[str]) -> None:
     spin_until(threading.Event())
 
 
+class BlockedReader:
+    """A target that blocks in os.read on a pipe until the test writes to it."""
+
+    def __init__(self, *, reraise: bool) -> None:
+        self.r, self.w = os.pipe()
+        self.started = Signal()
+        self.events: list[str] = []
+        self.ended = threading.Event()
+        self.ident = 0
+        self.reraise = reraise
+
+    def target(self) -> None:
+        self.ident = threading.get_ident()
+        self.started.set()
+        try:
+            _read_one(self.r, self.events)
+        except tb.TargetCancelled:
+            self.events.append("TargetCancelled after the C call")
+            if self.reraise:
+                raise
+        finally:
+            self.ended.set()
+
+    async def until_blocked(self) -> None:
+        """Until the target is in _read_one's first line: about to block in, or blocked
+        in, os.read."""
+        await self.started.wait()
+        await until_running(self.ident, _read_one.__code__, 1)
+
+    def close(self) -> None:
+        os.close(self.r)
+        os.close(self.w)
+
+
 async def test_nothing_lands_inside_a_blocking_c_call() -> None:
     """A thread blocked in C is abandoned; the injection lands once the call returns."""
-    r, w = os.pipe()
-    started = Signal()
-    events: list[str] = []
-    ended = threading.Event()
-    ident: list[int] = []
-
-    def target() -> None:
-        ident.append(threading.get_ident())
-        started.set()
-        try:
-            _read_one(r, events)
-        except tb.TargetCancelled:
-            events.append("TargetCancelled after the C call")
-        finally:
-            ended.set()
-
+    reader = BlockedReader(reraise=False)
     try:
-        handle = tb.spawn(target, policy=tb.Policy(grace=0.1, interrupt_grace=0.1))
+        handle = tb.spawn(reader.target, policy=tb.Policy(grace=0.1, interrupt_grace=0.1))
         with anyio.CancelScope() as scope:
-            await started.wait()
-            # In _read_one's first line: about to block in, or blocked in, os.read.
-            await until_running(ident[0], _read_one.__code__, 1)
+            await reader.until_blocked()
             scope.cancel()
             await handle
         assert handle.stage is tb.Stage.ABANDONED
-        assert events == []
-        os.write(w, b"x")
-        assert ended.wait(10)
+        assert reader.events == []
+        os.write(reader.w, b"x")
+        assert reader.ended.wait(10)
     finally:
-        os.close(r)
-        os.close(w)
+        reader.close()
     if sys.implementation.name == "cpython":
         # Where exactly it lands after the read returns is up to the interpreter.
-        assert events in (
+        assert reader.events in (
             ["TargetCancelled after the C call"],
             ["read returned", "TargetCancelled after the C call"],
         )
@@ -237,34 +253,19 @@ async def test_traced_code_runs_while_an_injection_waits_in_c() -> None:
     instruction for as long as that flag is set. threadbridge clears the flag right after
     injecting; the target still gets its exception once the C call returns.
     """
-    r, w = os.pipe()
-    started = Signal()
-    events: list[str] = []
-    ident: list[int] = []
-
-    def target() -> None:
-        ident.append(threading.get_ident())
-        started.set()
-        try:
-            _read_one(r, events)
-        except tb.TargetCancelled:
-            events.append("TargetCancelled after the C call")
-            raise
-
+    reader = BlockedReader(reraise=True)
     try:
         with RungWatcher() as watcher:
-            handle = tb.spawn(target, policy=POLICY)
-            await started.wait()
-            await until_running(ident[0], _read_one.__code__, 1)
+            handle = tb.spawn(reader.target, policy=POLICY)
+            await reader.until_blocked()
             handle.cancel()
             await watcher.wait_rung2()
         assert traced_call_returns()
-        os.write(w, b"x")
+        os.write(reader.w, b"x")
         assert await handle.stop() is tb.Stage.INTERRUPTED
     finally:
-        os.close(r)
-        os.close(w)
-    assert events[-1] == "TargetCancelled after the C call"
+        reader.close()
+    assert reader.events[-1] == "TargetCancelled after the C call"
 
 
 async def test_withdrawn_injection_leaves_nothing_behind() -> None:
