@@ -43,7 +43,7 @@ def default_limiter(backend: Backend = "thread") -> anyio.CapacityLimiter:
     """The limiter used when none is given, one per event loop and backend.
 
     40 tokens for threads (anyio's default); one per CPU for worker processes. Change
-    ``total_tokens`` on it to change the default for the running loop::
+    ``total_tokens`` on it to change the default for the running loop:
 
         threadbridge.default_limiter("thread").total_tokens = 100
 
@@ -163,19 +163,19 @@ async def run_killable(
 ) -> T:
     """Run a blocking callable in a thread or a worker process, and really stop it on cancel.
 
-    These two lines are equivalent, except that the second can be stopped::
+    These two lines are equivalent, except that the second can be stopped:
 
         result = func(*args)
         result = await run_killable(func, *args)
 
-    Keyword arguments for ``func`` go through :func:`functools.partial`.
+    Keyword arguments for ``func`` go through ``functools.partial()``.
 
     Args:
         func: a plain (not async) callable.
         *args: positional arguments for ``func``.
         backend: ``"thread"`` (default) or ``"process"``.
         policy: how hard to try when stopping; defaults to ``Policy()``.
-        limiter: an :class:`anyio.CapacityLimiter`; defaults to 40 threads per event
+        limiter: an ``anyio.CapacityLimiter``; defaults to 40 threads per event
             loop. A thread given up on at rung 3 keeps its token until it really ends.
 
     Returns:
@@ -183,7 +183,7 @@ async def run_killable(
 
     Raises:
         Exception: whatever ``func`` raised, as itself (from a worker process too, or
-            as :class:`RemoteError` when it cannot travel back).
+            as ``RemoteError`` when it cannot travel back).
         TypeError: ``func`` is async or not callable, or (processes) cannot be pickled.
         RuntimeError: called outside an asyncio or trio event loop.
         WorkerCrashed: (processes) the worker died without answering.
@@ -192,11 +192,11 @@ async def run_killable(
         When the awaiting task is cancelled, the await is shielded while the work climbs:
 
         * rung 1, at once: the target's token is set: ``cancel_requested()`` turns true,
-          ``check_cancelled()`` and ``sleep()`` raise :class:`TargetCancelled`.
-        * rung 2, after ``policy.grace``: a thread gets :class:`TargetCancelled` raised
+          ``check_cancelled()`` and ``sleep()`` raise ``TargetCancelled``.
+        * rung 2, after ``policy.grace``: a thread gets ``TargetCancelled`` raised
           inside it, once, outside ``uninterruptible()`` blocks (it cannot land inside a
           blocking C call, and it can leave state torn; see the hazards page); a worker
-          process gets SIGTERM, which raises :class:`TargetCancelled` in the target, even
+          process gets SIGTERM, which raises ``TargetCancelled`` in the target, even
           inside ``time.sleep``.
         * rung 3, after ``policy.interrupt_grace``: a thread is abandoned, left running
           as a daemon with its result discarded and counted in ``stats()``; a worker's
@@ -258,7 +258,7 @@ def spawn(
     """Start a blocking callable in a thread or a worker process and return its handle.
 
     The work starts at once (or as soon as the limiter has room). These two lines are
-    equivalent::
+    equivalent:
 
         result = await run_killable(func, *args)
         result = await spawn(func, *args)
@@ -268,11 +268,11 @@ def spawn(
         *args: positional arguments for ``func``.
         backend: ``"thread"`` (default) or ``"process"``.
         policy: how hard to try when stopping; defaults to ``Policy()``.
-        limiter: an :class:`anyio.CapacityLimiter`; defaults to
-            :func:`default_limiter` of the running loop.
+        limiter: an ``anyio.CapacityLimiter``; defaults to
+            ``default_limiter()`` of the running loop.
 
     Returns:
-        A :class:`Handle`: ``await`` it for the result, ``cancel()`` or ``await stop()``
+        A ``Handle``: ``await`` it for the result, ``cancel()`` or ``await stop()``
         it to stop the work, read ``stage`` to see where it stands.
 
     Raises:
@@ -285,7 +285,7 @@ def spawn(
         awaits the handle. Then it climbs:
 
         * rung 1, at once: the target's token is set.
-        * rung 2, after ``policy.grace``: :class:`TargetCancelled` raised in the thread,
+        * rung 2, after ``policy.grace``: ``TargetCancelled`` raised in the thread,
           or SIGTERM to the worker process.
         * rung 3, after ``policy.interrupt_grace``: the thread is abandoned, or the
           worker's process group SIGKILLed and reaped.

@@ -6,14 +6,14 @@ from __future__ import annotations
 class TargetCancelled(BaseException):
     """Raised inside a target when a stop has been requested.
 
-    It derives from :class:`BaseException`, like :class:`KeyboardInterrupt`, so that a
+    It derives from ``BaseException``, like ``KeyboardInterrupt``, so that a
     target's ``except Exception:`` does not swallow it.  ``check_cancelled()`` and
     ``sleep()`` raise it at rung 1; rung 2 raises it wherever the target happens to be.
 
     A caller sees it only when it awaits a handle that was stopped through
-    :meth:`Handle.cancel` or :meth:`Handle.stop` rather than by cancelling the await.
+    ``Handle.cancel()`` or ``Handle.stop()`` rather than by cancelling the await.
 
-    Example::
+    Example:
 
         def export(rows, path):
             with open(path, "w") as out:
@@ -34,7 +34,7 @@ class WorkerCrashed(Exception):
         exitcode: the process's exit status, when it exited (``os._exit(3)`` gives 3).
         signal: the number of the signal that killed it, when a signal did.
 
-    Example::
+    Example:
 
         try:
             await run_killable(native_code, backend="process")
@@ -60,7 +60,7 @@ class RemoteError(Exception):
         message: ``str()`` of the original exception.
         traceback_text: the formatted traceback from the worker.
 
-    Example::
+    Example:
 
         try:
             await run_killable(uses_a_socket, backend="process")

@@ -95,7 +95,7 @@ SCHEDULER = _Scheduler()
 class Handle(Generic[T_co]):
     """A running piece of work: await it for its result, cancel it to stop it.
 
-    Made by :func:`threadbridge.spawn`. These two lines are equivalent::
+    Made by ``threadbridge.spawn()``. These two lines are equivalent:
 
         result = await run_killable(func, *args)
         result = await spawn(func, *args)
@@ -206,7 +206,7 @@ class Handle(Generic[T_co]):
         """Wait for the target's result, and return it or raise its exception.
 
         Raises:
-            TargetCancelled: the work was stopped through :meth:`cancel` or :meth:`stop`
+            TargetCancelled: the work was stopped through ``cancel()`` or ``stop()``
                 (not by cancelling this await) and ended by being cancelled, interrupted,
                 abandoned or killed.
 

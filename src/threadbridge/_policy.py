@@ -17,7 +17,7 @@ class Stage(enum.Enum):
     * ``ABANDONED``: a thread left running at rung 3; its result is discarded.
     * ``KILLED``: a worker process SIGKILLed at rung 3.
 
-    Example::
+    Example:
 
         handle = threadbridge.spawn(crunch, rows)
         stage = await handle.stop()
@@ -59,7 +59,7 @@ class Policy:
         ValueError: a grace period is negative or NaN.
         TypeError: a grace period is not a number, or a flag is not a bool.
 
-    Example::
+    Example:
 
         fast = Policy(grace=0.1, interrupt_grace=0.5)
         await run_killable(crunch, data, policy=fast)

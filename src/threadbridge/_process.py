@@ -61,7 +61,7 @@ def set_start_method(method: str) -> None:
     Args:
         method: ``"spawn"`` or ``"fork"``.
 
-    Example::
+    Example:
 
         threadbridge.set_start_method("fork")  # before the first process call
     """

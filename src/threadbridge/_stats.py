@@ -26,7 +26,7 @@ class Stats:
         standby_workers: idle workers kept warm so that a call after a kill starts at once.
         stages: how many runs ended at each stage since the process started.
 
-    Example::
+    Example:
 
         s = threadbridge.stats()
         print(f"{s.busy_threads} busy, {s.abandoned_threads} abandoned, "
@@ -130,7 +130,7 @@ COUNTERS = _Counters()
 def stats() -> Stats:
     """A snapshot of live threads, abandoned threads, workers and runs ended by stage.
 
-    Example::
+    Example:
 
         s = threadbridge.stats()
         assert s.abandoned_threads == 0, f"{s.abandoned_threads} threads still running"

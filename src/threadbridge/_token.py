@@ -24,7 +24,7 @@ class Token:
     ``is_set()`` turns true at rung 1 and stays true. ``wait(timeout)`` blocks until it is
     set or the timeout passes, and returns whether it is set.
 
-    Example::
+    Example:
 
         def poll_device(dev):
             token = threadbridge.current_token()
@@ -264,7 +264,7 @@ def cancel_requested() -> bool:
 
     Cheap enough to call in a hot loop. Outside a target it returns False.
 
-    Example::
+    Example:
 
         for chunk in chunks:
             if threadbridge.cancel_requested():
@@ -275,14 +275,14 @@ def cancel_requested() -> bool:
 
 
 def check_cancelled() -> None:
-    """Raise :class:`TargetCancelled` if the running target has been asked to stop.
+    """Raise ``TargetCancelled`` if the running target has been asked to stop.
 
     Outside a target it does nothing, so library code may call it unconditionally.
 
     Raises:
         TargetCancelled: a stop was requested.
 
-    Example::
+    Example:
 
         for chunk in chunks:
             threadbridge.check_cancelled()  # rung 1 stops the loop here
@@ -293,15 +293,15 @@ def check_cancelled() -> None:
 
 
 def current_token() -> Token:
-    """The :class:`Token` of the target running in this thread or worker process.
+    """The ``Token`` of the target running in this thread or worker process.
 
     Raises:
         RuntimeError: called outside a target run by threadbridge.
 
     Returns:
-        The running target's :class:`Token`.
+        The running target's ``Token``.
 
-    Example::
+    Example:
 
         token = threadbridge.current_token()
         while not token.is_set():
@@ -318,9 +318,9 @@ def current_token() -> Token:
 
 
 def sleep(seconds: float) -> None:
-    """Like :func:`time.sleep`, but wakes up and raises as soon as a stop is requested.
+    """Like ``time.sleep()``, but wakes up and raises as soon as a stop is requested.
 
-    Outside a target it is plain :func:`time.sleep`.
+    Outside a target it is plain ``time.sleep()``.
 
     Raises:
         TargetCancelled: a stop was requested before or during the sleep.
@@ -329,7 +329,7 @@ def sleep(seconds: float) -> None:
     Args:
         seconds: how long to sleep.
 
-    Example::
+    Example:
 
         while True:
             refresh_cache()
@@ -361,7 +361,7 @@ class uninterruptible:
 
     Outside a target it does nothing.
 
-    Example::
+    Example:
 
         with threadbridge.uninterruptible():
             ledger.debit(a)

@@ -1,15 +1,15 @@
 """Helpers for the test suites of projects that use threadbridge.
 
-* :func:`leak_check` (a context manager) and :func:`check_leaks` fail a test after which
+* ``leak_check()`` (a context manager) and ``check_leaks()`` fail a test after which
   a target still runs, an abandoned thread is alive, a worker is busy, or a child
   process or zombie is left; the pytest plugin wraps them as the
   ``threadbridge_leak_check`` fixture (or for every test, with the ini option
   ``threadbridge_leak_check = true``).
-* :func:`set_testing` and :func:`fast_graces` cap every policy's grace periods, so that
+* ``set_testing()`` and ``fast_graces()`` cap every policy's grace periods, so that
   a suite that exercises cancellation does not wait out real ones.
-* :func:`active_count` and :func:`wait_all_ended` tell when every target has ended.
+* ``active_count()`` and ``wait_all_ended()`` tell when every target has ended.
 
-Example::
+Example:
 
     from threadbridge.testing import fast_graces, leak_check
 
@@ -45,7 +45,7 @@ __all__ = (
 class LeakError(AssertionError):
     """Work, a thread or a process outlived the test. The message names each one.
 
-    Example::
+    Example:
 
         try:
             check_leaks(timeout=1)
@@ -60,7 +60,7 @@ def active_count() -> int:
     Returns:
         The number of targets running in this process now.
 
-    Example::
+    Example:
 
         assert threadbridge.testing.active_count() == 0
     """
@@ -79,7 +79,7 @@ async def wait_all_ended(timeout: float | None = None) -> None:
     Args:
         timeout: seconds to wait at most; ``None`` waits for ever.
 
-    Example::
+    Example:
 
         handle.cancel()
         await threadbridge.testing.wait_all_ended(timeout=5)
@@ -113,7 +113,7 @@ def set_testing(on: bool, *, grace: float = 0.01, interrupt_grace: float = 0.05)
     Raises:
         ValueError: a negative or NaN cap.
 
-    Example::
+    Example:
 
         # conftest.py
         def pytest_configure(config):
@@ -128,13 +128,13 @@ def set_testing(on: bool, *, grace: float = 0.01, interrupt_grace: float = 0.05)
 
 @contextmanager
 def fast_graces(grace: float = 0.01, interrupt_grace: float = 0.05) -> Iterator[None]:
-    """:func:`set_testing` for the duration of a ``with`` block; restores what was.
+    """``set_testing()`` for the duration of a ``with`` block; restores what was.
 
     Args:
         grace: the cap on every policy's ``grace``.
         interrupt_grace: the cap on every policy's ``interrupt_grace``.
 
-    Example::
+    Example:
 
         with fast_graces():
             with anyio.move_on_after(0.1):
@@ -180,7 +180,7 @@ def _children_from_proc() -> dict[int, str]:  # pragma: no cover - fallback with
 
 
 def check_leaks(timeout: float = 5.0, *, ignore_children: set[int] | None = None) -> None:
-    """Raise :class:`LeakError` if any target still runs after ``timeout`` seconds, or
+    """Raise ``LeakError`` if any target still runs after ``timeout`` seconds, or
     if a child process or zombie is left (other than those in ``ignore_children``).
 
     Waits first: targets that are ending (a cancelled cooperative target) get
@@ -194,7 +194,7 @@ def check_leaks(timeout: float = 5.0, *, ignore_children: set[int] | None = None
     Raises:
         LeakError: something outlived the test; the message names each leak.
 
-    Example::
+    Example:
 
         def teardown_method(self):
             threadbridge.testing.check_leaks(timeout=2)
@@ -224,7 +224,7 @@ def leak_check(timeout: float = 5.0) -> Iterator[None]:
     Raises:
         LeakError: something outlived the block; the message names each leak.
 
-    Example::
+    Example:
 
         with leak_check():
             asyncio.run(main())
