@@ -149,11 +149,13 @@ class ThreadWork:
         local.state = None
         local.token = _token.NEVER_SET
         if abandoned:
-            self.handle._released()
+            # Counted out first: whoever sees the limiter token come back must also see
+            # stats() without this thread.
             with COUNTERS.lock:
                 COUNTERS.abandoned_threads -= 1
                 del COUNTERS.running[id(self)]
                 COUNTERS.wake()
+            self.handle._released()
             return False
         if state.interrupt_requested:
             stage = Stage.INTERRUPTED
