@@ -28,6 +28,17 @@ def _number(cell: str) -> tuple[float, str] | None:
     return float(match.group(0).replace(",", "")), cell[match.end() :].strip()
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return " (" + line.split(":", 1)[1].strip() + ")"
+    except OSError:
+        pass
+    return ""
+
+
 def save(
     stem: str,
     headers: Sequence[str],
@@ -38,7 +49,7 @@ def save(
     label: Sequence[int],
     values: Sequence[int],
 ) -> None:
-    """Write the results as ``<stem>.json`` and a bar chart ``<stem>.png`` in ``out_dir``.
+    """Write the results as ``<stem>.json``, ``<stem>.md`` and a chart ``<stem>.png``.
 
     One panel per distinct value of column ``group`` and per column in ``values``; in
     each, one bar per row, labelled by the ``label`` columns.
@@ -52,7 +63,7 @@ def save(
     out.mkdir(parents=True, exist_ok=True)
     machine = (
         f"Python {platform.python_version()} on {platform.machine()}, {sys.platform}, "
-        f"{os.cpu_count()} CPUs"
+        f"{os.cpu_count()} CPUs{_cpu_model()}"
     )
     command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
     record = {
@@ -62,6 +73,15 @@ def save(
         "rows": [list(r) for r in rows],
     }
     (out / f"{stem}.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    # The same table in Markdown, for the documentation to include.
+    lines = [
+        f"Measured on {machine} with `{command}`.",
+        "",
+        "| " + " | ".join(headers) + " |",
+        "|" + "---|" * len(headers),
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
     panels: dict[tuple[str, int], list[tuple[str, float, str]]] = {}
     for row in rows:
@@ -83,4 +103,4 @@ def save(
     fig.tight_layout()
     fig.savefig(out / f"{stem}.png", dpi=100)
     plt.close(fig)
-    print(f"\nwrote {out / (stem + '.json')} and {out / (stem + '.png')}")
+    print(f"\nwrote {stem}.json, {stem}.md and {stem}.png in {out}")
