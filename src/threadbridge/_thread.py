@@ -144,7 +144,15 @@ class ThreadWork:
             # Rung 2 landed in this bookkeeping, just before or after the target.
             outcome = (False, exc)
             started = True
-        abandoned = state.settle() if started else False
+        abandoned = False
+        while started:
+            try:
+                abandoned = state.settle()
+                break
+            except TargetCancelled:
+                # Rung 2 reached the target as it returned, and fired here, before
+                # settle() took the lock: it is spent. (After settle() nothing can fire.)
+                state.pending = False
         # From here on no injected exception can reach this thread.
         local.state = None
         local.token = _token.NEVER_SET
