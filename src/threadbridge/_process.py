@@ -446,6 +446,16 @@ class ProcessPool:
         if rest:
             SCHEDULER.call_later(max(delay, 0.0), self._retire_idle)
 
+    def _killed(self, worker: WorkerProcess) -> None:
+        """Rung 3 killed and reaped a busy worker: count it out before the await returns
+        (the loop reads its end of file, and _died() runs, a little later)."""
+        with self.lock:
+            if worker.status == "busy":
+                worker.status = "dead"
+                with COUNTERS.lock:
+                    COUNTERS.busy_workers -= 1
+                    COUNTERS.wake()
+
     def _died(self, worker: WorkerProcess) -> None:
         """A worker process has exited and been reaped (reader thread)."""
         with self.lock:
@@ -561,6 +571,7 @@ class ProcessWork:
             worker.current = None
             worker.killed = True
         worker.kill()
+        worker.pool._killed(worker)
         logger.warning(
             "threadbridge: killed the worker process (pid %d) running %s and its process "
             "group (rung 3): it did not stop within its grace periods",
