@@ -150,8 +150,8 @@ class ThreadWork:
                 abandoned = state.settle()
                 break
             except TargetCancelled:
-                # Rung 2 reached the target as it returned, and fired here, before
-                # settle() took the lock: it is spent. (After settle() nothing can fire.)
+                # Rung 2 reached the target as it returned and fired on the way into
+                # settle() or inside it: it is spent. (After settle() nothing can fire.)
                 state.pending = False
         # From here on no injected exception can reach this thread.
         local.state = None

@@ -232,20 +232,16 @@ class TargetState:
         """Called in the target's thread right after the target returned or raised.
 
         Once this returns, no injected exception can reach the calling thread. Returns
-        whether the target had been abandoned meanwhile.
+        whether the target had been abandoned meanwhile. An injection that was on its
+        way may still fire in here or on the way in (before the lock is taken); the
+        caller catches that TargetCancelled and calls again.
         """
-        while True:
-            try:
-                with self.lock:
-                    self.running = False
-                    if self.pending:
-                        self.pending = False
-                        clear_injection(self.thread_id)
-                    return self.abandoned
-            except TargetCancelled:
-                # The injection fired here, after the target had returned: it is spent,
-                # and the loop marks the state again.
+        with self.lock:
+            self.running = False
+            if self.pending:
                 self.pending = False
+                clear_injection(self.thread_id)
+            return self.abandoned
 
 
 NEVER_SET = Token()
