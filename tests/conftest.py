@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from threadbridge._stats import COUNTERS
+from threadbridge import _ladder, _stats
 
 pytest_plugins = ["anyio", "pytester"]
 
@@ -41,15 +41,19 @@ def _pooled(thread: threading.Thread) -> bool:
 
 @pytest.fixture(autouse=True)
 def no_leaks() -> Iterator[None]:
-    """Fail the test if a thread or a file descriptor outlives it.
+    """Fail the test if a thread or a file descriptor outlives it, or if threadbridge
+    recorded a violation of its internal contract (a run reported twice, a limiter token
+    given back that was not held) while it ran.
 
     Targets still running, child processes and zombies are checked by threadbridge's own
     pytest plugin (``threadbridge_leak_check = true`` in pyproject.toml), after this.
     """
     before_threads = set(threading.enumerate())
     before_fds = _fd_count()
+    violations = len(_ladder.violations)
     yield
-    COUNTERS.wait_quiet(timeout=10)  # the plugin reports what is still running
+    assert _ladder.violations[violations:] == [], "threadbridge broke its internal contract"
+    _stats.wait_quiet(timeout=10)  # the plugin reports what is still running
     strays = [t for t in threading.enumerate() if t not in before_threads and not _pooled(t)]
     for thread in strays:
         thread.join(timeout=5)

@@ -195,7 +195,7 @@ def die_while_answering() -> None:
     """Send half of an answer frame, then die: a worker killed mid-result."""
     from threadbridge import _wire, _worker
 
-    header = _wire.HEADER.pack(1000, _wire.RESULT, 0)
+    header = _wire.HEADER.pack(1000, _wire.ANSWER, 0)
     os.write(_worker._result_fd, header + b"x" * 10)
     os.kill(os.getpid(), signal.SIGKILL)
 

@@ -45,11 +45,11 @@ async def test_worker_killed_while_sending_its_result() -> None:
 async def test_control_pipe_closed_under_busy_worker() -> None:
     """A busy worker whose control pipe closes takes itself down at once (it cannot be
     told to stop any more): WorkerCrashed, and the pool goes on."""
-    from threadbridge import _process
+    from threadbridge import _process_worker
 
     handle = tb.spawn(time.sleep, 10, backend=P)
-    worker = handle._work.worker  # type: ignore[union-attr]
-    assert isinstance(worker, _process.WorkerProcess)
+    worker = handle._run._work.worker  # type: ignore[union-attr]
+    assert isinstance(worker, _process_worker.WorkerProcess)
     os.close(worker.control_fd)
     worker.control_fd = os.open(os.devnull, os.O_WRONLY)  # so that cleanup closes something
     with anyio.fail_after(5):  # far less than the target's own 10 s
@@ -62,11 +62,11 @@ async def test_control_pipe_closed_under_busy_worker() -> None:
 async def test_job_pipe_closed_by_the_parent() -> None:
     """If the parent's end of a busy worker's job pipe closes, the answer still comes
     back; the worker then exits and a standby serves the next call."""
-    from threadbridge import _process
+    from threadbridge import _process_worker
 
     handle = tb.spawn(time.sleep, 0.3, backend=P)
-    worker = handle._work.worker  # type: ignore[union-attr]
-    assert isinstance(worker, _process.WorkerProcess)
+    worker = handle._run._work.worker  # type: ignore[union-attr]
+    assert isinstance(worker, _process_worker.WorkerProcess)
     os.close(worker.job_fd)
     worker.job_fd = os.open(os.devnull, os.O_WRONLY)  # so that cleanup closes something
     await handle  # the answer still comes back

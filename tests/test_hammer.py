@@ -9,7 +9,7 @@ import anyio
 import pytest
 
 import threadbridge as tb
-from threadbridge._stats import COUNTERS
+from threadbridge import _stats
 
 pytestmark = pytest.mark.anyio
 
@@ -81,7 +81,7 @@ async def test_hammer_random_cancellations() -> None:
     stats = tb.stats()
     assert stats.busy_threads == 0
     assert stats.abandoned_threads == 0, "a pure-Python target outlived rung 2"
-    assert COUNTERS.wait_quiet(0)
+    assert _stats.wait_quiet(0)
     # A pool thread killed by a stray injection would still be counted but not alive.
     alive = [t for t in threading.enumerate() if t.name == "threadbridge-worker"]
     assert len(alive) >= stats.threads
@@ -133,24 +133,24 @@ async def test_injection_just_before_the_target_stays_out_of_the_pool(
 ) -> None:
     """Rung 2 landing between "marked running" and the target's first line is caught:
     the call ends INTERRUPTED and its pool thread lives on."""
-    from threadbridge import _token
+    from threadbridge import _target
 
-    original = _token.TargetState.begin
+    original = _target.TargetState._begin
 
-    def begin_then_interrupt(self: _token.TargetState) -> bool:
+    def begin_then_interrupt(self: _target.TargetState) -> bool:
         started = original(self)
         if started:
             self.request_interrupt()  # fires at the next bytecode boundary, right here
         return started
 
-    monkeypatch.setattr(_token.TargetState, "begin", begin_then_interrupt)
+    monkeypatch.setattr(_target.TargetState, "_begin", begin_then_interrupt)
     ran: list[str] = []
     handle = tb.spawn(lambda: ran.append("target ran"))
     with pytest.raises(tb.TargetCancelled):
         await handle
     assert handle.stage is tb.Stage.INTERRUPTED
     assert ran == []
-    monkeypatch.setattr(_token.TargetState, "begin", original)
+    monkeypatch.setattr(_target.TargetState, "_begin", original)
     threads = {await tb.run_killable(threading.current_thread) for _ in range(5)}
     assert all(t.is_alive() for t in threads)
     assert tb.stats().busy_threads == 0

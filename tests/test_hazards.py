@@ -270,7 +270,7 @@ async def test_traced_code_runs_while_an_injection_waits_in_c() -> None:
 
 async def test_withdrawn_injection_leaves_nothing_behind() -> None:
     """An injection withdrawn before it fired leaves no flag that freezes traced code."""
-    from threadbridge import _token
+    from threadbridge import _inject
 
     release = threading.Event()
     outcome: list[str] = []
@@ -285,8 +285,8 @@ async def test_withdrawn_injection_leaves_nothing_behind() -> None:
     thread = threading.Thread(target=blocked, daemon=True)
     thread.start()
     assert thread.ident is not None
-    _token.inject(thread.ident)
-    _token.clear_injection(thread.ident)
+    _inject.inject(thread.ident)
+    _inject.clear_injection(thread.ident)
     assert traced_call_returns()
     release.set()
     thread.join(10)

@@ -36,11 +36,11 @@ class Marks:
 def thread_target(
     i: int, behaviour: str, amount: float, release: threading.Event, marks: Marks
 ) -> tuple[str, int]:
+    marks.started.set()
     if behaviour == "spin":  # pure Python, never checks: rung 2 stops it
         spin_forever()
     if behaviour == "block":  # blocked in C: only rung 3 ends the wait for it
         try:
-            marks.started.set()
             release.wait()
         except tb.TargetCancelled:
             marks.early.set()
@@ -48,7 +48,6 @@ def thread_target(
         return ("ok", i)
     if behaviour == "swallow":
         try:
-            marks.started.set()
             spin_forever()
         except tb.TargetCancelled:
             release.wait()
@@ -144,13 +143,12 @@ async def run_case(case: Case, backend: str) -> None:
             p = case.policy
             if p.grace == 0 and p.interrupt:
                 allowed.add(tb.Stage.INTERRUPTED)  # rung 2 may come before the target starts
-            if backend == "thread" and case.behaviour in ("block", "swallow"):
-                if not marks.started.is_set():
-                    # Under load rung 2 or 3 may come before a pool thread picked the
-                    # target up: it never ran.
-                    allowed |= {tb.Stage.COOPERATIVE, tb.Stage.INTERRUPTED}
-                if marks.early.is_set():
-                    allowed.add(tb.Stage.INTERRUPTED)  # landed before it blocked in C
+            if backend == "thread" and not marks.started.is_set():
+                # Stopped before a pool thread picked it up, it never ran (COOPERATIVE);
+                # or rung 2 reached it before its first line (INTERRUPTED).
+                allowed |= {tb.Stage.COOPERATIVE, tb.Stage.INTERRUPTED}
+            if marks.early.is_set():
+                allowed.add(tb.Stage.INTERRUPTED)  # landed before it blocked in C
             rung3_after = p.grace + (p.interrupt_grace if p.interrupt else 0)
             if backend == "thread" and rung3_after == 0:
                 # Rung 3 comes at once: the target may not have had time to react.

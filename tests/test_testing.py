@@ -110,14 +110,16 @@ def test_set_testing_validates_and_undoes() -> None:
 PLUGIN_TEST = """
 import threading, anyio, pytest, threadbridge as tb
 
-release = threading.Event()
+started, release = threading.Event(), threading.Event()
 
 def stubborn_target():
+    started.set()
     release.wait()
 
 @pytest.mark.anyio
 async def test_leaks():
     handle = tb.spawn(stubborn_target, policy=tb.Policy(grace=0, interrupt_grace=0))
+    await anyio.to_thread.run_sync(started.wait)
     await handle.stop()
 
 def test_after():

@@ -24,32 +24,40 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def deaf_loop() -> None:
+def deaf_loop(started: threading.Event) -> None:
     """Never checks its token: only rung 2 stops it."""
+    started.set()
     while True:
         pass
 
 
-def swallow_then_wait(release: threading.Event) -> None:
+def swallow_then_wait(started: threading.Event, release: threading.Event) -> None:
     """Catches TargetCancelled and carries on: rung 3 gives up on it."""
     try:
-        deaf_loop()
+        deaf_loop(started)
     except threadbridge.TargetCancelled:
         release.wait()
 
 
+# A target cancelled before a thread picked it up never runs (it ends COOPERATIVE), so a
+# test about stopping a *running* target first waits until it runs.
+
+
 async def test_timeout_interrupts_a_deaf_loop() -> None:
+    started = threading.Event()
     with fast_graces():
-        handle = threadbridge.spawn(deaf_loop)
+        handle = threadbridge.spawn(deaf_loop, started)
+        await anyio.to_thread.run_sync(started.wait)
         with anyio.move_on_after(0.05):
             await handle
     assert handle.stage is threadbridge.Stage.INTERRUPTED
 
 
 async def test_a_target_that_swallows_the_interrupt_is_abandoned() -> None:
-    release = threading.Event()
+    started, release = threading.Event(), threading.Event()
     with fast_graces():
-        handle = threadbridge.spawn(swallow_then_wait, release)
+        handle = threadbridge.spawn(swallow_then_wait, started, release)
+        await anyio.to_thread.run_sync(started.wait)
         assert await handle.stop() is threadbridge.Stage.ABANDONED
     release.set()
     await wait_all_ended(timeout=5)  # the abandoned thread really ends

@@ -23,8 +23,8 @@ _WHERE = {
     "RemoteError": "_errors",
     "TargetCancelled": "_errors",
     "WorkerCrashed": "_errors",
-    "Handle": "_ladder",
-    "set_start_method": "_process",
+    "Handle": "_handle",
+    "set_start_method": "_spawn",
     "Policy": "_policy",
     "Stage": "_policy",
     "Stats": "_stats",
@@ -44,10 +44,10 @@ if TYPE_CHECKING:
     from ._errors import RemoteError as RemoteError
     from ._errors import TargetCancelled as TargetCancelled
     from ._errors import WorkerCrashed as WorkerCrashed
-    from ._ladder import Handle as Handle
+    from ._handle import Handle as Handle
     from ._policy import Policy as Policy
     from ._policy import Stage as Stage
-    from ._process import set_start_method as set_start_method
+    from ._spawn import set_start_method as set_start_method
     from ._stats import Stats as Stats
     from ._stats import stats as stats
     from ._token import Token as Token

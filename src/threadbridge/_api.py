@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
 import sys
 import weakref
 from collections.abc import Callable
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import anyio
 
-from . import _thread
-from ._ladder import Handle
-from ._loop import AsyncioLink, Link, current_link
+from ._backend import Backend, BackendName, resolve
+from ._handle import Handle
+from ._ladder import Ending, Run
+from ._loop import Link, current_link
 from ._policy import DEFAULT_POLICY, Policy, Stage
 
 if sys.version_info >= (3, 11):
@@ -25,21 +25,14 @@ else:
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
-Backend = Literal["thread", "process"]
-
-# anyio's figure for its default thread limiter, which in turn is trio's, which says it
-# was pulled out of the air. Threads are cheap; 40 keeps a runaway caller from making
-# thousands of them.
-DEFAULT_THREAD_LIMIT = 40
-
 # The default limiters of each running loop, keyed by the loop (asyncio) or the run's
-# token (trio), so that they go away with it.
-_limiters: weakref.WeakKeyDictionary[object, dict[str, anyio.CapacityLimiter]] = (
+# token (trio), so that they go away with it; one per backend.
+_limiters: weakref.WeakKeyDictionary[object, dict[Backend, anyio.CapacityLimiter]] = (
     weakref.WeakKeyDictionary()
 )
 
 
-def default_limiter(backend: Backend = "thread") -> anyio.CapacityLimiter:
+def default_limiter(backend: BackendName | Backend = "thread") -> anyio.CapacityLimiter:
     """The limiter used when none is given, one per event loop and backend.
 
     40 tokens for threads (anyio's default); one per CPU for worker processes. Change
@@ -49,8 +42,10 @@ def default_limiter(backend: Backend = "thread") -> anyio.CapacityLimiter:
 
     Raises:
         RuntimeError: called outside an asyncio or trio event loop.
+        ValueError: ``backend`` names no backend.
     """
-    return _default_limiter(current_link("default_limiter()"), backend)
+    what = "default_limiter()"
+    return _default_limiter(current_link(what), resolve(backend, what))
 
 
 def _default_limiter(link: Link, backend: Backend) -> anyio.CapacityLimiter:
@@ -58,8 +53,7 @@ def _default_limiter(link: Link, backend: Backend) -> anyio.CapacityLimiter:
     try:
         return _limiters[key][backend]
     except KeyError:
-        total = DEFAULT_THREAD_LIMIT if backend == "thread" else (os.cpu_count() or 1)
-        limiter = anyio.CapacityLimiter(total)
+        limiter = anyio.CapacityLimiter(backend.default_limit())
         _limiters.setdefault(key, {})[backend] = limiter
         return limiter
 
@@ -90,11 +84,17 @@ def _check_func(func: object, what: str) -> None:
         )
 
 
-def _check_options(
-    backend: object, policy: object, limiter: object, what: str
-) -> tuple[Policy, anyio.CapacityLimiter | None]:
-    if backend != "thread" and backend != "process":
-        raise ValueError(f'{what}: backend must be "thread" or "process", got {backend!r}')
+def _setup(
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    backend: object,
+    policy: object,
+    limiter: object,
+    what: str,
+) -> tuple[Run, Backend, object]:
+    """Check everything the caller gave; make the run (not started yet) and the job."""
+    _check_func(func, what)
+    chosen = resolve(backend, what)
     if policy is None:
         policy = DEFAULT_POLICY
     elif not isinstance(policy, Policy):
@@ -103,61 +103,30 @@ def _check_options(
         raise TypeError(
             f"{what}: limiter must be an anyio.CapacityLimiter or None, got {limiter!r}"
         )
-    return policy, limiter
-
-
-def _prepare(
-    backend: Backend, func: Callable[..., Any], args: tuple[Any, ...], what: str
-) -> bytes | None:
-    """For processes: pickle the job now, so that what cannot travel fails at once."""
-    if backend == "thread":
-        return None
-    from . import _process
-
-    _process.check_platform(what)
-    return _process.dumps_job(func, args, _name_of(func))
-
-
-def _start(
-    handle: Handle[Any],
-    backend: Backend,
-    func: Callable[..., Any],
-    args: Any,
-    payload: bytes | None,
-) -> None:
-    if payload is None:
-        work = _thread.ThreadWork(handle, func, args)
-        handle._start(work)
-        _thread.submit(work)
-    else:
-        from . import _process
-
-        _process.start(handle, handle._link, payload)
-
-
-def _setup(
-    func: Callable[..., Any],
-    args: tuple[Any, ...],
-    backend: object,
-    policy: object,
-    limiter: object,
-    what: str,
-) -> tuple[Link, Handle[Any], bytes | None]:
-    """Check everything the caller gave, and make the handle (not started yet)."""
-    _check_func(func, what)
-    checked_policy, checked_limiter = _check_options(backend, policy, limiter, what)
     link = current_link(what)
-    payload = _prepare(backend, func, args, what)  # type: ignore[arg-type]
-    if checked_limiter is None:
-        checked_limiter = _default_limiter(link, backend)  # type: ignore[arg-type]
-    return link, Handle(_name_of(func), checked_policy, link, checked_limiter), payload
+    chosen.check_platform(what)
+    name = _name_of(func)
+    job = chosen.prepare(func, args, name)
+    if limiter is None:
+        limiter = _default_limiter(link, chosen)
+    return Run(name, policy, link, limiter), chosen, job
+
+
+def _start(run: Run, backend: Backend, job: object) -> None:
+    """Start the job; the run holds a limiter token, which goes back if starting fails."""
+    try:
+        work = backend.start(run, job)
+    except BaseException:
+        run.limiter.release_on_behalf_of(run)
+        raise
+    run.attach(work)
 
 
 async def run_killable(
     func: Callable[[Unpack[Ts]], T],
     /,
     *args: Unpack[Ts],
-    backend: Backend = "thread",
+    backend: BackendName | Backend = "thread",
     policy: Policy | None = None,
     limiter: anyio.CapacityLimiter | None = None,
 ) -> T:
@@ -173,7 +142,8 @@ async def run_killable(
     Args:
         func: a plain (not async) callable.
         *args: positional arguments for ``func``.
-        backend: ``"thread"`` (default) or ``"process"``.
+        backend: ``"thread"`` (default), ``"process"`` (the event loop's default
+            worker pool), or a backend object.
         policy: how hard to try when stopping; defaults to ``Policy()``.
         limiter: an ``anyio.CapacityLimiter``; defaults to 40 threads per event
             loop. A thread given up on at rung 3 keeps its token until it really ends.
@@ -205,53 +175,27 @@ async def run_killable(
         Then the native cancellation (``asyncio.CancelledError``, ``trio.Cancelled``)
         propagates. A rung is skipped when the work has ended by then.
     """
-    link, handle, payload = _setup(func, args, backend, policy, limiter, "run_killable()")
-    limiter = handle._limiter
+    run, chosen, job = _setup(func, args, backend, policy, limiter, "run_killable()")
+    link = run.link
     await link.checkpoint_if_cancelled()
     try:
-        limiter.acquire_on_behalf_of_nowait(handle)
+        run.limiter.acquire_on_behalf_of_nowait(run)
     except anyio.WouldBlock:
-        await limiter.acquire_on_behalf_of(handle)
-    if link.name == "trio":
-        # Ctrl-C under trio raises KeyboardInterrupt wherever unprotected code runs; if it
-        # landed between starting the target and the shielded wait, nothing would stop
-        # the target. Protected, it arrives at the wait, and the ladder runs first.
-        return await _trio_protected()(handle, backend, func, args, payload)  # type: ignore[no-any-return]
-    return await _start_and_wait(handle, backend, func, args, payload)  # type: ignore[no-any-return]
+        await run.limiter.acquire_on_behalf_of(run)
+    return await link.protect_from_ki(_start_and_wait)(run, chosen, job)  # type: ignore[no-any-return]
 
 
-async def _start_and_wait(
-    handle: Handle[Any],
-    backend: Backend,
-    func: Callable[..., Any],
-    args: Any,
-    payload: bytes | None,
-) -> Any:
-    try:
-        _start(handle, backend, func, args, payload)
-    except BaseException:
-        handle._limiter.release_on_behalf_of(handle)
-        raise
-    return await handle._wait_here()
-
-
-_protected: Callable[..., Any] | None = None
-
-
-def _trio_protected() -> Callable[..., Any]:
-    global _protected
-    if _protected is None:
-        import trio
-
-        _protected = trio.lowlevel.enable_ki_protection(_start_and_wait)
-    return _protected
+async def _start_and_wait(run: Run, backend: Backend, job: object) -> Any:
+    _start(run, backend, job)
+    await run.link.wait_settled(run)
+    return run.result()
 
 
 def spawn(
     func: Callable[[Unpack[Ts]], T],
     /,
     *args: Unpack[Ts],
-    backend: Backend = "thread",
+    backend: BackendName | Backend = "thread",
     policy: Policy | None = None,
     limiter: anyio.CapacityLimiter | None = None,
 ) -> Handle[T]:
@@ -266,7 +210,7 @@ def spawn(
     Args:
         func: a plain (not async) callable.
         *args: positional arguments for ``func``.
-        backend: ``"thread"`` (default) or ``"process"``.
+        backend: ``"thread"`` (default), ``"process"``, or a backend object.
         policy: how hard to try when stopping; defaults to ``Policy()``.
         limiter: an ``anyio.CapacityLimiter``; defaults to
             ``default_limiter()`` of the running loop.
@@ -290,37 +234,31 @@ def spawn(
         * rung 3, after ``policy.interrupt_grace``: the thread is abandoned, or the
           worker's process group SIGKILLed and reaped.
     """
-    link, handle, payload = _setup(func, args, backend, policy, limiter, "spawn()")
-    limiter = handle._limiter
+    run, chosen, job = _setup(func, args, backend, policy, limiter, "spawn()")
     try:
-        limiter.acquire_on_behalf_of_nowait(handle)
+        run.limiter.acquire_on_behalf_of_nowait(run)
     except anyio.WouldBlock:
-        _start_when_admitted(handle, backend, func, args, payload, limiter, link)
+        _start_when_admitted(run, chosen, job)
     else:
-        try:
-            _start(handle, backend, func, args, payload)
-        except BaseException:
-            limiter.release_on_behalf_of(handle)
-            raise
-    return handle
+        _start(run, chosen, job)
+    return Handle(run)
 
 
 class _Admission:
     """The ladder's Work while a spawned target waits for room in its limiter.
 
-    Cancelling it withdraws the request: the target never runs, and the handle ends as
-    COOPERATIVE (it stopped at rung 1 without ever starting).
+    Cancelling it withdraws the request: the target never runs, and the run ends
+    COOPERATIVE (stopped before it started).
     """
 
-    __slots__ = ("handle", "link", "scope")
+    __slots__ = ("run", "scope")
 
-    def __init__(self, handle: Handle[Any], link: Link) -> None:
-        self.handle = handle
-        self.link = link
+    def __init__(self, run: Run) -> None:
+        self.run = run
         self.scope: anyio.CancelScope | None = None
 
     def request_stop(self) -> None:
-        self.link.post(self._cancel_in_loop)
+        self.run.link.post(self._cancel_in_loop)
 
     def _cancel_in_loop(self) -> None:
         if self.scope is not None:
@@ -333,53 +271,33 @@ class _Admission:
         pass
 
     def describe(self) -> str:
-        return f"{self.handle.name} (waiting for its limiter)"
+        return f"{self.run.name} (waiting for its limiter)"
 
 
-def _start_when_admitted(
-    handle: Handle[Any],
-    backend: Backend,
-    func: Callable[..., Any],
-    args: tuple[Any, ...],
-    payload: bytes | None,
-    limiter: anyio.CapacityLimiter,
-    link: Link,
-) -> None:
+def _start_when_admitted(run: Run, backend: Backend, job: object) -> None:
     """The limiter is full: wait for room in a background task, then start."""
-    admission = _Admission(handle, link)
-    handle._start(admission)
+    admission = _Admission(run)
+    run.attach(admission)
 
     async def admit() -> None:
         acquired = False
         try:
             with anyio.CancelScope() as scope:
                 admission.scope = scope
-                if handle._rung:
+                if run.rung:
                     scope.cancel()
-                await limiter.acquire_on_behalf_of(handle)
+                await run.limiter.acquire_on_behalf_of(run)
                 acquired = True
             if acquired:
-                _start(handle, backend, func, args, payload)
-                return
-            handle._settle(Stage.COOPERATIVE, None, released=False)
+                _start(run, backend, job)
+            else:
+                run.report(Ending.NOT_STARTED, release=False)
         except BaseException as exc:
-            # The loop is shutting down, or starting failed: the handle must still end.
-            if acquired:
-                limiter.release_on_behalf_of(handle)
-            if handle._stage is Stage.RUNNING:
-                handle._settle(Stage.FINISHED, (False, exc), released=False)
+            # The loop is shutting down, or starting failed (its token went back): the
+            # run must still end, with that error for whoever awaits it.
+            if run.stage is Stage.RUNNING:
+                run.report(Ending.ENDED, (False, exc), release=False)
             if not isinstance(exc, Exception):
                 raise
 
-    if isinstance(link, AsyncioLink):
-        task = link.loop.create_task(admit())
-        _background.add(task)
-        task.add_done_callback(_background.discard)
-    else:
-        import trio
-
-        trio.lowlevel.spawn_system_task(admit)
-
-
-# Strong references to asyncio admission tasks, which the loop only holds weakly.
-_background: set[Any] = set()
+    run.link.start_task(admit, name=f"threadbridge admission of {run.name}")

@@ -1,13 +1,21 @@
-"""Process-wide counters behind threadbridge.stats()."""
+"""threadbridge.stats(): derived from the pools themselves, plus totals per stage.
+
+Each pool (the thread pool, each process pool) is a ``Source``: it reports its own
+counts under its own lock, so there is no second set of books to keep in step. Only the
+number of runs that ended at each stage is a global counter. A source calls
+``changed()`` after a count went down, outside its lock, to wake whoever waits for
+every target to end (``threadbridge.testing``).
+"""
 
 from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Protocol
 
 from ._policy import Stage
 
@@ -24,6 +32,8 @@ class Stats:
         idle_workers: worker processes waiting for work (standby included).
         busy_workers: worker processes running a target.
         standby_workers: idle workers kept warm so that a call after a kill starts at once.
+        unreaped_workers: worker processes SIGKILLed at rung 3 that have not been reaped
+            within a bound (stuck in the kernel); logged as errors.
         stages: how many runs ended at each stage since the process started.
 
     Example:
@@ -40,6 +50,7 @@ class Stats:
     idle_workers: int = 0
     busy_workers: int = 0
     standby_workers: int = 0
+    unreaped_workers: int = 0
     stages: Mapping[Stage, int] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
@@ -48,83 +59,114 @@ class Stats:
         return self.busy_threads + self.abandoned_threads + self.busy_workers
 
 
-class _Counters:
-    """Mutable counters; every change wakes wait_quiet()."""
+COUNT_FIELDS = (
+    "idle_threads",
+    "busy_threads",
+    "abandoned_threads",
+    "idle_workers",
+    "busy_workers",
+    "standby_workers",
+    "unreaped_workers",
+)
 
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.cond = threading.Condition(self.lock)
-        self.waiters = 0  # threads in wait_quiet(); nobody is notified while it is 0
-        self.idle_threads = 0
-        self.busy_threads = 0
-        self.abandoned_threads = 0
-        self.idle_workers = 0
-        self.busy_workers = 0
-        self.standby_workers = 0
-        self.stages: dict[Stage, int] = dict.fromkeys(Stage, 0)
-        del self.stages[Stage.RUNNING]
-        # What runs now, for leak reports: id(work) -> work (with a describe_running()).
-        self.running: dict[int, Any] = {}
-        # Called (under the lock) when the last running target ends; they must not block.
-        self.quiet_callbacks: list[Callable[[], None]] = []
 
-    def add(self, **deltas: int) -> None:
-        with self.lock:
-            for name, delta in deltas.items():
-                setattr(self, name, getattr(self, name) + delta)
-            self.wake()
+class Source(Protocol):
+    """A pool that stats() reads."""
 
-    def ended(self, stage: Stage) -> None:
-        with self.lock:
-            self.stages[stage] += 1
+    def counts(self) -> dict[str, int]:
+        """Its share of the ``COUNT_FIELDS``, taken under its own lock."""
+        ...
 
-    def wake(self) -> None:
-        """Wake wait_quiet(); call with the lock held, after a count went down."""
-        if self.waiters:
-            self.cond.notify_all()
-        if self.quiet_callbacks and not self.active():
-            callbacks, self.quiet_callbacks = self.quiet_callbacks, []
+    def describe_running(self) -> list[str]:
+        """One line per target it runs now (busy or abandoned), for leak reports."""
+        ...
+
+
+_sources: weakref.WeakSet[Source] = weakref.WeakSet()
+_lock = threading.Lock()
+_cond = threading.Condition(_lock)
+_waiters = 0  # threads in wait_quiet() plus registered quiet callbacks
+_quiet_callbacks: list[Callable[[], object]] = []
+_stages: dict[Stage, int] = {stage: 0 for stage in Stage if stage is not Stage.RUNNING}
+
+
+def register(source: Source) -> None:
+    with _lock:
+        _sources.add(source)
+
+
+def count_stage(stage: Stage) -> None:
+    with _lock:
+        _stages[stage] += 1
+
+
+def _counts() -> dict[str, int]:
+    totals = dict.fromkeys(COUNT_FIELDS, 0)
+    for source in list(_sources):
+        for name, value in source.counts().items():
+            totals[name] += value
+    return totals
+
+
+def _active(counts: dict[str, int]) -> int:
+    return counts["busy_threads"] + counts["abandoned_threads"] + counts["busy_workers"]
+
+
+def active_count() -> int:
+    return _active(_counts())
+
+
+def changed() -> None:
+    """A source's count went down: wake waiters. Call it without holding a source's lock."""
+    if not _waiters:  # read without the lock: a new waiter checks the counts itself
+        return
+    with _lock:
+        _cond.notify_all()
+        if _quiet_callbacks and not _active(_counts()):
+            callbacks = _quiet_callbacks[:]
+            _quiet_callbacks.clear()
+            _set_waiters(-len(callbacks))
             for callback in callbacks:
                 callback()
 
-    def active(self) -> int:
-        return self.busy_threads + self.abandoned_threads + self.busy_workers
 
-    def describe_running(self) -> list[str]:
-        with self.lock:
-            works = list(self.running.values())
-        return [work.describe_running() for work in works]
-
-    def snapshot(self) -> Stats:
-        with self.lock:
-            return Stats(
-                threads=self.idle_threads + self.busy_threads,
-                idle_threads=self.idle_threads,
-                busy_threads=self.busy_threads,
-                abandoned_threads=self.abandoned_threads,
-                idle_workers=self.idle_workers,
-                busy_workers=self.busy_workers,
-                standby_workers=self.standby_workers,
-                stages=MappingProxyType(dict(self.stages)),
-            )
-
-    def wait_quiet(self, timeout: float | None) -> bool:
-        """Block until no target runs anywhere; False if the timeout passed first."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self.lock:
-            self.waiters += 1
-            try:
-                while self.busy_threads or self.abandoned_threads or self.busy_workers:
-                    remaining = None if deadline is None else deadline - time.monotonic()
-                    if remaining is not None and remaining <= 0:
-                        return False
-                    self.cond.wait(remaining)
-                return True
-            finally:
-                self.waiters -= 1
+def _set_waiters(delta: int) -> None:
+    global _waiters
+    _waiters += delta
 
 
-COUNTERS = _Counters()
+def when_quiet(callback: Callable[[], object]) -> bool:
+    """Call ``callback`` (promptly, from any thread) once no target runs anywhere.
+
+    Returns False without registering it if none runs now.
+    """
+    with _lock:
+        _set_waiters(1)
+        if not _active(_counts()):
+            _set_waiters(-1)
+            return False
+        _quiet_callbacks.append(callback)
+        return True
+
+
+def wait_quiet(timeout: float | None) -> bool:
+    """Block until no target runs anywhere; False if the timeout passed first."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with _lock:
+        _set_waiters(1)
+        try:
+            while _active(_counts()):
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                _cond.wait(remaining)
+            return True
+        finally:
+            _set_waiters(-1)
+
+
+def describe_running() -> list[str]:
+    return [line for source in list(_sources) for line in source.describe_running()]
 
 
 def stats() -> Stats:
@@ -135,4 +177,7 @@ def stats() -> Stats:
         s = threadbridge.stats()
         assert s.abandoned_threads == 0, f"{s.abandoned_threads} threads still running"
     """
-    return COUNTERS.snapshot()
+    counts = _counts()
+    with _lock:
+        stages = MappingProxyType(dict(_stages))
+    return Stats(threads=counts["idle_threads"] + counts["busy_threads"], stages=stages, **counts)

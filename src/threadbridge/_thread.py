@@ -1,4 +1,5 @@
-"""Thread targets: a pool of reusable daemon threads, and the rungs for a thread."""
+"""The thread backend: a process-wide pool of reusable daemon threads, and the rungs for a
+thread (rung 2 injects ``TargetCancelled``; rung 3 abandons the thread)."""
 
 from __future__ import annotations
 
@@ -10,78 +11,128 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from . import _token
-from ._errors import TargetCancelled
-from ._ladder import Handle
-from ._policy import Stage
-from ._stats import COUNTERS
+from . import _inject, _stats
+from ._backend import Backend
+from ._ladder import Ending, Run
+from ._target import Outcome, TargetState
+from ._token import Token
 
 logger = logging.getLogger("threadbridge")
+
+# anyio's figure for its default thread limiter, which in turn is trio's, which says it
+# was pulled out of the air. Threads are cheap; 40 keeps a runaway caller from making
+# thousands of them.
+DEFAULT_THREAD_LIMIT = 40
 
 # Idle pool threads retire after this many seconds without work. anyio uses 10 s too;
 # long enough that a bursty service keeps its threads, short enough not to hoard them.
 IDLE_TIMEOUT = 10.0
 
-# Work waiting for a pool thread. Idle threads block on it; a thread that finishes a run
-# takes the next piece of work without going to sleep, which is what keeps throughput up
-# when many callers hammer the pool.
-_queue: queue.SimpleQueue[ThreadWork] = queue.SimpleQueue()
 
+class ThreadPool:
+    """Daemon threads shared by every event loop in the process.
 
-def _pool_main(work: ThreadWork | None) -> None:
-    while True:
-        if work is None:
+    Work waits in one queue. Idle threads block on it; a thread that finishes a run takes
+    the next piece of work without going to sleep, which keeps throughput up when many
+    callers hammer the pool. Work always goes through the queue, even to a new thread,
+    so that no thread holds on to the work it was started for. The counts below, under
+    ``lock``, are what ``stats()`` reports for threads.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.queue: queue.SimpleQueue[ThreadWork] = queue.SimpleQueue()
+        self.idle = 0  # threads waiting on the queue, not yet claimed by a submit()
+        self.busy: dict[int, ThreadWork] = {}  # id(work) -> work, queued or running
+        self.abandoned: dict[int, ThreadWork] = {}  # given up on at rung 3, still running
+        _stats.register(self)
+
+    def submit(self, work: ThreadWork) -> None:
+        """Run ``work`` on an idle pool thread, or on a new one."""
+        key = id(work)
+        with self.lock:
+            reuse = self.idle > 0
+            if reuse:
+                self.idle -= 1  # claimed: it will not retire while the work waits
+            self.busy[key] = work
+        if not reuse:
             try:
-                work = _queue.get(timeout=IDLE_TIMEOUT)
+                threading.Thread(target=self._main, name="threadbridge-worker", daemon=True).start()
+            except BaseException:
+                with self.lock:
+                    del self.busy[key]
+                _stats.changed()
+                raise
+        self.queue.put(work)
+
+    def _main(self) -> None:
+        get = self.queue.get
+        while True:
+            try:
+                work = get(timeout=IDLE_TIMEOUT)
             except queue.Empty:
-                with COUNTERS.lock:
-                    # Retire only if no submit() has counted on this thread: a submit
-                    # takes an idle thread by decrementing idle_threads before its put().
-                    if COUNTERS.idle_threads > 0 and _queue.empty():
-                        COUNTERS.idle_threads -= 1
+                with self.lock:
+                    # Retire only if no submit() has claimed this thread meanwhile.
+                    if self.idle > 0 and self.queue.empty():
+                        self.idle -= 1
                         return
                 continue
-        if not work.run():
-            return  # abandoned: this thread is never reused
-        work = None
+            reusable = work.run()
+            del work  # nothing of a finished call stays reachable from an idle thread
+            if not reusable:
+                return
 
+    def finished(self, work: ThreadWork, *, abandoned: bool) -> None:
+        """Count out a work whose thread is done with it (and free, unless abandoned)."""
+        with self.lock:
+            if abandoned:
+                del self.abandoned[id(work)]
+            else:
+                del self.busy[id(work)]
+                self.idle += 1
+        _stats.changed()
 
-def submit(work: ThreadWork) -> None:
-    """Run ``work`` on an idle pool thread, or on a new one."""
-    with COUNTERS.lock:
-        reuse = COUNTERS.idle_threads > 0
-        if reuse:
-            COUNTERS.idle_threads -= 1
-        COUNTERS.busy_threads += 1
-        COUNTERS.running[id(work)] = work
-    if reuse:
-        _queue.put(work)
-        return
-    try:
-        threading.Thread(
-            target=_pool_main, args=(work,), name="threadbridge-worker", daemon=True
-        ).start()
-    except BaseException:
-        with COUNTERS.lock:
-            COUNTERS.busy_threads -= 1
-            del COUNTERS.running[id(work)]
-            COUNTERS.wake()
-        raise
+    def abandon(self, work: ThreadWork) -> bool:
+        """Rung 3: give up on a running target. Whether it was still running."""
+        with self.lock:
+            if not work.state.abandon():
+                return False
+            self.abandoned[id(work)] = self.busy.pop(id(work))
+            return True
+
+    # --- stats ------------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        with self.lock:
+            return {
+                "idle_threads": self.idle,
+                "busy_threads": len(self.busy),
+                "abandoned_threads": len(self.abandoned),
+            }
+
+    def describe_running(self) -> list[str]:
+        with self.lock:
+            busy = list(self.busy.values())
+            abandoned = list(self.abandoned.values())
+        return [w.describe() for w in busy] + [
+            f"abandoned thread still running {w.run_.name}" for w in abandoned
+        ]
 
 
 class ThreadWork:
-    """One target in one pool thread; the ladder's Work for the thread backend."""
+    """One target on one pool thread; the ladder's Work for the thread backend."""
 
-    __slots__ = ("args", "context", "func", "handle", "state")
+    __slots__ = ("args", "context", "func", "pool", "run_", "state")
 
     def __init__(
-        self, handle: Handle[Any], func: Callable[..., Any], args: tuple[Any, ...]
+        self, pool: ThreadPool, run: Run, func: Callable[..., Any], args: tuple[Any, ...]
     ) -> None:
-        self.handle = handle
+        self.pool = pool
+        self.run_ = run
         self.func = func
         self.args = args
         self.context = contextvars.copy_context()
-        self.state = _token.TargetState(_token.Token(), handle._lock)
+        self.state = TargetState(Token(), threading.Lock())
 
     # --- the rungs, called by the ladder ---------------------------------------------
 
@@ -89,9 +140,9 @@ class ThreadWork:
         self.state.token._set()
 
     def interrupt(self) -> bool:
-        if not _token.CAN_INJECT:
+        if not _inject.CAN_INJECT:
             logger.info(
-                "threadbridge: %s: rung 2 is not available on this interpreter "
+                "%s: rung 2 is not available on this interpreter "
                 "(no PyThreadState_SetAsyncExc); going on to rung 3",
                 self.describe(),
             )
@@ -99,96 +150,78 @@ class ThreadWork:
         return self.state.request_interrupt()
 
     def force(self) -> None:
-        if not self.state.abandon():
-            return  # it has just ended; run() reports it
-        with COUNTERS.lock:
-            COUNTERS.busy_threads -= 1
-            COUNTERS.abandoned_threads += 1
-            COUNTERS.wake()
+        if not self.pool.abandon(self):
+            return  # it has ended, or has not started (its token stops it): run() reports
         logger.warning(
-            "threadbridge: abandoning the thread running %s (rung 3): it did not stop "
-            "within its grace periods and is left running as a daemon; its result will "
-            "be discarded",
+            "abandoning the %s (rung 3): it did not stop within its grace periods and is "
+            "left running as a daemon; its result will be discarded",
             self.describe(),
         )
-        self.handle._settle(Stage.ABANDONED, None, released=False)
+        self.run_.report(Ending.ABANDONED, release=False)
 
     def describe(self) -> str:
-        return self.handle.name
-
-    def describe_running(self) -> str:
-        if self.state.abandoned:
-            return f"abandoned thread still running {self.describe()}"
-        return f"thread running {self.describe()}"
+        return f"thread running {self.run_.name}"
 
     # --- in the pool thread ----------------------------------------------------------
 
     def run(self) -> bool:
-        """Run the target; return whether the thread may be reused."""
+        """Run the target and report how it ended; return whether the thread may be reused."""
         state = self.state
-        local = _token._local
-        state.thread_id = threading.get_ident()
-        local.state = state
-        local.token = state.token
-        started = False
-        try:
-            # From the moment begin() marks the target running, rung 2 may be injected:
-            # it can fire before the target's first line or after its last, so all of
-            # this stays inside the try.
-            started = state.begin()
-            if started:
-                outcome = self._call()
-            else:  # the ladder got to rung 2 or 3 before a thread picked it up
-                outcome = (False, TargetCancelled("stopped before it started"))
-        except TargetCancelled as exc:
-            # Rung 2 landed in this bookkeeping, just before or after the target.
-            outcome = (False, exc)
-            started = True
-        abandoned = False
-        while started:
-            try:
-                abandoned = state.settle()
-                break
-            except TargetCancelled:
-                # Rung 2 reached the target as it returned and fired on the way into
-                # settle() or inside it: it is spent. (After settle() nothing can fire.)
-                state.pending = False
-        # From here on no injected exception can reach this thread.
-        local.state = None
-        local.token = _token.NEVER_SET
-        if abandoned:
+        outcome = state.run(self._call)
+        run = self.run_
+        if state.abandoned:
             # Counted out first: whoever sees the limiter token come back must also see
             # stats() without this thread.
-            with COUNTERS.lock:
-                COUNTERS.abandoned_threads -= 1
-                del COUNTERS.running[id(self)]
-                COUNTERS.wake()
-            self.handle._released()
+            self.pool.finished(self, abandoned=True)
+            run.release()
             return False
-        if state.interrupt_requested:
-            stage = Stage.INTERRUPTED
-        elif state.token._flag:
-            stage = Stage.COOPERATIVE
+        self.pool.finished(self, abandoned=False)
+        if outcome is None:
+            run.report(Ending.NOT_STARTED)
         else:
-            stage = Stage.FINISHED
-        with COUNTERS.lock:
-            COUNTERS.busy_threads -= 1
-            COUNTERS.idle_threads += 1
-            COUNTERS.stages[stage] += 1
-            del COUNTERS.running[id(self)]
-            COUNTERS.wake()
-        self.handle._settle(stage, outcome, released=True, counted=True)
+            run.report(Ending.ENDED, outcome, interrupted=state.interrupted)
         return True
 
-    def _call(self) -> tuple[bool, Any]:
+    def _call(self) -> Outcome:
         try:
             result = self.context.run(self.func, *self.args)
             if inspect.iscoroutine(result):
                 result.close()
                 raise TypeError(
-                    f"threadbridge expected a sync function, but {self.handle.name} returned "
+                    f"threadbridge expected a sync function, but {self.run_.name} returned "
                     "a coroutine; await it in the event loop instead of running it in a thread"
                 )
             return (True, result)
         except BaseException as exc:
             return (False, exc)
+
+
+class ThreadBackend(Backend):
+    """``backend="thread"``: the process-wide pool of daemon threads."""
+
+    name = "thread"
+
+    def __init__(self) -> None:
+        self.pool = ThreadPool()
+
+    def prepare(self, func: Callable[..., Any], args: tuple[Any, ...], name: str) -> object:
+        return (func, args)
+
+    def start(self, run: Run, job: Any) -> ThreadWork:
+        func, args = job
+        work = ThreadWork(self.pool, run, func, args)
+        self.pool.submit(work)
+        return work
+
+    def default_limit(self) -> int:
+        return DEFAULT_THREAD_LIMIT
+
+
+_backend: ThreadBackend | None = None
+
+
+def backend() -> ThreadBackend:
+    global _backend
+    if _backend is None:
+        _backend = ThreadBackend()
+    return _backend

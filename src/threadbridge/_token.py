@@ -1,5 +1,8 @@
 """What a target sees of its own cancellation: the token and the helpers around it.
 
+The per-run state behind them (``_target.TargetState``) is reached through a
+thread-local, set while a target runs in the thread.
+
 This module is imported inside worker processes too, so it must stay light: no anyio,
 no trio, nothing that starts threads.
 """
@@ -7,11 +10,14 @@ no trio, nothing that starts threads.
 from __future__ import annotations
 
 import math
-import sys
 import threading
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from ._errors import TargetCancelled
+
+if TYPE_CHECKING:
+    from ._target import TargetState
 
 # Guards the lazy creation of a token's Event (see Token.wait). One lock for all tokens is
 # fine: it is only taken by wait() and by the ladder's rung 1, never on the hot path.
@@ -71,184 +77,11 @@ class Token:
         return f"<threadbridge.Token {'set' if self._flag else 'clear'}>"
 
 
-# --- rung 2 for threads -------------------------------------------------------------------
-
-CAN_INJECT = sys.implementation.name == "cpython"
-
-# ctypes is loaded on first use: worker processes never inject, and it costs a few
-# milliseconds of start-up.
-_setters: tuple[object, object] | None = None
-
-
-def _async_exc_setters() -> tuple[object, object]:
-    global _setters
-    if _setters is None:
-        import ctypes
-
-        setter = ctypes.pythonapi.PyThreadState_SetAsyncExc
-        setter.argtypes = [ctypes.c_ulong, ctypes.py_object]
-        setter.restype = ctypes.c_int
-        # The same C function, declared so that None goes down as NULL ("clear what is
-        # pending") instead of as Py_None.
-        clearer = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)(
-            ("PyThreadState_SetAsyncExc", ctypes.pythonapi)
-        )
-        _setters = (setter, clearer)
-    return _setters
-
-
-class _Interrupted(TargetCancelled):
-    """The TargetCancelled that rung 2 injects into a thread.
-
-    CPython instantiates an injected exception class in the thread where it fires, at the
-    latest when a handler receives it; the constructor notes there that the injection is
-    spent, so that nothing later mistakes it for one still pending. It must not take a
-    lock: it may fire while its own thread holds the state's lock.
-    """
-
-    def __init__(self, *args: object) -> None:
-        super().__init__(*(args or ("interrupted (rung 2)",)))
-        state = _local.state
-        if state is not None:
-            state.pending = False
-
-
-# Before 3.13 the "an asynchronous exception is pending" flag is one per interpreter,
-# not per thread. It is set whenever PyThreadState_SetAsyncExc is called, and cleared only
-# when a thread raises its own pending exception. While it stays set, every thread takes
-# the interpreter's slow path at each check; on CPython 3.11 any function call made under
-# sys.settrace (coverage, debuggers, hypothesis' explain phase) then spins forever at its
-# first instruction. It stays set while an injection waits in a thread blocked in C, and
-# for good after an injection is withdrawn. So the injecting thread clears the flag at
-# once by raising and catching an exception of its own: the target keeps its pending
-# exception, which the interpreter flags again when the target next takes the GIL.
-_SHARED_FLAG = sys.version_info < (3, 13)
-
-
-class _FlagReset(BaseException):
-    """Injected into the current thread and caught at once; never seen elsewhere."""
-
-
-def _reset_shared_flag() -> None:
-    if not _SHARED_FLAG:
-        return
-    setter = _async_exc_setters()[0]
-    try:
-        setter(threading.get_ident(), _FlagReset)  # type: ignore[operator]
-        while True:  # raised at the latest at the first backward jump
-            pass
-    except _FlagReset:
-        pass
-
-
-def inject(thread_id: int) -> None:
-    """Schedule TargetCancelled in another thread, at its next bytecode boundary."""
-    _async_exc_setters()[0](thread_id, _Interrupted)  # type: ignore[operator]
-    _reset_shared_flag()
-
-
-def clear_injection(thread_id: int) -> None:
-    """Withdraw an injected exception that has not been raised yet."""
-    _async_exc_setters()[1](thread_id, None)  # type: ignore[operator]
-    _reset_shared_flag()
-
-
-class TargetState:
-    """Per-run state shared by the target's thread and the ladder.
-
-    Everything that decides whether rung 2 may land happens under ``lock``: the ladder
-    injects only while ``running`` is true and outside ``uninterruptible()`` blocks; the
-    worker clears ``running`` under the same lock once the target has returned, so an
-    injection can never be scheduled into the pool's own code after that point. One that
-    was scheduled just before and has not fired yet is withdrawn then (``pending``).
-    """
-
-    __slots__ = (
-        "abandoned",
-        "deferred",
-        "depth",
-        "interrupt_requested",
-        "lock",
-        "pending",
-        "running",
-        "skip",
-        "started",
-        "thread_id",
-        "token",
-    )
-
-    def __init__(self, token: Token, lock: threading.Lock) -> None:
-        self.token = token
-        self.lock = lock  # the handle's: never held while another lock is taken
-        self.running = False
-        self.started = False  # a pool thread has picked it up
-        self.skip = False  # rung 3 came before it started: never run it
-        self.thread_id = 0
-        self.depth = 0  # nesting of uninterruptible() blocks
-        self.interrupt_requested = False  # rung 2 reached: at most once
-        self.pending = False  # injected into the thread, not known to have been raised
-        self.deferred = False  # requested inside uninterruptible(); raised when it exits
-        self.abandoned = False  # rung 3 gave up on it: its thread must never be reused
-
-    def request_interrupt(self) -> bool:
-        """Rung 2 for a thread target. Returns whether the target was still running."""
-        with self.lock:
-            if self.interrupt_requested:
-                return False
-            if not self.started:
-                self.interrupt_requested = True  # it will not run at all
-                return True
-            if not self.running:
-                return False
-            self.interrupt_requested = True
-            if self.depth:
-                self.deferred = True
-            else:
-                self.pending = True
-                inject(self.thread_id)
-            return True
-
-    def abandon(self) -> bool:
-        """Rung 3 for a thread target. Returns whether the target was still running."""
-        with self.lock:
-            if not self.started:
-                self.skip = True  # the pool thread that picks it up reports it
-                return False
-            if not self.running:
-                return False
-            self.abandoned = True
-            return True
-
-    def begin(self) -> bool:
-        """Called in the pool thread before the target: whether to run it at all."""
-        with self.lock:
-            self.started = True
-            if self.interrupt_requested or self.skip:
-                return False
-            self.running = True
-            return True
-
-    def settle(self) -> bool:
-        """Called in the target's thread right after the target returned or raised.
-
-        Once this returns, no injected exception can reach the calling thread. Returns
-        whether the target had been abandoned meanwhile. An injection that was on its
-        way may still fire in here or on the way in (before the lock is taken); the
-        caller catches that TargetCancelled and calls again.
-        """
-        with self.lock:
-            self.running = False
-            if self.pending:
-                self.pending = False
-                clear_injection(self.thread_id)
-            return self.abandoned
-
-
 NEVER_SET = Token()
 
 
 class _Local(threading.local):
-    state: TargetState | None = None
+    state: TargetState | None = None  # the running target's, in its thread
     token: Token = NEVER_SET  # what code outside a target sees
 
 
@@ -368,20 +201,8 @@ class uninterruptible:
 
     def __enter__(self) -> uninterruptible:
         state = self._state = _local.state
-        if state is None:
-            return self
-        try:
-            with state.lock:
-                if state.pending:
-                    # Rung 2 was injected before the block began and has not fired yet:
-                    # deliver it here, before the block, rather than somewhere inside.
-                    state.pending = False
-                    clear_injection(state.thread_id)
-                    raise TargetCancelled("interrupted (rung 2)")
-                state.depth += 1
-        except TargetCancelled:
-            state.pending = False
-            raise
+        if state is not None:
+            state.hold()
         return self
 
     def __exit__(
@@ -391,12 +212,5 @@ class uninterruptible:
         tb: TracebackType | None,
     ) -> None:
         state = self._state
-        if state is None:
-            return
-        with state.lock:
-            state.depth -= 1
-            fire = state.depth == 0 and state.deferred
-            if fire:
-                state.deferred = False
-        if fire:
-            raise TargetCancelled("interrupted (rung 2, held off until uninterruptible() ended)")
+        if state is not None:
+            state.release()

@@ -1,8 +1,10 @@
 """Framing for the private pipes between the parent and its worker processes.
 
-A frame is a header (payload length, kind, job id) followed by the payload. Both sides
-use blocking reads in threads of their own; this module must stay light, since worker
-processes import it.
+A frame is a header (payload length, kind, job id) followed by the payload. The worker
+reads with blocking reads in threads of its own; the parent writes jobs from the event
+loop's thread (or a helper thread, for large ones) and parses answers from a
+non-blocking pipe with ``FrameParser``. Worker processes import this module: it stays
+light.
 """
 
 from __future__ import annotations
@@ -17,11 +19,10 @@ INIT = 1  # payload: pickled settings (sys.path)
 RUN = 2  # payload: pickled (func, args)
 EXIT = 3  # no payload: finish and exit
 # parent -> worker, on the control pipe
-CANCEL = 10  # rung 1 for a job
-INTERRUPT = 11  # rung 2 for a job
+STOP = 10  # rung 1 for a job: set its token
+INTERRUPT = 11  # rung 2 for a job: SIGTERM to the worker's process group
 # worker -> parent, on the result pipe
-READY = 20  # payload: nothing; the worker has started
-RESULT = 21  # payload: pickled outcome
+ANSWER = 21  # payload: pickled (how it ended, value, whether rung 2 reached it)
 
 
 def write_frame(fd: int, kind: int, job: int = 0, payload: bytes = b"") -> None:

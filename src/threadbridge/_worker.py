@@ -1,13 +1,14 @@
 """The worker process: runs one target at a time for its parent.
 
-Started by the parent as ``python -c "from threadbridge._worker import main; main()"``
-with three pipe descriptors as arguments. It imports neither anyio nor trio: start-up
-time is a cost every cold call pays.
+Started as ``python -c "from threadbridge._worker import main; main()"`` with three pipe
+descriptors as arguments (or forked, see ``after_fork``). It imports neither anyio nor
+trio: start-up time is a cost every cold call pays.
 
 Threads here:
 
-* the main thread reads jobs from the job pipe and runs each target; SIGTERM (rung 2)
-  is delivered to it and turned into TargetCancelled inside the target;
+* the main thread reads jobs from the job pipe and runs each target (the shared
+  algorithm of ``_target.TargetState.run``); SIGTERM (rung 2) is delivered to it and
+  turned into TargetCancelled inside the target;
 * a control thread reads the control pipe: rung 1 sets the running target's token,
   rung 2 sends SIGTERM to the worker's process group (grandchildren too). When the pipe
   reaches end of file the parent has died, and the control thread kills the whole group:
@@ -21,26 +22,27 @@ import pickle
 import signal
 import sys
 import threading
-import traceback
 from types import FrameType
 
-from . import _wire
-from ._errors import RemoteError, TargetCancelled
-from ._token import NEVER_SET, TargetState, Token, _Interrupted, _local
+from . import _pickling, _wire
+from ._errors import TargetCancelled
+from ._target import Outcome, TargetState
+from ._token import Token
 
 
 class _Job:
-    __slots__ = ("id", "state")
+    __slots__ = ("id", "signalled", "state")
 
     def __init__(self, job_id: int, state: TargetState) -> None:
         self.id = job_id
         self.state = state
+        self.signalled = False  # the control thread sent rung 2's SIGTERM while it ran
 
 
 _current: _Job | None = None
 _interrupt_for = 0  # job id that the last rung-2 SIGTERM was meant for
 _last_started = 0  # job ids only grow: a message for an older job is stale
-_early: dict[int, int] = {}  # rungs that arrived before their job started
+_early: set[int] = set()  # jobs whose stop arrived before they started: never run them
 _lock = threading.Lock()
 _pid = 0  # this worker's pid: a target's fork that returns must not act as the worker
 _result_fd = _control_fd = -1  # kept for fault-injection tests
@@ -50,14 +52,7 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     job = _current
     if job is None or job.id != _interrupt_for:
         return  # not meant for what runs now (idle, or a job that already ended)
-    state = job.state
-    if not state.running or state.interrupt_requested:
-        return
-    state.interrupt_requested = True
-    if state.depth:
-        state.deferred = True  # raised when the outermost uninterruptible() exits
-        return
-    raise _Interrupted("interrupted by SIGTERM (rung 2)")
+    job.state.interrupt_here("interrupted by SIGTERM (rung 2)")
 
 
 def _control(fd: int) -> None:
@@ -78,103 +73,57 @@ def _control(fd: int) -> None:
             job = _current
             if job is None or job.id != job_id:
                 if job_id > _last_started:  # sent right after the job, read before it
-                    _early[job_id] = max(kind, _early.get(job_id, 0))
+                    _early.add(job_id)
                 continue
-            if kind == _wire.CANCEL:
+            if kind == _wire.STOP:
                 job.state.token._set()
             elif kind == _wire.INTERRUPT and job.state.running:
                 _interrupt_for = job_id
+                job.signalled = True
                 os.killpg(os.getpgrp(), signal.SIGTERM)
 
 
-def _dumps(value: object) -> bytes:
-    try:
-        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception:
-        import cloudpickle  # lambdas, closures, classes defined in __main__
-
-        return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)  # type: ignore[no-any-return,unused-ignore]
-
-
-def _exception_payload(exc: BaseException, flag: int) -> bytes:
-    """The exception with its traceback (tblib), or a RemoteError if it will not travel."""
-    try:
-        from tblib import pickling_support
-
-        pickling_support.install(exc)
-        data = _dumps(("raise", exc, flag))
-        pickle.loads(data)  # the parent must be able to load it too
-        return data
-    except Exception:
-        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        name = f"{type(exc).__module__}.{type(exc).__qualname__}"
-        return _dumps(("raise", RemoteError(name, str(exc), text), flag))
-
-
 def _run(job_id: int, payload: bytes) -> bytes:
-    """Run one job; return the pickled outcome for the parent."""
+    """Run one job; return the answer for the parent."""
     global _current, _last_started
+    state = TargetState(Token(), threading.Lock())
     with _lock:
         _last_started = job_id
-        early = _early.pop(job_id, 0)
+        if job_id in _early:
+            state.token._set()  # it will not start
         _early.clear()
-    if early == _wire.INTERRUPT:
-        stopped = TargetCancelled("interrupted (rung 2) before it started")
-        return _dumps(("raise", stopped, 2))
-    try:
-        func, args = pickle.loads(payload)
-    except BaseException as exc:
-        note = f"the worker could not unpickle the target or its arguments: {exc}"
-        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        return _dumps(("raise", RemoteError(type(exc).__qualname__, note, text), 0))
-    state = TargetState(Token(), threading.Lock())
-    state.thread_id = threading.get_ident()
+        job = _current = _Job(job_id, state)
     if signal.getsignal(signal.SIGTERM) is not _on_sigterm:
         signal.signal(signal.SIGTERM, _on_sigterm)  # a previous target may have changed it
-    if early == _wire.CANCEL:
-        state.token._set()
-    with _lock:
-        _current = _Job(job_id, state)
-    _local.state = state
-    _local.token = state.token
-    try:
-        # Once running is set, SIGTERM may be turned into TargetCancelled at any
-        # bytecode: just before the target's first line, or just after its last.
-        state.running = True
+
+    def call() -> Outcome:
         try:
-            outcome: tuple[bool, object] = (True, func(*args))
-        except BaseException as exc:
-            outcome = (False, exc)
-    except TargetCancelled as exc:  # rung 2 landed in this bookkeeping
-        outcome = (False, exc)
-    if os.getpid() != _pid:
-        # The target forked and its child has returned from it: that child must not go
-        # on to answer the parent or read jobs meant for the real worker.
-        os._exit(0)
-    while True:
-        try:
-            state.running = False
-            break
-        except TargetCancelled:
-            continue  # the same late SIGTERM; it is raised once at most
-    _local.state = None
-    _local.token = NEVER_SET
+            try:
+                func, args = pickle.loads(payload)
+            except TargetCancelled:
+                raise
+            except BaseException as exc:
+                note = f"the worker could not unpickle the target or its arguments: {exc}"
+                return (False, _pickling.remote_error(exc, note))
+            try:
+                return (True, func(*args))
+            except BaseException as exc:
+                return (False, exc)
+        finally:
+            if os.getpid() != _pid:
+                # The target forked and its child has returned from it: that child must
+                # not go on to answer the parent or read jobs meant for the real worker.
+                os._exit(0)
+
+    outcome = state.run(call)
     with _lock:
         _current = None
-    # How far the ladder had got when the target ended: 2 rung 2, 1 token set, 0 neither.
-    flag = 2 if state.interrupt_requested else 1 if state.token._flag else 0
+    interrupted = state.interrupted or job.signalled
+    if outcome is None:
+        return _pickling.dumps_answer(_pickling.NOT_STARTED, None, interrupted)
     ok, value = outcome
-    if ok:
-        try:
-            return _dumps(("return", value, flag))
-        except Exception as exc:
-            err = TypeError(
-                f"the target's result ({type(value).__qualname__}) cannot be pickled to "
-                f"send it back from the worker process: {exc}"
-            )
-            return _dumps(("raise", err, flag))
-    assert isinstance(value, BaseException)
-    return _exception_payload(value, flag)
+    how = _pickling.RETURNED if ok else _pickling.RAISED
+    return _pickling.dumps_answer(how, value, interrupted)
 
 
 def main() -> None:
@@ -227,7 +176,6 @@ def serve(job_fd: int, control_fd: int, result_fd: int) -> None:
     sys.setswitchinterval(0.0005)
     signal.signal(signal.SIGTERM, _on_sigterm)
     threading.Thread(target=_control, args=(control_fd,), name="control", daemon=True).start()
-    _wire.write_frame(result_fd, _wire.READY)
     while True:
         frame = _wire.read_frame(job_fd)
         if frame is None or frame[0] == _wire.EXIT:
@@ -237,7 +185,7 @@ def serve(job_fd: int, control_fd: int, result_fd: int) -> None:
             settings = pickle.loads(payload)
             sys.path[:] = settings["sys_path"]
             continue
-        _wire.write_frame(result_fd, _wire.RESULT, job_id, _run(job_id, payload))
+        _wire.write_frame(result_fd, _wire.ANSWER, job_id, _run(job_id, payload))
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

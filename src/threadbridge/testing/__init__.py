@@ -28,8 +28,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from .. import _policy
-from .._stats import COUNTERS
+from .. import _policy, _stats
 
 __all__ = (
     "LeakError",
@@ -64,8 +63,7 @@ def active_count() -> int:
 
         assert threadbridge.testing.active_count() == 0
     """
-    with COUNTERS.lock:
-        return COUNTERS.active()
+    return _stats.active_count()
 
 
 async def wait_all_ended(timeout: float | None = None) -> None:
@@ -90,12 +88,8 @@ async def wait_all_ended(timeout: float | None = None) -> None:
 
     link = current_link("wait_all_ended()")
     with anyio.fail_after(timeout if timeout is not None else math.inf):
-        while True:
-            event = anyio.Event()
-            with COUNTERS.lock:
-                if not COUNTERS.active():
-                    return
-                COUNTERS.quiet_callbacks.append(functools.partial(link.post, event.set))
+        event = anyio.Event()
+        if _stats.when_quiet(functools.partial(link.post, event.set)):
             await event.wait()
 
 
@@ -200,8 +194,8 @@ def check_leaks(timeout: float = 5.0, *, ignore_children: set[int] | None = None
             threadbridge.testing.check_leaks(timeout=2)
     """
     problems = []
-    if not COUNTERS.wait_quiet(timeout):
-        problems += COUNTERS.describe_running()
+    if not _stats.wait_quiet(timeout):
+        problems += _stats.describe_running()
     deadline = time.monotonic() + timeout
     while True:
         children = {

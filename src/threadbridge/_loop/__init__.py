@@ -1,0 +1,103 @@
+"""The loop layer: everything that depends on which event loop the caller runs on.
+
+Nothing outside this package imports asyncio or trio or asks which loop it is on. The
+rest of threadbridge talks to the caller's loop through a ``Link``: post a callback from
+any thread, wait for a run to settle (cancellable, then shielded while the ladder runs),
+start a background task, watch a file descriptor, run something when the loop ends.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+class Waitable(Protocol):
+    """What a Link needs of a run to wait for it (read and written in the loop's thread)."""
+
+    settled: bool  # the loop has been told that the run has ended
+    waiters: Any  # the loop's wake-up objects, made by the Link; None until someone waits
+
+    def cancel(self) -> None:
+        """Start the ladder (from any thread)."""
+
+
+class Link(Protocol):
+    """One running event loop, as threadbridge uses it."""
+
+    @property
+    def key(self) -> object:
+        """Identifies the loop (weakly referenceable, so that caches go away with it)."""
+        ...
+
+    def post(self, fn: Callable[[], object]) -> bool:
+        """Run ``fn`` soon in the loop's thread. From any thread; never raises. Returns
+        False (and drops ``fn``) once the loop has ended."""
+        ...
+
+    def call(self, fn: Callable[[], object]) -> bool:
+        """Run ``fn`` now if this is the loop's thread, else ``post()`` it."""
+        ...
+
+    def is_current(self) -> bool:
+        """Whether this loop is the one running in the calling thread."""
+        ...
+
+    async def checkpoint_if_cancelled(self) -> None:
+        """Raise the loop's cancellation if the calling task is being cancelled."""
+
+    async def wait_settled(self, run: Waitable) -> None:
+        """Wait until ``run`` settles. If the wait is cancelled: call ``run.cancel()``,
+        wait (shielded) until it settles, then let the cancellation propagate once."""
+
+    def wake(self, run: Waitable) -> None:
+        """In the loop's thread: mark ``run`` settled and wake its waiters."""
+
+    def start_task(self, fn: Callable[[], Awaitable[None]], name: str) -> None:
+        """Start a background task (not bound to the caller's scopes) in the loop's thread."""
+
+    def watch_readable(self, fd: int, on_readable: Callable[[], bool], name: str) -> None:
+        """Call ``on_readable()`` in the loop whenever ``fd`` is readable, until it returns
+        False or ``unwatch(fd)`` is called. In the loop's thread."""
+
+    def unwatch(self, fd: int) -> None:
+        """Stop watching ``fd``; in the loop's thread, or after the loop has ended."""
+
+    def on_close(self, fn: Callable[[], None], name: str) -> None:
+        """Call ``fn`` in the loop's thread when the loop ends."""
+
+    def protect_from_ki(self, fn: F) -> F:
+        """``fn``, made safe from KeyboardInterrupt landing in its unprotected code."""
+        ...
+
+
+def current_link(what: str) -> Link:
+    """The Link of the running event loop, or a RuntimeError that says what to do."""
+    asyncio = sys.modules.get("asyncio")
+    if asyncio is not None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            from ._asyncio import AsyncioLink
+
+            return AsyncioLink(loop)
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            token = trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            pass
+        else:
+            from ._trio import TrioLink
+
+            return TrioLink(token)
+    raise RuntimeError(
+        f"{what} must be called from async code running in an asyncio or trio event loop. "
+        "From synchronous code, start one first, e.g. asyncio.run(main()), trio.run(main) "
+        "or anyio.run(main), and call it inside main()."
+    ) from None

@@ -1,0 +1,135 @@
+"""The Link for asyncio event loops."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import anyio
+
+from . import Waitable
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+# Strong references to background tasks, which the loop itself holds only weakly.
+_background: set[asyncio.Task[None]] = set()
+
+
+def _anyio_checkpoint() -> Callable[[], Awaitable[None]]:
+    # anyio.lowlevel.checkpoint_if_cancelled() first asks sniffio which library runs,
+    # which costs more than the rest of a call's bookkeeping. The backend class answers
+    # the same question directly; fall back to the public function if it moves.
+    try:
+        from anyio._core._eventloop import get_async_backend
+
+        return get_async_backend("asyncio").checkpoint_if_cancelled
+    except Exception:  # pragma: no cover - depends on anyio's internals
+        return anyio.lowlevel.checkpoint_if_cancelled
+
+
+class AsyncioLink:
+    __slots__ = ("loop", "thread_id")
+    _checkpoint: Callable[[], Awaitable[None]] | None = None
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.thread_id = threading.get_ident()
+
+    @property
+    def key(self) -> object:
+        return self.loop
+
+    def post(self, fn: Callable[[], object]) -> bool:
+        try:
+            self.loop.call_soon_threadsafe(fn)
+        except RuntimeError:
+            return False  # the loop has closed: nobody is left to tell
+        return True
+
+    def call(self, fn: Callable[[], object]) -> bool:
+        if threading.get_ident() == self.thread_id:
+            fn()
+            return True
+        return self.post(fn)
+
+    def is_current(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is self.loop
+        except RuntimeError:
+            return False
+
+    async def checkpoint_if_cancelled(self) -> None:
+        checkpoint = AsyncioLink._checkpoint
+        if checkpoint is None:
+            checkpoint = AsyncioLink._checkpoint = _anyio_checkpoint()
+        await checkpoint()
+
+    def wake(self, run: Waitable) -> None:
+        run.settled = True
+        for fut in run.waiters or ():
+            if not fut.done():
+                fut.set_result(None)
+
+    def _future(self, run: Waitable) -> asyncio.Future[None]:
+        fut = self.loop.create_future()
+        if run.waiters is None:
+            run.waiters = [fut]
+        else:
+            run.waiters.append(fut)
+        return fut
+
+    async def wait_settled(self, run: Waitable) -> None:
+        if run.settled:
+            return
+        try:
+            await self._future(run)
+        except BaseException:
+            run.cancel()
+            # anyio re-delivers its scopes' cancellation on every loop iteration; the
+            # shield stops that. Plain task.cancel() calls (asyncio.timeout, wait_for,
+            # a user) cannot be shielded, so they are absorbed here: the caller gets
+            # one CancelledError when the ladder is done, as the contract says.
+            with anyio.CancelScope(shield=True):
+                while not run.settled:
+                    try:
+                        await self._future(run)
+                    except asyncio.CancelledError:
+                        continue
+            raise
+
+    def start_task(self, fn: Callable[[], Awaitable[None]], name: str) -> None:
+        async def main() -> None:
+            await fn()
+
+        task = self.loop.create_task(main(), name=name)
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+    def watch_readable(self, fd: int, on_readable: Callable[[], bool], name: str) -> None:
+        def ready() -> None:
+            if not on_readable():
+                self.loop.remove_reader(fd)
+
+        self.loop.add_reader(fd, ready)
+
+    def unwatch(self, fd: int) -> None:
+        try:
+            self.loop.remove_reader(fd)
+        except (RuntimeError, ValueError, OSError):
+            pass  # the loop has closed
+
+    def on_close(self, fn: Callable[[], None], name: str) -> None:
+        loop = self.loop
+
+        async def guard() -> None:
+            try:
+                await loop.create_future()  # until the loop cancels its leftover tasks
+            finally:
+                fn()
+
+        self.start_task(guard, name)
+
+    def protect_from_ki(self, fn: F) -> F:
+        return fn  # asyncio raises KeyboardInterrupt only in the loop's own code

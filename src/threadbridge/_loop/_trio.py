@@ -1,0 +1,112 @@
+"""The Link for trio runs."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import trio
+
+from . import Waitable
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+# Protected wrappers, made once per function (making one costs more than a call's
+# bookkeeping).
+_protected: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+
+class TrioLink:
+    __slots__ = ("thread_id", "token")
+
+    def __init__(self, token: trio.lowlevel.TrioToken) -> None:
+        self.token = token
+        self.thread_id = threading.get_ident()
+
+    @property
+    def key(self) -> object:
+        return self.token
+
+    def post(self, fn: Callable[[], object]) -> bool:
+        try:
+            self.token.run_sync_soon(fn)
+        except trio.RunFinishedError:
+            return False  # the run has ended: nobody is left to tell
+        return True
+
+    def call(self, fn: Callable[[], object]) -> bool:
+        if threading.get_ident() == self.thread_id:
+            fn()
+            return True
+        return self.post(fn)
+
+    def is_current(self) -> bool:
+        try:
+            return trio.lowlevel.current_trio_token() is self.token
+        except RuntimeError:
+            return False
+
+    async def checkpoint_if_cancelled(self) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+
+    def wake(self, run: Waitable) -> None:
+        run.settled = True
+        if run.waiters is not None:
+            run.waiters.set()
+
+    async def wait_settled(self, run: Waitable) -> None:
+        if run.settled:
+            await trio.lowlevel.checkpoint()
+            return
+        event = run.waiters
+        if event is None:
+            event = run.waiters = trio.Event()
+        try:
+            await event.wait()
+        except BaseException:
+            run.cancel()
+            with trio.CancelScope(shield=True):
+                await event.wait()
+            raise
+
+    def start_task(self, fn: Callable[[], Awaitable[None]], name: str) -> None:
+        trio.lowlevel.spawn_system_task(fn, name=name)
+
+    def watch_readable(self, fd: int, on_readable: Callable[[], bool], name: str) -> None:
+        async def reader() -> None:
+            try:
+                while True:
+                    await trio.lowlevel.wait_readable(fd)
+                    if not on_readable():
+                        return
+            except (trio.ClosedResourceError, OSError):
+                return  # unwatched, or the descriptor was closed under us
+
+        trio.lowlevel.spawn_system_task(reader, name=name)
+
+    def unwatch(self, fd: int) -> None:
+        try:
+            trio.lowlevel.notify_closing(fd)
+        except (RuntimeError, ValueError, OSError):
+            pass  # the run has ended
+
+    def on_close(self, fn: Callable[[], None], name: str) -> None:
+        async def guard() -> None:
+            try:
+                await trio.sleep_forever()
+            finally:
+                fn()
+
+        trio.lowlevel.spawn_system_task(guard, name=name)
+
+    def protect_from_ki(self, fn: F) -> F:
+        # Ctrl-C under trio raises KeyboardInterrupt wherever unprotected code runs; if
+        # it landed between starting a target and the shielded wait, nothing would stop
+        # the target. Protected, it arrives at the wait, and the ladder runs first.
+        try:
+            return _protected[fn]  # type: ignore[return-value]
+        except KeyError:
+            wrapped = _protected[fn] = trio.lowlevel.enable_ki_protection(fn)
+            return wrapped

@@ -1,0 +1,216 @@
+"""One worker process, seen from the parent: its pipes, its answers, its end.
+
+Answers are read by the event loop itself (through the loop layer's fd watching): one
+thread hop fewer per call than a reader thread would cost. However a worker ends (it
+exits, crashes, or is killed at rung 3), ``_finish()`` runs once, in a thread of its own:
+it takes down what is left of the worker's process group, reaps the worker within a
+bound, closes the pipes, and then reports the run the worker had.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from . import _spawn, _wire
+from ._loop import Link
+
+if TYPE_CHECKING:
+    from ._process import ProcessPool, ProcessWork
+
+logger = logging.getLogger("threadbridge")
+
+# Payloads larger than a pipe buffer are written from a helper thread, so that a slow
+# worker never blocks the event loop.
+_INLINE_WRITE = 60_000
+# How long reaping a SIGKILLed worker may take before it is reported as stuck. A killed
+# process normally goes within milliseconds; one in uninterruptible sleep (a hung NFS
+# mount, a device driver) may take for ever. A guess, generous for a loaded machine.
+REAP_TIMEOUT = 5.0
+
+
+class WorkerProcess:
+    """One worker process and the pipes to it. ``state`` belongs to its pool."""
+
+    def __init__(self, pool: ProcessPool, link: Link) -> None:
+        self.pool = pool
+        self.link = link
+        self.lock = threading.Lock()  # guards current, killed, finished
+        self.current: ProcessWork | None = None  # the job it runs
+        self.killed: ProcessWork | None = None  # the job rung 3 killed it for
+        self.finished = False
+        self.state = "new"  # the pool's: idle, busy, retiring, dead, unreaped, gone
+        self.used = False
+        self.idle_since = time.monotonic()
+        self.parser = _wire.FrameParser()
+        job_r, self.job_fd = os.pipe()
+        control_r, self.control_fd = os.pipe()
+        self.result_fd, result_w = os.pipe()
+        try:
+            self.proc = _spawn.start_worker(job_r, control_r, result_w)
+        except BaseException:
+            for fd in (self.job_fd, self.control_fd, self.result_fd):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (job_r, control_r, result_w):
+                os.close(fd)
+        self.pid = self.proc.pid
+        os.set_blocking(self.result_fd, False)
+        _wire.write_frame(self.job_fd, _wire.INIT, 0, pickle.dumps({"sys_path": list(sys.path)}))
+        link.post(self._watch)
+
+    # --- talking to the worker ---------------------------------------------------------
+
+    def run(self, work: ProcessWork, payload: bytes) -> None:
+        with self.lock:
+            self.current = work
+        if len(payload) <= _INLINE_WRITE:
+            self._write_job(work.job_id, payload)
+        else:
+            threading.Thread(
+                target=self._write_job,
+                args=(work.job_id, payload),
+                name="threadbridge-write",
+                daemon=True,
+            ).start()
+
+    def _write_job(self, job_id: int, payload: bytes) -> None:
+        try:
+            _wire.write_frame(self.job_fd, _wire.RUN, job_id, payload)
+        except OSError:
+            pass  # the worker has died; end of file on its answers reports it
+
+    def control(self, kind: int, job_id: int) -> None:
+        try:
+            _wire.write_frame(self.control_fd, kind, job_id)
+        except OSError:
+            pass
+
+    def ask_to_exit(self) -> None:
+        try:
+            _wire.write_frame(self.job_fd, _wire.EXIT)
+        except OSError:
+            pass
+
+    def signal_group(self, signum: int) -> None:
+        try:
+            os.killpg(self.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass  # the group is gone already
+
+    def exited(self) -> bool:
+        """Whether the worker process has ended, without reaping it (lock-free)."""
+        try:
+            flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
+            return os.waitid(os.P_PID, self.pid, flags) is not None
+        except ChildProcessError:
+            return True  # reaped already
+
+    def kill_for(self, work: ProcessWork) -> bool:
+        """Rung 3: SIGKILL the process group if it still runs ``work``; reaping and the
+        report follow in ``_finish()``. Returns at once."""
+        with self.lock:
+            if self.current is not work:
+                return False  # it has just answered: that answer is reported
+            self.current = None
+            self.killed = work
+        self.signal_group(signal.SIGKILL)
+        self.finish_soon()
+        return True
+
+    # --- reading answers, in the event loop ---------------------------------------------
+
+    def _watch(self) -> None:
+        if not self.finished:
+            name = "threadbridge worker reader"
+            self.link.watch_readable(self.result_fd, self._on_readable, name)
+
+    def unwatch(self) -> None:
+        self.link.unwatch(self.result_fd)
+
+    def _close_result_fd(self) -> None:
+        self.link.unwatch(self.result_fd)
+        _close(self.result_fd)
+
+    def _on_readable(self) -> bool:
+        try:
+            data = os.read(self.result_fd, 1 << 20)
+        except BlockingIOError:
+            return True
+        except OSError:
+            data = b""
+        if not data:
+            self.finish_soon()  # end of file: the worker has exited or been killed
+            return False
+        for kind, job_id, payload in self.parser.feed(data):
+            if kind != _wire.ANSWER:
+                continue
+            with self.lock:
+                work = self.current
+                if work is None or work.job_id != job_id:
+                    continue  # killed meanwhile: the ladder has reported it
+                self.current = None
+            self.pool.returned(self)
+            work.answered(payload)
+        return True
+
+    # --- the end ------------------------------------------------------------------------
+
+    def _reap(self, timeout: float) -> int | None:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def finish_soon(self) -> None:
+        threading.Thread(target=self.finish, name="threadbridge-reap", daemon=True).start()
+
+    def finish(self) -> None:
+        """The worker is gone or going: clean up once, from any thread but the loop's
+        (reaping may take a moment)."""
+        with self.lock:
+            if self.finished:
+                return
+            self.finished = True
+            crashed, self.current = self.current, None
+            killed, self.killed = self.killed, None
+        # Take down anything its targets left in its process group, while the unreaped
+        # worker still holds the group's id (so that it cannot have been reused)...
+        self.signal_group(signal.SIGKILL)
+        returncode = self._reap(REAP_TIMEOUT)  # ...then reap it: never a zombie
+        if returncode is None:
+            logger.error(
+                "worker process %d did not end within %ss of SIGKILL (stuck in the kernel?); "
+                "it is counted in stats().unreaped_workers until it is reaped",
+                self.pid,
+                REAP_TIMEOUT,
+            )
+        for fd in (self.job_fd, self.control_fd):
+            _close(fd)
+        # The loop may still watch the result pipe: only the loop's thread may stop that
+        # and close it, or a new pipe given the same number would meet the old watch.
+        if not self.link.call(self._close_result_fd):
+            _close(self.result_fd)  # the loop has ended: nothing watches any more
+        self.pool.ended(self, reaped=returncode is not None)
+        if killed is not None:
+            killed.killed()
+        if crashed is not None:
+            crashed.crashed(returncode)
+        if returncode is None:
+            self.proc.wait()
+            self.pool.ended(self, reaped=True)
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass

@@ -1,0 +1,163 @@
+"""Running one target under its token and its rung-2 state.
+
+The one algorithm that pool threads and worker processes share: mark the target running,
+call it, and mark it ended, in such a way that rung 2 can land only while the target
+itself runs, never in the code around it, and is withdrawn if it has not fired by then.
+Worker processes import this module: it stays light (no anyio, no trio, no threads).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from . import _inject
+from ._errors import TargetCancelled
+from ._token import NEVER_SET, Token, _local
+
+Outcome = tuple[bool, Any]  # (True, value returned) or (False, exception raised)
+
+
+class TargetState:
+    """Per-run state shared by the target's thread and whatever delivers rung 2.
+
+    A thread target gets rung 2 from the ladder, another thread: everything that decides
+    whether it may land happens under ``lock``, and it is injected only while ``running``
+    is true and outside ``uninterruptible()`` blocks. A worker process gets rung 2 as a
+    signal, handled in the target's own thread (``interrupt_here``), which must not take
+    the lock: the thread may hold it when the signal arrives.
+    """
+
+    __slots__ = (
+        "abandoned",
+        "deferred",
+        "depth",
+        "interrupted",
+        "lock",
+        "pending",
+        "running",
+        "started",
+        "thread_id",
+        "token",
+    )
+
+    def __init__(self, token: Token, lock: threading.Lock) -> None:
+        self.token = token
+        self.lock = lock  # never held while another lock is taken
+        self.started = False  # a thread has picked it up (and decided whether to run it)
+        self.running = False  # the target itself may be running: rung 2 may land
+        self.thread_id = 0
+        self.depth = 0  # nesting of uninterruptible() blocks
+        self.interrupted = False  # rung 2 was delivered to the running target (once)
+        self.pending = False  # injected into the thread, not known to have been raised
+        self.deferred = False  # delivered inside uninterruptible(); raised when it exits
+        self.abandoned = False  # rung 3 gave up on it: its thread must never be reused
+
+    # --- from the ladder (other threads) -----------------------------------------------
+
+    def request_interrupt(self) -> bool:
+        """Rung 2 for a thread target. Returns whether it reached a running target."""
+        with self.lock:
+            if self.interrupted or not self.running:
+                return False
+            self.interrupted = True
+            if self.depth:
+                self.deferred = True
+            else:
+                self.pending = True
+                _inject.inject(self.thread_id)
+            return True
+
+    def abandon(self) -> bool:
+        """Rung 3 for a thread target. Returns whether it was running (and is now given up
+        on); a target that has not started is stopped by its token when picked up."""
+        with self.lock:
+            if not self.running:
+                return False
+            self.abandoned = True
+            return True
+
+    # --- in the target's own thread ------------------------------------------------------
+
+    def interrupt_here(self, message: str) -> None:
+        """Rung 2 delivered in the target's own thread (a worker's SIGTERM handler)."""
+        if not self.running or self.interrupted:
+            return
+        self.interrupted = True
+        if self.depth:
+            self.deferred = True  # raised when the outermost uninterruptible() exits
+            return
+        raise _inject.Interrupted(message)
+
+    def hold(self) -> None:
+        """Enter an uninterruptible() block."""
+        try:
+            with self.lock:
+                if self.pending:
+                    # Injected before the block began and not fired yet: deliver it here,
+                    # before the block, rather than somewhere inside it.
+                    self.pending = False
+                    _inject.clear_injection(self.thread_id)
+                    raise TargetCancelled("interrupted (rung 2)")
+                self.depth += 1
+        except TargetCancelled:
+            self.pending = False
+            raise
+
+    def release(self) -> None:
+        """Leave an uninterruptible() block; raise a rung 2 that was held off."""
+        with self.lock:
+            self.depth -= 1
+            fire = self.depth == 0 and self.deferred
+            if fire:
+                self.deferred = False
+        if fire:
+            raise TargetCancelled("interrupted (rung 2, held off until uninterruptible() ended)")
+
+    def run(self, call: Callable[[], Outcome]) -> Outcome | None:
+        """Run ``call`` (which returns the target's outcome) as this state's target.
+
+        Returns None if a stop was requested before it started: it is then never called.
+        Once this returns, no rung 2 can reach the calling thread any more.
+        """
+        self.thread_id = threading.get_ident()
+        _local.state = self
+        _local.token = self.token
+        started = False
+        try:
+            # From the moment _begin() marks the target running, rung 2 may land: before
+            # the target's first line or after its last, so all of this stays in the try.
+            started = self._begin()
+            if started:
+                outcome = call()
+        except TargetCancelled as exc:
+            outcome = (False, exc)
+            started = True
+        if started:
+            while True:
+                try:
+                    self._settle()
+                    break
+                except TargetCancelled:
+                    # Rung 2 reached the target as it returned and fired on the way into
+                    # _settle() or inside it: it is spent. (After _settle() nothing fires.)
+                    self.pending = False
+        _local.state = None
+        _local.token = NEVER_SET
+        return outcome if started else None
+
+    def _begin(self) -> bool:
+        with self.lock:
+            self.started = True
+            if self.token._flag:
+                return False  # stopped before it started: never run it
+            self.running = True
+            return True
+
+    def _settle(self) -> None:
+        with self.lock:
+            self.running = False
+            if self.pending:
+                self.pending = False
+                _inject.clear_injection(self.thread_id)
