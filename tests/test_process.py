@@ -382,3 +382,55 @@ async def test_multiprocessing_grandchild_dies_at_rung3(tmp_path: Path) -> None:
     with anyio.fail_after(10):
         while not gone(grandchild):
             await anyio.sleep(0.01)
+
+
+async def test_unreapable_worker_never_delays_another_ladder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A killed worker that is not reaped within the bound is logged as an error and
+    counted in stats(), its handle ends KILLED, and meanwhile another handle's ladder
+    climbs as usual: reaping never runs on the ladder's scheduler."""
+    from threadbridge import _process_worker
+
+    reaping, bound_passed, reaped_late = threading.Event(), threading.Event(), threading.Event()
+    real_reap = _process_worker.WorkerProcess._reap
+
+    def stuck(self: _process_worker.WorkerProcess, timeout: float | None) -> int | None:
+        if timeout is not None:  # the bounded reap: as if the process were stuck
+            reaping.set()
+            bound_passed.wait(30)
+            return None
+        reaped_late.wait(30)  # the unbounded one that follows, in the same thread
+        return real_reap(self, None)
+
+    monkeypatch.setattr(_process_worker.WorkerProcess, "_reap", stuck)
+    path = tmp_path / "pid"
+    policy = tb.Policy(grace=0, interrupt=False)
+    handle = tb.spawn(targets.write_pid_then_sleep, str(path), 30, backend=P, policy=policy)
+    await lines_of(path, 1)
+    handle.cancel()
+    await anyio.to_thread.run_sync(reaping.wait)
+    # The reaper is stuck; another handle's ladder still climbs rung by rung.
+    started = threading.Event()
+
+    def spin() -> None:
+        started.set()
+        while True:
+            pass
+
+    other = tb.spawn(spin, policy=tb.Policy(grace=0.01, interrupt_grace=30))
+    await anyio.to_thread.run_sync(started.wait)
+    with anyio.fail_after(10):  # far less than the 30 s the reaper is stuck for
+        assert await other.stop() is tb.Stage.INTERRUPTED
+    assert reaping.is_set() and not bound_passed.is_set()
+    assert handle.stage is tb.Stage.RUNNING  # reported once the bound has passed
+    bound_passed.set()
+    assert await handle.stop() is tb.Stage.KILLED
+    assert tb.stats().unreaped_workers == 1
+    assert any(
+        r.levelname == "ERROR" and "did not end within" in r.getMessage() for r in caplog.records
+    )
+    reaped_late.set()
+    with anyio.fail_after(10):
+        while tb.stats().unreaped_workers:
+            await anyio.sleep(0.01)

@@ -59,6 +59,16 @@ def decide_stage(ending: Ending, *, interrupted: bool, rung: Rung) -> Stage:
     return Stage.COOPERATIVE if rung >= Rung.STOP else Stage.FINISHED
 
 
+class Limiter(Protocol):
+    """The capacity-limiter interface (``anyio.CapacityLimiter``, ``trio.CapacityLimiter``)."""
+
+    def acquire_on_behalf_of_nowait(self, borrower: object) -> None: ...
+
+    async def acquire_on_behalf_of(self, borrower: object) -> None: ...
+
+    def release_on_behalf_of(self, borrower: object) -> None: ...
+
+
 class Work(Protocol):
     """What a backend gives the ladder for one started target.
 
@@ -125,7 +135,7 @@ class Run:
         name: str,
         policy: Policy,
         link: Link,
-        limiter: Any,
+        limiter: Limiter,
         scheduler: Scheduler = SCHEDULER,
     ) -> None:
         self._lock = threading.Lock()

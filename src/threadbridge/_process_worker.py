@@ -164,7 +164,7 @@ class WorkerProcess:
 
     # --- the end ------------------------------------------------------------------------
 
-    def _reap(self, timeout: float) -> int | None:
+    def _reap(self, timeout: float | None) -> int | None:
         try:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -205,7 +205,7 @@ class WorkerProcess:
         if crashed is not None:
             crashed.crashed(returncode)
         if returncode is None:
-            self.proc.wait()
+            self._reap(None)
             self.pool.ended(self, reaped=True)
 
 
