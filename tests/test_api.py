@@ -8,6 +8,7 @@ import math
 import threading
 import warnings
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -17,11 +18,23 @@ import threadbridge as tb
 
 
 def test_all_names_exist_and_are_public() -> None:
-    """Every name in __all__ is importable and nothing public is missing from it."""
-    for name in tb.__all__:
-        assert getattr(tb, name) is not None
-    public = {n for n in dir(tb) if not n.startswith("_")}
-    assert public - set(tb.__all__) == set()
+    """__all__, the lazy-import map and the names re-exported for type checkers list the
+    same names, and each of them loads from the module the map names."""
+    import ast
+    import importlib
+
+    source = Path(inspect.getfile(tb)).read_text()
+    typed = {
+        alias.asname
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+        if alias.asname and not alias.asname.startswith("_")
+    }
+    where: dict[str, str] = tb._WHERE
+    assert set(tb.__all__) == set(where) == typed
+    for name, module in where.items():
+        assert getattr(tb, name) is getattr(importlib.import_module(f"threadbridge.{module}"), name)
 
 
 @pytest.mark.parametrize(

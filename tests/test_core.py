@@ -21,7 +21,7 @@ import pytest
 
 import threadbridge as tb
 from threadbridge import _backend, _ladder, _scheduler
-from threadbridge._ladder import Ending, Rung, Run, decide_stage
+from threadbridge._ladder import Ending, Run, Rung, decide_stage
 from threadbridge._loop import Waitable
 
 FAST = tb.Policy(grace=1.0, interrupt_grace=2.0)
@@ -160,7 +160,7 @@ def test_decide_stage_table() -> None:
 
 def test_finish_without_cancel() -> None:
     """A run that ends by itself is FINISHED, gives its token back once, wakes waiters."""
-    run, work, clock, limiter = make_run()
+    run, work, _clock, limiter = make_run()
     run.report(Ending.ENDED, (True, 5))
     assert run.stage is tb.Stage.FINISHED
     assert run.settled
@@ -183,7 +183,7 @@ def test_rung1_is_synchronous_and_rung2_waits_for_grace() -> None:
     assert work.calls == ["stop", "interrupt"]
     clock.advance(0.001)
     assert work.calls == ["stop", "interrupt", "force"]
-    assert run.rung is Rung.FORCE
+    assert run.rung.name == "FORCE"  # (mypy narrows the property)
 
 
 def test_cancel_is_idempotent() -> None:
@@ -235,14 +235,14 @@ def test_no_force_never_forces() -> None:
     assert work.calls == ["stop", "interrupt"]
     assert run.stage is tb.Stage.RUNNING
     run.report(Ending.ENDED, (True, None))
-    assert run.stage is tb.Stage.COOPERATIVE
+    assert run.stage.name == "COOPERATIVE"  # (mypy narrows the property)
 
 
 @pytest.mark.parametrize("ending", [Ending.ABANDONED, Ending.KILLED])
 def test_forced(ending: Ending) -> None:
     """The backend's report of a forced run decides ABANDONED or KILLED; the await sees
     TargetCancelled that names rung 3."""
-    run, work, clock, limiter = make_run()
+    run, _work, clock, limiter = make_run()
     run.cancel()
     clock.advance(3.0)
     run.report(ending, release=ending is Ending.KILLED)
@@ -271,7 +271,7 @@ def test_ended_just_before_forced() -> None:
 def test_forced_then_late_end_is_a_violation(recorded_violations: list[str]) -> None:
     """A backend that reports twice breaks the contract: the first report stands, the
     token is given back once, and the violation is recorded (the suite fails on it)."""
-    run, work, clock, limiter = make_run()
+    run, _work, clock, limiter = make_run()
     run.cancel()
     clock.advance(3.0)
     run.report(Ending.KILLED)
@@ -285,7 +285,7 @@ def test_forced_then_late_end_is_a_violation(recorded_violations: list[str]) -> 
 def test_token_given_back_twice_is_a_violation(recorded_violations: list[str]) -> None:
     """Giving back a limiter token the run does not hold is recorded, not raised in the
     loop (where it would take the loop down)."""
-    run, work, clock, limiter = make_run()
+    run, _work, _clock, _limiter = make_run()
     run.report(Ending.ENDED, (True, 1))
     run.release()
     assert "did not hold" in _ladder.violations[-1]
@@ -293,7 +293,7 @@ def test_token_given_back_twice_is_a_violation(recorded_violations: list[str]) -
 
 def test_stop_before_start() -> None:
     """A run stopped before its target started ends COOPERATIVE and says so."""
-    run, work, clock, _ = make_run()
+    run, _work, _clock, _ = make_run()
     run.cancel()
     run.report(Ending.NOT_STARTED)
     assert run.stage is tb.Stage.COOPERATIVE
@@ -315,7 +315,7 @@ def test_attach_after_cancel_requests_stop() -> None:
 
 def test_attach_after_settle_is_ignored() -> None:
     """A run that has settled keeps no reference to work attached late."""
-    run, _, clock, _ = make_run()
+    run, _, _clock, _ = make_run()
     run.report(Ending.ENDED, (True, 1))
     late = FakeWork()
     run.attach(late)
@@ -377,10 +377,9 @@ async def test_backend_object_through_the_public_api() -> None:
     backend = RecordingBackend()
     assert await tb.run_killable(divmod, 7, 2, backend=backend) == (3, 1)
     assert await tb.spawn(abs, -4, backend=backend) == 4
-    assert backend.calls == ["check run_killable()", "prepare divmod", "start"] + [
-        "check spawn()",
-        "prepare abs",
-        "start",
+    assert backend.calls == [
+        *("check run_killable()", "prepare divmod", "start"),
+        *("check spawn()", "prepare abs", "start"),
     ]
     assert tb.default_limiter(backend).total_tokens == 3
     assert tb.default_limiter(backend).borrowed_tokens == 0

@@ -129,7 +129,7 @@ async def test_long_c_call_freezes_loop_only_for_threads(
     await tb.run_killable(targets.add, 0, 0, backend=backend)  # warm up
     async with anyio.create_task_group() as tg:
         tg.start_soon(ticker)
-        await anyio.sleep(0.02)
+        await anyio.wait_all_tasks_blocked()  # the ticker is ticking
         await tb.run_killable(targets.long_c_call, n, backend=backend)
         done.set()
     if backend == "thread":

@@ -104,24 +104,28 @@ async def test_injection_at_return_stays_out_of_the_pool(trailing_calls: int) ->
     """An interrupt that fires as the target returns is absorbed; the thread lives on."""
     from threadbridge import _token
 
-    def target() -> threading.Thread:
-        thread = threading.current_thread()
+    ran_on: list[threading.Thread] = []
+
+    def target() -> str:
+        ran_on.append(threading.current_thread())
         state = _token._local.state
-        assert state is not None
+        if state is None:
+            return "not run as a target"
         # Rung 2 at the very end: it fires in the target's last steps or in the pool's
-        # bookkeeping right after, never later.
+        # bookkeeping right after (where it is withdrawn), never later.
         state.request_interrupt()
         for _ in range(trailing_calls):
             len(())
-        return thread
+        return "returned"
 
     handle = tb.spawn(target)
     try:
-        await handle
-        outcome = "returned"
+        assert await handle == "returned"  # withdrawn as the target returned
     except tb.TargetCancelled:
-        outcome = "interrupted"
-    assert outcome in ("returned", "interrupted")
+        pass  # fired in the target's last steps
+    assert handle.stage is tb.Stage.INTERRUPTED  # rung 2 reached the running target
+    # An exception escaping into the pool thread would reach threading.excepthook,
+    # which this suite turns into an error.
     # The same pool thread serves the next calls, untouched.
     threads = {await tb.run_killable(threading.current_thread) for _ in range(5)}
     assert all(t.is_alive() for t in threads)

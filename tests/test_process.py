@@ -354,15 +354,29 @@ def test_unknown_start_method() -> None:
         tb.set_start_method("forkserver")
 
 
-async def test_idle_workers_retire_but_one_stays(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_idle_workers_retire_but_one_stays(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """Workers idle past IDLE_TIMEOUT exit; one stays on standby."""
     from threadbridge import _process
 
     monkeypatch.setattr(_process, "IDLE_TIMEOUT", 0.2)
-    # The two calls overlap, so two workers end up idle.
+    # Two calls that run at once (each waits for its go file), so two workers end up idle.
+    limiter = anyio.CapacityLimiter(2)
+    gates = [tmp_path / "a", tmp_path / "b"]
     async with anyio.create_task_group() as tg:
-        for _ in range(2):
-            tg.start_soon(lambda: tb.run_killable(time.sleep, 0.2, backend=P))
+        for gate in gates:
+            tg.start_soon(
+                lambda g: tb.run_killable(
+                    targets.busy_until_file, str(g), backend=P, limiter=limiter
+                ),
+                gate,
+            )
+        for gate in gates:
+            await lines_of(gate, 1)
+        assert tb.stats().busy_workers == 2
+        for gate in gates:
+            Path(f"{gate}.go").touch()
     assert tb.stats().idle_workers >= 2
     with anyio.fail_after(10):
         while tb.stats().idle_workers > 1:
@@ -422,7 +436,8 @@ async def test_unreapable_worker_never_delays_another_ladder(
     await anyio.to_thread.run_sync(started.wait)
     with anyio.fail_after(10):  # far less than the 30 s the reaper is stuck for
         assert await other.stop() is tb.Stage.INTERRUPTED
-    assert reaping.is_set() and not bound_passed.is_set()
+    assert reaping.is_set()
+    assert not bound_passed.is_set()
     assert handle.stage is tb.Stage.RUNNING  # reported once the bound has passed
     bound_passed.set()
     assert await handle.stop() is tb.Stage.KILLED

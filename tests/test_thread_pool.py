@@ -65,6 +65,7 @@ async def test_limiter_bounds_concurrency() -> None:
     """With a limiter of 2, at most 2 targets run at once; the rest wait their turn."""
     limiter = anyio.CapacityLimiter(2)
     lock = threading.Lock()
+    go, two_running = threading.Event(), threading.Event()
     running = 0
     peak = 0
 
@@ -73,13 +74,21 @@ async def test_limiter_bounds_concurrency() -> None:
         with lock:
             running += 1
             peak = max(peak, running)
-        time.sleep(0.01)
+            if running == 2:
+                two_running.set()
+        go.wait()
         with lock:
             running -= 1
 
     async with anyio.create_task_group() as tg:
         for _ in range(8):
             tg.start_soon(lambda: tb.run_killable(target, limiter=limiter))
+        await anyio.to_thread.run_sync(two_running.wait)
+        await anyio.wait_all_tasks_blocked()
+        # Every other caller waits for the limiter: no third target was even submitted.
+        assert tb.stats().busy_threads == 2
+        assert limiter.borrowed_tokens == 2
+        go.set()
     assert peak == 2
     assert limiter.borrowed_tokens == 0
 
