@@ -27,7 +27,6 @@ from ._ladder import Ending, Run
 from ._loop import Link
 from ._process_worker import WorkerProcess
 from ._scheduler import SCHEDULER
-from ._spawn import set_start_method as set_start_method
 
 logger = logging.getLogger("threadbridge")
 

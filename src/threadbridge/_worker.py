@@ -45,7 +45,7 @@ _last_started = 0  # job ids only grow: a message for an older job is stale
 _early: set[int] = set()  # jobs whose stop arrived before they started: never run them
 _lock = threading.Lock()
 _pid = 0  # this worker's pid: a target's fork that returns must not act as the worker
-_result_fd = _control_fd = -1  # kept for fault-injection tests
+_result_fd = -1  # kept for fault-injection tests
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -168,8 +168,8 @@ def _open_fds() -> list[int]:
 
 
 def serve(job_fd: int, control_fd: int, result_fd: int) -> None:
-    global _pid, _result_fd, _control_fd
-    _pid, _result_fd, _control_fd = os.getpid(), result_fd, control_fd
+    global _pid, _result_fd
+    _pid, _result_fd = os.getpid(), result_fd
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     # The control thread needs the GIL to set a token while a pure-Python target holds
     # it; the default 5 ms switch interval would add up to 5 ms to every rung 1.

@@ -74,18 +74,24 @@ class Link(Protocol):
         ...
 
 
+# The Link classes, imported on first use: a program that runs only asyncio never imports
+# trio, and the reverse.
+_asyncio_link: Callable[[Any], Link] | None = None
+_trio_link: Callable[[Any], Link] | None = None
+
+
 def current_link(what: str) -> Link:
     """The Link of the running event loop, or a RuntimeError that says what to do."""
+    global _asyncio_link, _trio_link
     asyncio = sys.modules.get("asyncio")
     if asyncio is not None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            pass
-        else:
-            from ._asyncio import AsyncioLink
+        loop = asyncio._get_running_loop()  # None, not an exception, outside a loop
+        if loop is not None:
+            if _asyncio_link is None:
+                from ._asyncio import AsyncioLink
 
-            return AsyncioLink(loop)
+                _asyncio_link = AsyncioLink
+            return _asyncio_link(loop)
     trio = sys.modules.get("trio")
     if trio is not None:
         try:
@@ -93,9 +99,11 @@ def current_link(what: str) -> Link:
         except RuntimeError:
             pass
         else:
-            from ._trio import TrioLink
+            if _trio_link is None:
+                from ._trio import TrioLink
 
-            return TrioLink(token)
+                _trio_link = TrioLink
+            return _trio_link(token)
     raise RuntimeError(
         f"{what} must be called from async code running in an asyncio or trio event loop. "
         "From synchronous code, start one first, e.g. asyncio.run(main()), trio.run(main) "
