@@ -29,6 +29,26 @@ def _anyio_checkpoint() -> Callable[[], Awaitable[None]]:
         return anyio.lowlevel.checkpoint_if_cancelled
 
 
+class _Waiter(asyncio.Future[None]):
+    """What a task awaiting a run waits on. ``Task.cancel()`` (which every asyncio
+    cancellation ends in: ``asyncio.timeout``, anyio's scopes, task groups) cancels the
+    future its task waits on, synchronously: so rung 1 happens inside the cancel itself."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, run: Waitable) -> None:
+        super().__init__(loop=loop)
+        self._run: Waitable | None = run
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        run = self._run
+        if run is not None and not self.done():
+            run.cancel()
+        return super().cancel(msg)
+
+    def set_result(self, result: None) -> None:
+        self._run = None
+        super().set_result(result)
+
+
 class AsyncioLink:
     __slots__ = ("loop", "thread_id")
     _checkpoint: Callable[[], Awaitable[None]] | None = None
@@ -73,7 +93,7 @@ class AsyncioLink:
                 fut.set_result(None)
 
     def _future(self, run: Waitable) -> asyncio.Future[None]:
-        fut = self.loop.create_future()
+        fut = _Waiter(self.loop, run)
         if run.waiters is None:
             run.waiters = [fut]
         else:

@@ -53,23 +53,35 @@ class TrioLink:
 
     def wake(self, run: Waitable) -> None:
         run.settled = True
-        if run.waiters is not None:
-            run.waiters.set()
+        waiters, run.waiters = run.waiters, None
+        for task in waiters or ():
+            trio.lowlevel.reschedule(task)
 
     async def wait_settled(self, run: Waitable) -> None:
         if run.settled:
             await trio.lowlevel.checkpoint()
             return
-        event = run.waiters
-        if event is None:
-            event = run.waiters = trio.Event()
-        try:
-            await event.wait()
-        except BaseException:
+        task = trio.lowlevel.current_task()
+        if run.waiters is None:
+            run.waiters = [task]
+        else:
+            run.waiters.append(task)
+        cancelled = False
+
+        def abort(raise_cancel: Any) -> trio.lowlevel.Abort:
+            # Called by trio inside the cancel itself (a scope's cancel(), a deadline,
+            # Ctrl-C): rung 1 happens there. The wait goes on, shielded in effect, until
+            # the run settles and wake() reschedules this task.
+            nonlocal cancelled
+            cancelled = True
             run.cancel()
-            with trio.CancelScope(shield=True):
-                await event.wait()
-            raise
+            return trio.lowlevel.Abort.FAILED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+        if cancelled:
+            # The cancellation (or KeyboardInterrupt) that started the ladder is still
+            # pending: deliver it now that the work has stopped.
+            await trio.lowlevel.checkpoint_if_cancelled()
 
     def start_task(self, fn: Callable[[], Awaitable[None]], name: str) -> None:
         trio.lowlevel.spawn_system_task(fn, name=name)
