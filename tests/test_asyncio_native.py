@@ -105,24 +105,28 @@ async def test_spawn_from_plain_asyncio() -> None:
 @pytest.mark.asyncio
 async def test_rung1_happens_inside_task_cancel() -> None:
     """task.cancel() sets the token before it returns, every time."""
-    loop = asyncio.get_running_loop()
     for _ in range(20):
-        started = asyncio.Event()
-        unblocked, checked = threading.Event(), threading.Event()
-        seen: list[bool] = []
+        assert await _task_cancel_then_unblock() == [True]
 
-        def target() -> None:
-            loop.call_soon_threadsafe(started.set)
-            unblocked.wait()
-            seen.append(tb.cancel_requested())
-            checked.set()
 
-        task = asyncio.ensure_future(tb.run_killable(target, policy=tb.Policy(grace=30)))
-        await started.wait()
-        await asyncio.sleep(0)  # the task is waiting for its target
-        task.cancel()
-        unblocked.set()
-        assert checked.wait(10)  # the loop is held: only task.cancel() can have set it
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert seen == [True]
+async def _task_cancel_then_unblock() -> list[bool]:
+    loop = asyncio.get_running_loop()
+    started = asyncio.Event()
+    unblocked, checked = threading.Event(), threading.Event()
+    seen: list[bool] = []
+
+    def target() -> None:
+        loop.call_soon_threadsafe(started.set)
+        unblocked.wait()
+        seen.append(tb.cancel_requested())
+        checked.set()
+
+    task = asyncio.ensure_future(tb.run_killable(target, policy=tb.Policy(grace=30)))
+    await started.wait()
+    await asyncio.sleep(0)  # the task is waiting for its target
+    task.cancel()
+    unblocked.set()
+    assert checked.wait(10)  # the loop is held: only task.cancel() can have set it
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    return seen

@@ -157,30 +157,34 @@ async def test_rung1_happens_inside_the_cancel() -> None:
     """The token is set by scope.cancel() itself: a target that the canceller unblocks
     right after cancelling sees the stop requested, every time."""
     for _ in range(20):
-        started = Signal()
-        unblocked, checked = threading.Event(), threading.Event()
-        seen: list[bool] = []
+        assert await _cancel_then_unblock() == [True]
 
-        def target() -> None:
-            started.set()
-            unblocked.wait()
-            seen.append(tb.cancel_requested())
-            checked.set()
 
-        with anyio.CancelScope() as scope:
-            handle = tb.spawn(target, policy=tb.Policy(grace=30))
+async def _cancel_then_unblock() -> list[bool]:
+    started = Signal()
+    unblocked, checked = threading.Event(), threading.Event()
+    seen: list[bool] = []
 
-            async def cancel_then_unblock() -> None:
-                await started.wait()
-                await anyio.wait_all_tasks_blocked()  # the awaiter below is waiting
-                scope.cancel()
-                unblocked.set()
-                # Hold the loop until the target has looked: the cancelled await gets no
-                # chance to run first, so only the cancel itself can have set the token.
-                assert checked.wait(10)
+    def target() -> None:
+        started.set()
+        unblocked.wait()
+        seen.append(tb.cancel_requested())
+        checked.set()
 
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(cancel_then_unblock)
-                await handle
-        assert seen == [True]
-        assert handle.stage is tb.Stage.COOPERATIVE
+    with anyio.CancelScope() as scope:
+        handle = tb.spawn(target, policy=tb.Policy(grace=30))
+
+        async def cancel_then_unblock() -> None:
+            await started.wait()
+            await anyio.wait_all_tasks_blocked()  # the awaiter below is waiting
+            scope.cancel()
+            unblocked.set()
+            # Hold the loop until the target has looked: the cancelled await gets no
+            # chance to run first, so only the cancel itself can have set the token.
+            assert checked.wait(10)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cancel_then_unblock)
+            await handle
+    assert handle.stage is tb.Stage.COOPERATIVE
+    return seen

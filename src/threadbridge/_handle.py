@@ -25,7 +25,7 @@ class Handle(Generic[T_co]):
         stopped or been given up on, then lets the cancellation propagate.
     """
 
-    __slots__ = ("_run",)
+    __slots__ = ("__weakref__", "_run")
 
     def __init__(self, run: Run) -> None:
         self._run = run

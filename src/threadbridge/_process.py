@@ -26,7 +26,7 @@ from ._errors import WorkerCrashed
 from ._ladder import Ending, Run
 from ._loop import Link
 from ._process_worker import WorkerProcess
-from ._scheduler import SCHEDULER
+from ._scheduler import SCHEDULER, Timer
 
 logger = logging.getLogger("threadbridge")
 
@@ -52,7 +52,7 @@ class ProcessPool:
         self.idle: list[WorkerProcess] = []  # most recently used last
         self.closed = False
         self.making_standby = False
-        self.retire_scheduled = False
+        self.retire_timer: Timer | None = None  # withdrawn at shutdown: it holds the pool
         _all_pools.add(self)
         _stats.register(self)
 
@@ -126,19 +126,17 @@ class ProcessPool:
         with self.lock:
             closed = self.closed
             self._set_state(worker, "retiring" if closed else "idle")
-            schedule = not closed and not self.retire_scheduled
-            self.retire_scheduled = self.retire_scheduled or schedule
+            if not closed and self.retire_timer is None:
+                self.retire_timer = SCHEDULER.call_later(IDLE_TIMEOUT, self._retire_idle)
         _stats.changed()
         if closed:
             worker.ask_to_exit()
-        elif schedule:
-            SCHEDULER.call_later(IDLE_TIMEOUT, self._retire_idle)
 
     def _retire_idle(self) -> None:
         """Let workers idle for IDLE_TIMEOUT exit; the most recently used one stays."""
         now = time.monotonic()
         with self.lock:
-            self.retire_scheduled = False
+            self.retire_timer = None
             if self.closed:
                 return
             keep = self.idle[-1:]  # the standby
@@ -147,12 +145,10 @@ class ProcessPool:
                 self._set_state(worker, "retiring")
             rest = [w for w in self.idle if w not in keep]
             if rest:
-                self.retire_scheduled = True
                 delay = IDLE_TIMEOUT - (now - min(w.idle_since for w in rest))
+                self.retire_timer = SCHEDULER.call_later(max(delay, 0.0), self._retire_idle)
         for worker in old:
             worker.ask_to_exit()
-        if rest:
-            SCHEDULER.call_later(max(delay, 0.0), self._retire_idle)
 
     def ended(self, worker: WorkerProcess, *, reaped: bool) -> None:
         """A worker process has exited (and been reaped, or resists it)."""
@@ -169,10 +165,13 @@ class ProcessPool:
             if self.closed:
                 return
             self.closed = True
+            timer, self.retire_timer = self.retire_timer, None
             workers = list(self.workers)
             for worker in workers:
                 if worker.state == "idle":
                     self._set_state(worker, "retiring")
+        if timer is not None:
+            timer.cancel()
         for worker in workers:
             # The loop will not read again (it is ending, or gone).
             worker.unwatch()
@@ -228,7 +227,14 @@ def pool_for(link: Link) -> ProcessPool:
     pool = _pools.get(key)
     if pool is None:
         pool = _pools[key] = ProcessPool(link)
-        link.on_close(pool.shutdown, "threadbridge process pool guard")
+
+        def close() -> None:
+            # The pool refers to the loop (through its link): dropped from the registry,
+            # it no longer keeps the ended loop alive.
+            _pools.pop(key, None)
+            pool.shutdown()
+
+        link.on_close(close, "threadbridge process pool guard")
     return pool
 
 

@@ -1,0 +1,88 @@
+"""Nothing of a call stays alive after it: not its function, arguments or result, not
+its handle, not the event loop it ran in."""
+
+from __future__ import annotations
+
+import gc
+import sys
+import weakref
+from typing import Any
+
+import anyio
+import pytest
+
+import threadbridge as tb
+
+from . import targets
+
+
+class Big:
+    """A large, weakly referenceable payload."""
+
+    def __init__(self) -> None:
+        self.data = bytearray(50 * 1024 * 1024)
+
+
+def keep(value: Any) -> Any:
+    return value
+
+
+def alive(refs: dict[str, weakref.ref[Any]]) -> list[str]:
+    gc.collect()
+    return sorted(name for name, ref in refs.items() if ref() is not None)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+@pytest.mark.parametrize("grace", [1.0, 3600.0])
+def test_thread_call_keeps_nothing_alive(loop: str, grace: float) -> None:
+    """After a thread call returns (on a pool thread started for it, or a reused one) and
+    its loop has ended, the argument, result, handle and loop are all collectable."""
+    refs: dict[str, weakref.ref[Any]] = {}
+
+    async def main() -> None:
+        refs["loop"] = weakref.ref(_loop_object())
+        for i in range(2):  # the first call may start a new pool thread; the second reuses it
+            big = Big()
+            handle = tb.spawn(keep, big, policy=tb.Policy(grace=grace))
+            refs[f"argument {i}"] = weakref.ref(big)
+            refs[f"handle {i}"] = weakref.ref(handle)
+            result = await handle
+            refs[f"result {i}"] = weakref.ref(result)
+            del big, handle, result
+        cancelled = tb.spawn(tb.sleep, 60, policy=tb.Policy(grace=grace))
+        refs["cancelled handle"] = weakref.ref(cancelled)
+        await cancelled.stop()
+        del cancelled
+
+    anyio.run(main, backend=loop)
+    assert alive(refs) == []
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the process backend is POSIX only")
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+def test_process_call_keeps_nothing_alive(loop: str) -> None:
+    """The same for worker processes: the result, the handle and the loop (which owned a
+    pool of workers) are collectable once the loop has ended."""
+    refs: dict[str, weakref.ref[Any]] = {}
+
+    async def main() -> None:
+        refs["loop"] = weakref.ref(_loop_object())
+        handle = tb.spawn(targets.add, 2, 3, backend="process")
+        refs["handle"] = weakref.ref(handle)
+        assert await handle == 5
+        del handle
+
+    anyio.run(main, backend=loop)
+    assert alive(refs) == []
+
+
+def _loop_object() -> object:
+    """The running loop (asyncio) or the run's token (trio)."""
+    try:
+        import asyncio
+
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        import trio
+
+        return trio.lowlevel.current_trio_token()
