@@ -344,3 +344,20 @@ async def test_rung2_unavailable_is_logged_and_skipped(monkeypatch: pytest.Monke
             release.set()
     assert handle.stage is tb.Stage.ABANDONED
     assert any("not available on this interpreter" in m for m in watcher.messages)
+
+
+async def test_stop_before_start_is_cooperative_whatever_the_graces() -> None:
+    """Stopped the moment it is spawned, with no grace at all, a target that a thread had
+    not picked up yet never runs, and ends COOPERATIVE: never INTERRUPTED or ABANDONED by
+    whichever rung got there first."""
+    never_ran = 0
+    for _ in range(20):
+        ran: list[str] = []
+        handle = tb.spawn(ran.append, "ran", policy=tb.Policy(grace=0, interrupt_grace=0))
+        stage = await handle.stop()
+        if not ran:
+            never_ran += 1
+            assert stage is tb.Stage.COOPERATIVE
+            with pytest.raises(tb.TargetCancelled, match="append was stopped before it started"):
+                await handle
+    assert never_ran  # the cancel did come first, at least sometimes

@@ -189,3 +189,28 @@ def test_abandoned_thread_does_not_delay_exit(runner: str) -> None:
     assert "abandoning" in out.stderr
     # The run ended ~0.05 s into the 3 s sleep; waiting for it would take ~2.9 s more.
     assert exited - float(out.stdout) < 2.0
+
+
+async def test_targets_run_in_a_clean_async_context() -> None:
+    """sniffio sees no async library in a target, so anyio.run() works there; the
+    caller's own context variables still reach it."""
+    import contextvars
+
+    import sniffio
+
+    user_var: contextvars.ContextVar[str] = contextvars.ContextVar("user_var", default="unset")
+    user_var.set("from the caller")
+
+    def target() -> tuple[str, str, int]:
+        try:
+            library = sniffio.current_async_library()
+        except sniffio.AsyncLibraryNotFoundError:
+            library = "none"
+
+        async def inner() -> int:
+            await anyio.sleep(0)
+            return 42
+
+        return library, user_var.get(), anyio.run(inner)
+
+    assert await tb.run_killable(target) == ("none", "from the caller", 42)

@@ -7,6 +7,7 @@ import contextvars
 import inspect
 import logging
 import queue
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -131,7 +132,13 @@ class ThreadWork:
         self.run_ = run
         self.func = func
         self.args = args
-        self.context = contextvars.copy_context()
+        self.context = context = contextvars.copy_context()
+        sniffio = sys.modules.get("sniffio")
+        if sniffio is not None:
+            # The target runs in no event loop, whatever the caller's context says: as in
+            # anyio's and trio's worker threads, so that sniffio answers "none" and
+            # anyio.run() / trio.run() work inside the target.
+            context.run(sniffio.current_async_library_cvar.set, None)
         self.state = TargetState(Token(), threading.Lock())
 
     # --- the rungs, called by the ladder ---------------------------------------------
