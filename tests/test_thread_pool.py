@@ -9,6 +9,7 @@ import threading
 import time
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 import threadbridge as tb
@@ -208,7 +209,7 @@ async def test_targets_run_in_a_clean_async_context() -> None:
             library = "none"
 
         async def inner() -> int:
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
             return 42
 
         return library, user_var.get(), anyio.run(inner)
