@@ -34,7 +34,8 @@ def test_all_names_exist_and_are_public() -> None:
     where: dict[str, str] = tb._WHERE
     assert set(tb.__all__) == set(where) == typed
     for name, module in where.items():
-        assert getattr(tb, name) is getattr(importlib.import_module(f"threadbridge.{module}"), name)
+        loaded = importlib.import_module(f"threadbridge.{module}")
+        assert getattr(tb, name) is (loaded if module == name else getattr(loaded, name))
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 # to run its targets, pays only for the small modules it uses (no anyio, no trio).
 _WHERE = {
     "default_limiter": "_api",
+    "from_thread": "from_thread",
     "run_killable": "_api",
     "spawn": "_api",
     "RemoteError": "_errors",
@@ -38,6 +39,7 @@ _WHERE = {
 }
 
 if TYPE_CHECKING:
+    from . import from_thread as from_thread
     from ._api import default_limiter as default_limiter
     from ._api import run_killable as run_killable
     from ._api import spawn as spawn
@@ -70,6 +72,7 @@ __all__ = (
     "check_cancelled",
     "current_token",
     "default_limiter",
+    "from_thread",
     "run_killable",
     "set_start_method",
     "sleep",
@@ -86,7 +89,9 @@ def __getattr__(name: str) -> Any:
         module = _WHERE[name]
     except KeyError:
         raise AttributeError(f"module 'threadbridge' has no attribute {name!r}") from None
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    value = importlib.import_module(f".{module}", __name__)
+    if module != name:  # a name defined in a module; otherwise the public submodule itself
+        value = getattr(value, name)
     globals()[name] = value
     return value
 

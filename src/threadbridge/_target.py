@@ -36,6 +36,7 @@ class TargetState:
         "interrupted",
         "lock",
         "pending",
+        "portal",
         "running",
         "started",
         "thread_id",
@@ -53,6 +54,7 @@ class TargetState:
         self.pending = False  # injected into the thread, not known to have been raised
         self.deferred = False  # delivered inside uninterruptible(); raised when it exits
         self.abandoned = False  # rung 3 gave up on it: its thread must never be reused
+        self.portal: object = None  # thread targets: the caller's Link, for from_thread
 
     # --- from the ladder (other threads) -----------------------------------------------
 

@@ -140,6 +140,7 @@ class ThreadWork:
             # anyio.run() / trio.run() work inside the target.
             context.run(sniffio.current_async_library_cvar.set, None)
         self.state = TargetState(Token(), threading.Lock())
+        self.state.portal = run.link
 
     # --- the rungs, called by the ladder ---------------------------------------------
 

@@ -38,10 +38,11 @@ class Token:
                 dev.poll()
     """
 
-    __slots__ = ("_event", "_flag")
+    __slots__ = ("_event", "_flag", "_watchers")
 
     def __init__(self) -> None:
         self._flag = False
+        self._watchers: list[threading.Event] | None = None  # also set at rung 1
         # Created on first wait(): most targets never wait, and a threading.Event costs
         # more than the rest of a call's bookkeeping.
         self._event: threading.Event | None = None
@@ -70,8 +71,27 @@ class Token:
         with _EVENT_LOCK:
             self._flag = True
             event = self._event
+            watchers, self._watchers = self._watchers, None
         if event is not None:
             event.set()
+        for watcher in watchers or ():
+            watcher.set()
+
+    def _watch(self, event: threading.Event) -> bool:
+        """Have rung 1 set ``event`` too; False (and nothing registered) if it is set."""
+        with _EVENT_LOCK:
+            if self._flag:
+                return False
+            if self._watchers is None:
+                self._watchers = [event]
+            else:
+                self._watchers.append(event)
+            return True
+
+    def _unwatch(self, event: threading.Event) -> None:
+        with _EVENT_LOCK:
+            if self._watchers is not None and event in self._watchers:
+                self._watchers.remove(event)
 
     def __repr__(self) -> str:
         return f"<threadbridge.Token {'set' if self._flag else 'clear'}>"
