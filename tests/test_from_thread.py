@@ -109,9 +109,9 @@ async def test_run_sync_refuses_async_functions() -> None:
         pass
 
     def target() -> None:
-        tb.from_thread.run_sync(coro_fn)
+        _ = tb.from_thread.run_sync(coro_fn)
 
-    with pytest.raises(TypeError, match="from_thread.run"):
+    with pytest.raises(TypeError, match=r"from_thread\.run"):
         await tb.run_killable(target)
 
 
