@@ -215,3 +215,61 @@ async def test_targets_run_in_a_clean_async_context() -> None:
         return library, user_var.get(), anyio.run(inner)
 
     assert await tb.run_killable(target) == ("none", "from the caller", 42)
+
+
+class Refusing:
+    """A capacity limiter whose release raises, as a buggy or strict one might."""
+
+    def __init__(self) -> None:
+        self.inner = anyio.CapacityLimiter(1)
+
+    def acquire_on_behalf_of_nowait(self, borrower: object) -> None:
+        self.inner.acquire_on_behalf_of_nowait(borrower)
+
+    async def acquire_on_behalf_of(self, borrower: object) -> None:
+        await self.inner.acquire_on_behalf_of(borrower)
+
+    def release_on_behalf_of(self, borrower: object) -> None:
+        self.inner.release_on_behalf_of(borrower)
+        raise ValueError("refused")
+
+
+async def test_limiter_release_error_reaches_the_await() -> None:
+    """An exception raised by the limiter's release is raised by the await (which does not
+    hang), and the loop goes on."""
+    with anyio.fail_after(10):
+        with pytest.raises(ValueError, match="refused"):
+            await tb.run_killable(abs, -1, limiter=Refusing())
+        assert await tb.run_killable(abs, -2) == 2
+
+
+async def test_any_object_with_the_limiter_interface() -> None:
+    """A limiter is anything with the capacity-limiter methods; anything else is refused."""
+
+    class Counting(Refusing):
+        def release_on_behalf_of(self, borrower: object) -> None:
+            self.inner.release_on_behalf_of(borrower)
+
+    limiter = Counting()
+    assert await tb.run_killable(abs, -3, limiter=limiter) == 3
+    assert limiter.inner.borrowed_tokens == 0
+    with pytest.raises(TypeError, match="CapacityLimiter"):
+        tb.spawn(abs, 1, limiter=object())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_trio_capacity_limiter_under_trio() -> None:
+    """A trio.CapacityLimiter bounds targets under trio, queued callers included."""
+    import trio
+
+    limiter = trio.CapacityLimiter(1)
+    release = threading.Event()
+    first = tb.spawn(release.wait, limiter=limiter)
+    second = tb.spawn(abs, -5, limiter=limiter)  # waits for the token
+    assert limiter.borrowed_tokens == 1
+    assert not second.done()
+    release.set()
+    assert await first is True
+    assert await second == 5
+    assert await tb.run_killable(abs, -6, limiter=limiter) == 6
+    assert limiter.borrowed_tokens == 0

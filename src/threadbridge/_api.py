@@ -7,13 +7,13 @@ import inspect
 import sys
 import weakref
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import anyio
 
 from ._backend import Backend, BackendName, resolve
 from ._handle import Handle
-from ._ladder import Ending, Run
+from ._ladder import Ending, Limiter, Run
 from ._loop import Link, current_link
 from ._policy import DEFAULT_POLICY, Policy, Stage
 
@@ -99,9 +99,11 @@ def _setup(
         policy = DEFAULT_POLICY
     elif not isinstance(policy, Policy):
         raise TypeError(f"{what}: policy must be a threadbridge.Policy or None, got {policy!r}")
-    if limiter is not None and not isinstance(limiter, anyio.CapacityLimiter):
+    if limiter is not None and not all(hasattr(limiter, m) for m in _LIMITER_METHODS):
         raise TypeError(
-            f"{what}: limiter must be an anyio.CapacityLimiter or None, got {limiter!r}"
+            f"{what}: limiter must be an anyio.CapacityLimiter (or a trio.CapacityLimiter "
+            f"under trio, or an object with the same {'/'.join(_LIMITER_METHODS)} methods) "
+            f"or None, got {limiter!r}"
         )
     link = current_link(what)
     chosen.check_platform(what)
@@ -109,7 +111,14 @@ def _setup(
     job = chosen.prepare(func, args, name)
     if limiter is None:
         limiter = _default_limiter(link, chosen)
-    return Run(name, policy, link, limiter), chosen, job
+    return Run(name, policy, link, cast(Limiter, limiter)), chosen, job
+
+
+_LIMITER_METHODS = (
+    "acquire_on_behalf_of",
+    "acquire_on_behalf_of_nowait",
+    "release_on_behalf_of",
+)
 
 
 def _start(run: Run, backend: Backend, job: object) -> None:
@@ -128,7 +137,7 @@ async def run_killable(
     *args: Unpack[Ts],
     backend: BackendName | Backend = "thread",
     policy: Policy | None = None,
-    limiter: anyio.CapacityLimiter | None = None,
+    limiter: Limiter | None = None,
 ) -> T:
     """Run a blocking callable in a thread or a worker process, and really stop it on cancel.
 
@@ -145,8 +154,10 @@ async def run_killable(
         backend: ``"thread"`` (default), ``"process"`` (the event loop's default
             worker pool), or a backend object.
         policy: how hard to try when stopping; defaults to ``Policy()``.
-        limiter: an ``anyio.CapacityLimiter``; defaults to 40 threads per event
-            loop. A thread given up on at rung 3 keeps its token until it really ends.
+        limiter: an ``anyio.CapacityLimiter`` (or ``trio.CapacityLimiter`` under trio);
+            defaults to ``default_limiter(backend)``: 40 threads, or one worker per CPU,
+            per event loop. A thread given up on at rung 3 keeps its token until it
+            really ends.
 
     Returns:
         What ``func`` returned.
@@ -180,7 +191,7 @@ async def run_killable(
     await link.checkpoint_if_cancelled()
     try:
         run.limiter.acquire_on_behalf_of_nowait(run)
-    except anyio.WouldBlock:
+    except link.would_block:
         await run.limiter.acquire_on_behalf_of(run)
     return await link.protect_from_ki(_start_and_wait)(run, chosen, job)  # type: ignore[no-any-return]
 
@@ -197,7 +208,7 @@ def spawn(
     *args: Unpack[Ts],
     backend: BackendName | Backend = "thread",
     policy: Policy | None = None,
-    limiter: anyio.CapacityLimiter | None = None,
+    limiter: Limiter | None = None,
 ) -> Handle[T]:
     """Start a blocking callable in a thread or a worker process and return its handle.
 
@@ -212,8 +223,8 @@ def spawn(
         *args: positional arguments for ``func``.
         backend: ``"thread"`` (default), ``"process"``, or a backend object.
         policy: how hard to try when stopping; defaults to ``Policy()``.
-        limiter: an ``anyio.CapacityLimiter``; defaults to
-            ``default_limiter()`` of the running loop.
+        limiter: an ``anyio.CapacityLimiter`` (or ``trio.CapacityLimiter`` under trio);
+            defaults to ``default_limiter(backend)`` of the running loop.
 
     Returns:
         A ``Handle``: ``await`` it for the result, ``cancel()`` or ``await stop()``
@@ -237,7 +248,7 @@ def spawn(
     run, chosen, job = _setup(func, args, backend, policy, limiter, "spawn()")
     try:
         run.limiter.acquire_on_behalf_of_nowait(run)
-    except anyio.WouldBlock:
+    except run.link.would_block:
         _start_when_admitted(run, chosen, job)
     else:
         _start(run, chosen, job)

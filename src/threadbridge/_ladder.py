@@ -117,6 +117,7 @@ class Run:
         "__weakref__",
         "_lock",
         "_outcome",
+        "_release_error",
         "_rung",
         "_scheduler",
         "_stage",
@@ -149,6 +150,7 @@ class Run:
         self._outcome: Outcome | None = None
         self._work: Work | None = None
         self._timer: Timer | None = None
+        self._release_error: BaseException | None = None
         self.settled = False  # loop thread only (see _loop.Waitable)
         self.waiters: Any = None
 
@@ -246,26 +248,36 @@ class Run:
 
     def release(self) -> None:
         """An abandoned target has really ended now: give its limiter token back."""
-        self.link.post(self._loop_free)
+        self.link.post(self._loop_free_later)
 
-    def _loop_free(self) -> None:
+    def _loop_free(self) -> BaseException | None:
         # Runs as a loop callback, where an exception would take the whole loop down
-        # (trio turns it into TrioInternalError).
+        # (trio turns it into TrioInternalError): it is returned instead.
         try:
             self.limiter.release_on_behalf_of(self)
-        except RuntimeError:
-            violation(f"{self.name}: gave back a limiter token that it did not hold")
+        except Exception as exc:
+            if isinstance(exc, RuntimeError):  # what a capacity limiter says when not held
+                violation(f"{self.name}: gave back a limiter token that it did not hold")
+            return exc
+        return None
+
+    def _loop_free_later(self) -> None:
+        error = self._loop_free()
+        if error is not None:  # nobody awaits an abandoned run any more: say it here
+            logger.error("%s: the limiter refused its token back: %r", self.name, error)
 
     def _loop_wake(self) -> None:
         self.link.wake(self)
 
     def _loop_free_and_wake(self) -> None:
-        self._loop_free()
+        self._release_error = self._loop_free()  # raised to whoever awaits the result
         self.link.wake(self)
 
     # --- for the handle -----------------------------------------------------------------
 
     def result(self) -> Any:
+        if self._release_error is not None:
+            raise self._release_error
         outcome = self._outcome
         if outcome is None:
             stage = self._stage

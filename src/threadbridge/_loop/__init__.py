@@ -28,6 +28,9 @@ class Waitable(Protocol):
 class Link(Protocol):
     """One running event loop, as threadbridge uses it."""
 
+    #: What a capacity limiter of this loop raises when it has no token to spare.
+    would_block: tuple[type[Exception], ...]
+
     @property
     def key(self) -> object:
         """Identifies the loop (weakly referenceable, so that caches go away with it)."""

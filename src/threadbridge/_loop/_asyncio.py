@@ -51,6 +51,7 @@ class _Waiter(asyncio.Future[None]):
 
 class AsyncioLink:
     __slots__ = ("loop", "thread_id")
+    would_block: tuple[type[Exception], ...] = (anyio.WouldBlock,)
     _checkpoint: Callable[[], Awaitable[None]] | None = None
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:

@@ -6,6 +6,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import anyio
 import trio
 
 from . import Waitable
@@ -20,6 +21,8 @@ _protected: dict[Callable[..., Any], Callable[..., Any]] = {}
 
 class TrioLink:
     __slots__ = ("thread_id", "token")
+    # anyio's limiters and trio's own (which users of trio pass) say it differently.
+    would_block: tuple[type[Exception], ...] = (anyio.WouldBlock, trio.WouldBlock)
 
     def __init__(self, token: trio.lowlevel.TrioToken) -> None:
         self.token = token
