@@ -29,6 +29,7 @@ def _fd_count() -> int:
 _POOLS = (
     "threadbridge-worker",
     "threadbridge-ladder",
+    "threadbridge-redeliver",
     "Trio thread",
     "AnyIO worker thread",
     "asyncio_",

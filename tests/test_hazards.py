@@ -11,6 +11,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import anyio
 import pytest
@@ -310,3 +311,48 @@ async def test_except_exception_does_not_swallow_target_cancelled() -> None:
     await started.wait()
     assert await handle.stop() is tb.Stage.COOPERATIVE
     assert swallowed == []
+
+
+class _Churned:
+    """An object whose __del__ runs Python code: a place where rung 2 may fire, and where
+    CPython would drop it."""
+
+    def __del__(self) -> None:
+        for _ in range(100):
+            pass
+
+
+def _churn_dels(started: Signal) -> None:
+    started.set()
+    while True:
+        _Churned()
+
+
+def _churn_gc_callback(started: Signal) -> None:
+    import gc
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        for _ in range(2000):
+            pass
+
+    gc.callbacks.append(callback)
+    try:
+        started.set()
+        while True:
+            cycle: list[object] = []
+            cycle.append(cycle)  # garbage for the collector, which runs the callback
+    finally:
+        gc.callbacks.remove(callback)
+
+
+@pytest.mark.parametrize("shape", [_churn_dels, _churn_gc_callback])
+async def test_rung2_is_delivered_again_when_dropped(shape: Any) -> None:
+    """Rung 2 landing in a __del__ or a gc callback (where CPython drops exceptions) is
+    delivered again: INTERRUPTED every time, and no "Exception ignored" report (which this
+    suite turns into an error)."""
+    for _ in range(10):
+        started = Signal()
+        handle = tb.spawn(shape, started, policy=tb.Policy(grace=0, interrupt_grace=30))
+        await started.wait()
+        with anyio.fail_after(20):
+            assert await handle.stop() is tb.Stage.INTERRUPTED

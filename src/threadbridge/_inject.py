@@ -8,8 +8,12 @@ of the documentation says what that means for targets.
 
 from __future__ import annotations
 
+import queue
 import sys
 import threading
+import time
+from collections.abc import Callable
+from typing import Any
 
 from ._errors import TargetCancelled
 from ._token import _local
@@ -84,11 +88,80 @@ def _reset_shared_flag() -> None:
 
 def inject(thread_id: int) -> None:
     """Schedule TargetCancelled in another thread, at its next bytecode boundary."""
+    if not isinstance(sys.unraisablehook, _Redeliver):
+        sys.unraisablehook = _Redeliver(sys.unraisablehook)
     _async_exc_setters()[0](thread_id, Interrupted)  # type: ignore[operator]
     _reset_shared_flag()
+
+
+# Where the injected exception fires inside a __del__ method, a gc callback or a weakref
+# callback, CPython cannot raise it: it reports it as "unraisable" and drops it, and the
+# target runs on. threadbridge's hook (wrapped around whatever hook is installed when rung
+# 2 is first used, pytest's included) silences that report for its own exception and has
+# the exception delivered again. Not from inside the hook: an exception injected there
+# would fire in the hook itself, and taking a lock there could deadlock (the target may
+# hold it). A helper thread does it, fed through a SimpleQueue, which is safe to use from
+# __del__, and only once the target's thread has left the hook.
+class _Redeliver:
+    def __init__(self, previous: Callable[[Any], object]) -> None:
+        self.previous = previous
+
+    def __call__(self, unraisable: Any) -> None:
+        exc_type = unraisable.exc_type
+        if isinstance(exc_type, type) and issubclass(exc_type, Interrupted):
+            state = _local.state
+            if state is not None:
+                _redeliver(state)
+            return
+        self.previous(unraisable)
+
+
+_queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+_helper_running = False
+_helper_lock = threading.Lock()
+
+
+def _redeliver(state: Any) -> None:
+    global _helper_running
+    _queue.put(state)
+    if not _helper_running:
+        with _helper_lock:
+            if not _helper_running:
+                _helper_running = True
+                threading.Thread(
+                    target=_helper_main, name="threadbridge-redeliver", daemon=True
+                ).start()
+
+
+def _helper_main() -> None:
+    global _helper_running
+    while True:
+        try:
+            state = _queue.get(timeout=5.0)
+        except queue.Empty:
+            with _helper_lock:
+                if _queue.empty():
+                    _helper_running = False
+                    return
+            continue
+        while _in_hook(state.thread_id):
+            time.sleep(0)  # let the target's thread finish the hook
+        state.deliver_again()
+
+
+def _in_hook(thread_id: int) -> bool:
+    frame = sys._current_frames().get(thread_id)
+    while frame is not None:
+        if frame.f_code in _HOOK_CODE:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def clear_injection(thread_id: int) -> None:
     """Withdraw an injected exception that has not been raised yet."""
     _async_exc_setters()[1](thread_id, None)  # type: ignore[operator]
     _reset_shared_flag()
+
+
+_HOOK_CODE = (_Redeliver.__call__.__code__, _redeliver.__code__)

@@ -71,6 +71,18 @@ class TargetState:
                 _inject.inject(self.thread_id)
             return True
 
+    def deliver_again(self) -> None:
+        """Rung 2 fired where CPython drops exceptions (a __del__, a gc or weakref callback):
+        inject it once more, if the target still runs (from a helper thread)."""
+        with self.lock:
+            if not self.running or self.pending or self.deferred:
+                return
+            if self.depth:
+                self.deferred = True
+            else:
+                self.pending = True
+                _inject.inject(self.thread_id)
+
     def abandon(self) -> bool:
         """Rung 3 for a thread target. Returns whether it was running (and is now given up
         on); a target that has not started is stopped by its token when picked up."""
