@@ -4,6 +4,7 @@ worker importing it starts fast."""
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import signal
 import subprocess
@@ -236,3 +237,12 @@ def stress_target(i: int, behaviour: str, amount: float) -> tuple[str, int]:
         time.sleep(amount)
         return ("ok", i)
     raise ValueError(behaviour)
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenError(Exception):
+    """An exception tblib cannot pickle (it sets attributes on unpickling), plain pickle can."""
+
+
+def raise_frozen() -> None:
+    raise FrozenError()

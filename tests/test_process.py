@@ -449,3 +449,13 @@ async def test_unreapable_worker_never_delays_another_ladder(
     with anyio.fail_after(10):
         while tb.stats().unreaped_workers:
             await anyio.sleep(0.01)
+
+
+async def test_exception_that_tblib_cannot_carry_comes_back_as_itself() -> None:
+    """An exception tblib fails on (a frozen dataclass) comes back as its own type, with
+    the worker's traceback as text in its cause, not as a RemoteError."""
+    with pytest.raises(targets.FrozenError) as info:
+        await tb.run_killable(targets.raise_frozen, backend=P)
+    cause = str(info.value.__cause__)
+    assert "Traceback in the worker" in cause
+    assert "raise_frozen" in cause
