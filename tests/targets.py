@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import threadbridge as tb
 
@@ -246,3 +247,15 @@ class FrozenError(Exception):
 
 def raise_frozen() -> None:
     raise FrozenError()
+
+
+def set_in_proxy(proxy: Any, key: str, value: int) -> None:
+    """Uses a multiprocessing Manager proxy: needs the parent's authkey."""
+    proxy[key] = value
+
+
+def register_atexit(path: str) -> None:
+    import atexit
+
+    atexit.register(mark, path, "atexit ran")
+    print("buffered, not flushed", end="")

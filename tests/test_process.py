@@ -459,3 +459,37 @@ async def test_exception_that_tblib_cannot_carry_comes_back_as_itself() -> None:
     cause = str(info.value.__cause__)
     assert "Traceback in the worker" in cause
     assert "raise_frozen" in cause
+
+
+@pytest.fixture(scope="module")
+def resource_tracker() -> None:
+    """multiprocessing's resource tracker: started once per process, and kept (with a
+    pipe to it) for good; started here so that no test counts it as its leak."""
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+
+
+@pytest.mark.usefixtures("resource_tracker")
+async def test_manager_proxies_work_in_workers() -> None:
+    """Workers share the parent's multiprocessing authkey: a Manager's proxies work in
+    targets, as they do in multiprocessing's own pools."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Manager() as manager:
+        shared = manager.dict()
+        await tb.run_killable(targets.set_in_proxy, shared, "answer", 42, backend=P)
+        assert shared["answer"] == 42
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+def test_graceful_shutdown_runs_atexit_handlers(tmp_path: Path, loop: str) -> None:
+    """When the loop ends, idle workers exit like Python programs: atexit handlers run and
+    buffered output is flushed."""
+    path = tmp_path / "atexit"
+
+    async def main() -> None:
+        await tb.run_killable(targets.register_atexit, str(path), backend=P)
+
+    anyio.run(main, backend=loop)
+    assert path.read_text().strip() == "atexit ran"

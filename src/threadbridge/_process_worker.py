@@ -64,12 +64,26 @@ class WorkerProcess:
                 os.close(fd)
         self.pid = self.proc.pid
         os.set_blocking(self.result_fd, False)
-        _wire.write_frame(self.job_fd, _wire.INIT, 0, pickle.dumps({"sys_path": list(sys.path)}))
+        self.has_authkey = False
+        self._send_settings({"sys_path": list(sys.path)})
         link.post(self._watch)
+
+    def _send_settings(self, settings: dict[str, object]) -> None:
+        # The parent's multiprocessing authkey, as multiprocessing's own children get it,
+        # so that Manager proxies and the like work in targets. Only once the parent has
+        # imported multiprocessing: before that, nothing in it can have used the key.
+        if not self.has_authkey and "multiprocessing" in sys.modules:
+            from multiprocessing import process
+
+            settings["authkey"] = bytes(process.current_process().authkey)
+            self.has_authkey = True
+        _wire.write_frame(self.job_fd, _wire.INIT, 0, pickle.dumps(settings))
 
     # --- talking to the worker ---------------------------------------------------------
 
     def run(self, work: ProcessWork, payload: bytes) -> None:
+        if not self.has_authkey and "multiprocessing" in sys.modules:
+            self._send_settings({})
         with self.lock:
             self.current = work
         if len(payload) <= _INLINE_WRITE:

@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 from types import FrameType
+from typing import Any
 
 from . import _pickling, _wire
 from ._errors import TargetCancelled
@@ -154,6 +155,11 @@ def after_fork(job_fd: int, control_fd: int, result_fd: int) -> None:
 
         _token._EVENT_LOCK = threading.Lock()
         serve(job_fd, control_fd, result_fd)
+        # A forked worker must not run the atexit handlers it inherited from the parent
+        # (they would act on the parent's resources): flush and leave at once.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     finally:
         os._exit(1)
 
@@ -182,10 +188,17 @@ def serve(job_fd: int, control_fd: int, result_fd: int) -> None:
             break
         kind, job_id, payload = frame
         if kind == _wire.INIT:
-            settings = pickle.loads(payload)
-            sys.path[:] = settings["sys_path"]
+            _apply(pickle.loads(payload))
             continue
         _wire.write_frame(result_fd, _wire.ANSWER, job_id, _run(job_id, payload))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    # Asked to exit (or the parent closed the job pipe): end like a Python program, so
+    # that atexit handlers run and buffered output is flushed.
+
+
+def _apply(settings: dict[str, Any]) -> None:
+    if "sys_path" in settings:
+        sys.path[:] = settings["sys_path"]
+    if "authkey" in settings:
+        from multiprocessing import process
+
+        process.current_process().authkey = settings["authkey"]

@@ -46,16 +46,19 @@ def threadbridge_fast_graces() -> Iterator[None]:
 _BEFORE = pytest.StashKey[set[int]]()
 
 
+# Old-style hook wrappers and tryfirst: they work on every pytest from 7.0 on (new-style
+# wrappers need pluggy 1.2).
 @pytest.hookimpl(tryfirst=True)
-def pytest_runtest_setup(item: pytest.Item) -> None:
+def pytest_runtest_call(item: pytest.Item) -> None:
+    # The baseline is taken once the test's fixtures are set up: a helper process that a
+    # fixture starts (a server, a manager) is not the test's leak.
     if item.config.getini("threadbridge_leak_check"):
         item.stash[_BEFORE] = set(_children())
 
 
-@pytest.hookimpl(wrapper=True)
+@pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
-    result = yield
+    yield
     before = item.stash.get(_BEFORE, None)
     if before is not None:
         check_leaks(ignore_children=before)
-    return result
