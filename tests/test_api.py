@@ -6,6 +6,7 @@ import functools
 import inspect
 import math
 import threading
+import time
 import warnings
 from collections.abc import Coroutine
 from pathlib import Path
@@ -206,3 +207,67 @@ def test_errors_pickle_round_trip() -> None:
     assert (str(crashed), crashed.exitcode, crashed.signal) == ("died", None, 9)
     remote = pickle.loads(pickle.dumps(tb.RemoteError("m.E", "msg", "tb")))
     assert (remote.type_name, remote.message, remote.traceback_text) == ("m.E", "msg", "tb")
+
+
+def test_public_names_report_threadbridge_as_their_module() -> None:
+    """Classes and functions say `threadbridge`, not the private module defining them;
+    they still pickle by reference."""
+    import pickle
+
+    for name in tb.__all__:
+        value = getattr(tb, name)
+        if not inspect.ismodule(value):
+            assert value.__module__ == "threadbridge", name
+    assert repr(tb.TargetCancelled).startswith("<class 'threadbridge.TargetCancelled'")
+    assert pickle.loads(pickle.dumps(tb.Stage.KILLED)) is tb.Stage.KILLED
+    crashed = pickle.loads(pickle.dumps(tb.WorkerCrashed("gone", signal=9, pid=12)))
+    assert (crashed.signal, crashed.pid) == (9, 12)
+
+
+@pytest.mark.anyio
+async def test_unknown_backend_name_in_default_limiter() -> None:
+    """A misspelt backend is an error listing the names, never a new limiter."""
+    with pytest.raises(ValueError, match='"thread", "process"'):
+        tb.default_limiter("proces")  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_sleep_in_the_event_loop_thread_is_refused() -> None:
+    """threadbridge.sleep() on a loop's own thread raises at once instead of blocking it."""
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"await anyio\.sleep"):
+        tb.sleep(0.5)
+    assert time.monotonic() - t0 < 0.4
+
+
+def test_sleep_outside_any_loop_is_time_sleep() -> None:
+    """Outside targets and loops, threadbridge.sleep() is plain time.sleep()."""
+    tb.sleep(0)
+
+
+def test_stop_from_another_loop_is_a_clear_error() -> None:
+    """Handle.stop(), like awaiting the handle, from another event loop or another trio
+    run raises a clear RuntimeError instead of crashing or hanging either loop."""
+    release = threading.Event()
+    results: list[str] = []
+
+    async def spawn_in_first() -> tb.Handle[bool]:
+        return tb.spawn(release.wait)
+
+    async def use_in_second(handle: tb.Handle[bool], how: str) -> None:
+        try:
+            if how == "stop":
+                await handle.stop()
+            else:
+                await handle
+        except RuntimeError as exc:
+            results.append(str(exc))
+
+    for first, second in (("asyncio", "trio"), ("trio", "asyncio"), ("trio", "trio")):
+        for how in ("stop", "await"):
+            release.clear()
+            handle = anyio.run(spawn_in_first, backend=first)
+            anyio.run(use_in_second, handle, how, backend=second)
+            release.set()
+    assert len(results) == 6
+    assert all("belongs to another event loop" in r for r in results)

@@ -361,3 +361,30 @@ async def test_stop_before_start_is_cooperative_whatever_the_graces() -> None:
             with pytest.raises(tb.TargetCancelled, match="append was stopped before it started"):
                 await handle
     assert never_ran  # the cancel did come first, at least sometimes
+
+
+async def test_log_messages_do_not_repeat_the_logger_name(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Rung 2 and rung 3 are logged on the threadbridge logger, without a prefix that
+    repeats its name."""
+    started, release = Signal(), threading.Event()
+
+    def target() -> None:
+        started.set()
+        try:
+            spin_forever()
+        except tb.TargetCancelled:
+            spin_until(release)  # swallows rung 2: rung 3 comes
+
+    caplog.set_level(logging.INFO, logger="threadbridge")
+    handle = tb.spawn(target, policy=tb.Policy(grace=0.01, interrupt_grace=0.01))
+    await started.wait()
+    try:
+        assert await handle.stop() is tb.Stage.ABANDONED
+    finally:
+        release.set()
+    messages = [r.getMessage() for r in caplog.records if r.name == "threadbridge"]
+    assert any("rung 2" in m for m in messages)
+    assert any("rung 3" in m for m in messages)
+    assert not [m for m in messages if m.startswith("threadbridge")]

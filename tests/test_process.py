@@ -141,7 +141,8 @@ async def test_crash_is_worker_crashed_and_pool_survives(
 
 
 async def test_sigkill_from_outside_is_worker_crashed(tmp_path: Path) -> None:
-    """A worker SIGKILLed by someone else gives WorkerCrashed(signal=SIGKILL)."""
+    """A worker SIGKILLed by someone else gives WorkerCrashed(signal=SIGKILL), which names
+    the worker's pid."""
     path = tmp_path / "pid"
     handle = tb.spawn(targets.write_pid_then_sleep, str(path), 60, backend=P)
     (worker,) = await lines_of(path, 1)
@@ -149,6 +150,8 @@ async def test_sigkill_from_outside_is_worker_crashed(tmp_path: Path) -> None:
     with pytest.raises(tb.WorkerCrashed) as info:
         await handle
     assert info.value.signal == signal.SIGKILL
+    assert info.value.pid == int(worker)
+    assert f"pid {worker}" in str(info.value)
     assert await tb.run_killable(targets.add, 1, 1, backend=P) == 2
 
 

@@ -16,6 +16,7 @@ from ._handle import Handle
 from ._ladder import Ending, Limiter, Run
 from ._loop import Link, current_link
 from ._policy import DEFAULT_POLICY, Policy, Stage
+from ._public import export
 
 if sys.version_info >= (3, 11):
     from typing import TypeVarTuple, Unpack
@@ -312,3 +313,6 @@ def _start_when_admitted(run: Run, backend: Backend, job: object) -> None:
                 raise
 
     run.link.start_task(admit, name=f"threadbridge admission of {run.name}")
+
+
+export(run_killable, spawn, default_limiter)

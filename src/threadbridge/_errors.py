@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ._public import export
+
 
 class TargetCancelled(BaseException):
     """Raised inside a target when a stop has been requested.
@@ -33,6 +35,7 @@ class WorkerCrashed(Exception):
     Attributes:
         exitcode: the process's exit status, when it exited (``os._exit(3)`` gives 3).
         signal: the number of the signal that killed it, when a signal did.
+        pid: the worker process's id.
 
     Example:
 
@@ -43,13 +46,22 @@ class WorkerCrashed(Exception):
         # the pool replaces the worker: the next call runs as usual
     """
 
-    def __init__(self, message: str, *, exitcode: int | None = None, signal: int | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        exitcode: int | None = None,
+        signal: int | None = None,
+        pid: int | None = None,
+    ):
         super().__init__(message)
         self.exitcode = exitcode
         self.signal = signal
+        self.pid = pid
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (str(self),), {"exitcode": self.exitcode, "signal": self.signal})
+        state = {"exitcode": self.exitcode, "signal": self.signal, "pid": self.pid}
+        return (type(self), (str(self),), state)
 
 
 class RemoteError(Exception):
@@ -82,3 +94,6 @@ class RemoteError(Exception):
         return (
             f"{self.type_name}: {self.message}\n\nTraceback in the worker:\n{self.traceback_text}"
         )
+
+
+export(TargetCancelled, WorkerCrashed, RemoteError)

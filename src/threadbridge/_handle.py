@@ -7,6 +7,7 @@ from typing import Any, Generic, TypeVar
 
 from ._ladder import Run
 from ._policy import Policy, Stage
+from ._public import export
 
 T_co = TypeVar("T_co", covariant=True)
 
@@ -111,3 +112,6 @@ class Handle(Generic[T_co]):
 
     def __repr__(self) -> str:
         return f"<threadbridge.Handle {self._run.name} {self._run.stage.name}>"
+
+
+export(Handle)

@@ -6,6 +6,8 @@ import enum
 import math
 from dataclasses import dataclass
 
+from ._public import export
+
 
 class Stage(enum.Enum):
     """Where a piece of work stands, or how it ended.
@@ -90,3 +92,6 @@ def effective_graces(policy: Policy) -> tuple[float, float]:
     if caps is None:
         return policy.grace, policy.interrupt_grace
     return min(policy.grace, caps[0]), min(policy.interrupt_grace, caps[1])
+
+
+export(Stage, Policy)

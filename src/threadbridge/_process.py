@@ -291,9 +291,9 @@ class ProcessWork:
         self.run.report(Ending.KILLED)
 
     def crashed(self, returncode: int | None) -> None:
-        name = self.run.name
+        worker = f"the worker process (pid {self.worker.pid}) running {self.run.name}"
         if returncode is None:
-            error = WorkerCrashed(f"the worker process running {name} died without answering")
+            error = WorkerCrashed(f"{worker} died without answering", pid=self.worker.pid)
         elif returncode < 0:
             signum = -returncode
             try:
@@ -301,13 +301,13 @@ class ProcessWork:
             except ValueError:  # pragma: no cover
                 signame = str(signum)
             error = WorkerCrashed(
-                f"the worker process running {name} was killed by {signame}", signal=signum
+                f"{worker} was killed by {signame}", signal=signum, pid=self.worker.pid
             )
         else:
             error = WorkerCrashed(
-                f"the worker process running {name} exited with code {returncode} "
-                "without answering",
+                f"{worker} exited with code {returncode} without answering",
                 exitcode=returncode,
+                pid=self.worker.pid,
             )
         self.run.report(Ending.ENDED, (False, error), interrupted=self.interrupt_sent)
 

@@ -8,6 +8,8 @@ import sys
 import threading
 import time
 
+from ._public import export
+
 START_METHODS = ("spawn", "fork")
 _start_method = "spawn"
 
@@ -81,3 +83,6 @@ def start_worker(job_r: int, control_r: int, result_w: int) -> subprocess.Popen[
         start_new_session=True,  # leads its own process group
         stdin=subprocess.DEVNULL,
     )
+
+
+export(set_start_method)

@@ -18,6 +18,7 @@ from types import MappingProxyType
 from typing import Protocol
 
 from ._policy import Stage
+from ._public import export
 
 
 @dataclass(frozen=True)
@@ -181,3 +182,6 @@ def stats() -> Stats:
     with _lock:
         stages = MappingProxyType(dict(_stages))
     return Stats(threads=counts["idle_threads"] + counts["busy_threads"], stages=stages, **counts)
+
+
+export(Stats, stats)

@@ -15,6 +15,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from ._errors import TargetCancelled
+from ._public import export
 
 if TYPE_CHECKING:
     from ._target import TargetState
@@ -174,6 +175,7 @@ def sleep(seconds: float) -> None:
     Raises:
         TargetCancelled: a stop was requested before or during the sleep.
         ValueError: ``seconds`` is negative or NaN.
+        RuntimeError: called in the thread of a running event loop, which it would block.
 
     Args:
         seconds: how long to sleep.
@@ -192,6 +194,13 @@ def sleep(seconds: float) -> None:
     if token._flag:
         raise TargetCancelled("a stop was requested (rung 1)")
     if _local.state is None:
+        from ._loop import in_event_loop
+
+        if in_event_loop():
+            raise RuntimeError(
+                "threadbridge.sleep() blocks its thread, and this thread runs an event loop; "
+                "in async code use `await anyio.sleep()` (or asyncio.sleep, trio.sleep)"
+            )
         import time
 
         time.sleep(seconds)
@@ -234,3 +243,6 @@ class uninterruptible:
         state = self._state
         if state is not None:
             state.release()
+
+
+export(Token, cancel_requested, check_cancelled, current_token, sleep, uninterruptible)

@@ -77,6 +77,21 @@ class Link(Protocol):
         ...
 
 
+def in_event_loop() -> bool:
+    """Whether the calling thread runs an asyncio or trio event loop (imports neither)."""
+    asyncio = sys.modules.get("asyncio")
+    if asyncio is not None and asyncio._get_running_loop() is not None:
+        return True
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            return False
+        return True
+    return False
+
+
 # The Link classes, imported on first use: a program that runs only asyncio never imports
 # trio, and the reverse.
 _asyncio_link: Callable[[Any], Link] | None = None

@@ -12,7 +12,7 @@ checked, after its fixtures (and so its event loop) have been torn down.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -46,8 +46,9 @@ def threadbridge_fast_graces() -> Iterator[None]:
 _BEFORE = pytest.StashKey[set[int]]()
 
 
-# Old-style hook wrappers and tryfirst: they work on every pytest from 7.0 on (new-style
-# wrappers need pluggy 1.2).
+# Plain hooks ordered with tryfirst/trylast, no hook wrappers: they work on every pytest
+# from 7.0 on (new-style wrappers need pluggy 1.2; an old-style wrapper that raises is
+# reported as a plugin fault by recent pluggy).
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_call(item: pytest.Item) -> None:
     # The baseline is taken once the test's fixtures are set up: a helper process that a
@@ -56,9 +57,9 @@ def pytest_runtest_call(item: pytest.Item) -> None:
         item.stash[_BEFORE] = set(_children())
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
-    yield
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    # After pytest's own teardown hook: the test's fixtures (its event loop too) are gone.
     before = item.stash.get(_BEFORE, None)
     if before is not None:
         check_leaks(ignore_children=before)
