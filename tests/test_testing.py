@@ -145,3 +145,40 @@ def test_pytest_plugin_reports_leaks(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess("-p", "anyio", "-q")
     result.stdout.fnmatch_lines(["*LeakError*", "*abandoned thread still running*stubborn_target*"])
     result.assert_outcomes(passed=3, errors=1)
+
+
+FIXTURE_CHILD_TEST = """
+import subprocess, sys, pytest
+
+@pytest.fixture(scope="session")
+def helper_server():
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+def test_uses_the_server(helper_server):
+    assert helper_server.poll() is None
+
+def test_again(helper_server):
+    assert helper_server.poll() is None
+
+def test_leaves_its_own_child():
+    global stray
+    stray = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+def test_zz_cleanup():
+    stray.kill()
+    stray.wait()
+"""
+
+
+def test_plugin_baseline_is_taken_after_fixtures(pytester: pytest.Pytester) -> None:
+    """A child process that a (session) fixture starts is not the test's leak; one the test
+    itself leaves is."""
+    pytester.makeini("[pytest]\nthreadbridge_leak_check = true\n")
+    pytester.makepyfile(FIXTURE_CHILD_TEST)
+    result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
+    result.stdout.fnmatch_lines(["*LeakError*", "*child process*"])
+    result.assert_outcomes(passed=4, errors=1)
+    assert "test_leaves_its_own_child" in result.stdout.str().split("short test summary")[-1]
