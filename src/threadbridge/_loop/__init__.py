@@ -9,6 +9,7 @@ start a background task, watch a file descriptor, run something when the loop en
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
@@ -75,6 +76,22 @@ class Link(Protocol):
     def protect_from_ki(self, fn: F) -> F:
         """``fn``, made safe from KeyboardInterrupt landing in its unprotected code."""
         ...
+
+
+class LinkBase:
+    """What the Links of both loops share."""
+
+    __slots__ = ()
+    thread_id: int  # the loop's thread, where the Link was made
+
+    def post(self, fn: Callable[[], object]) -> bool:
+        raise NotImplementedError
+
+    def call(self, fn: Callable[[], object]) -> bool:
+        if threading.get_ident() == self.thread_id:
+            fn()
+            return True
+        return self.post(fn)
 
 
 def in_event_loop() -> bool:

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import anyio
 
-from . import Waitable
+from . import LinkBase, Waitable
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -49,7 +49,7 @@ class _Waiter(asyncio.Future[None]):
         super().set_result(result)
 
 
-class AsyncioLink:
+class AsyncioLink(LinkBase):
     __slots__ = ("loop", "thread_id")
     would_block: tuple[type[Exception], ...] = (anyio.WouldBlock,)
     _checkpoint: Callable[[], Awaitable[None]] | None = None
@@ -68,12 +68,6 @@ class AsyncioLink:
         except RuntimeError:
             return False  # the loop has closed: nobody is left to tell
         return True
-
-    def call(self, fn: Callable[[], object]) -> bool:
-        if threading.get_ident() == self.thread_id:
-            fn()
-            return True
-        return self.post(fn)
 
     def is_current(self) -> bool:
         try:

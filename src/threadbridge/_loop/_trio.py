@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 import anyio
 import trio
 
-from . import Waitable
+from . import LinkBase, Waitable
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -19,7 +19,7 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 _protected: dict[Callable[..., Any], Callable[..., Any]] = {}
 
 
-class TrioLink:
+class TrioLink(LinkBase):
     __slots__ = ("thread_id", "token")
     # anyio's limiters and trio's own (which users of trio pass) say it differently.
     would_block: tuple[type[Exception], ...] = (anyio.WouldBlock, trio.WouldBlock)
@@ -38,12 +38,6 @@ class TrioLink:
         except trio.RunFinishedError:
             return False  # the run has ended: nobody is left to tell
         return True
-
-    def call(self, fn: Callable[[], object]) -> bool:
-        if threading.get_ident() == self.thread_id:
-            fn()
-            return True
-        return self.post(fn)
 
     def is_current(self) -> bool:
         try:
