@@ -75,12 +75,28 @@ async def test_asgi_deadline_gives_504_and_the_work_has_stopped() -> None:
 
 @pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT")
 async def test_trio_cli_stops_cleanly_on_ctrl_c() -> None:
-    process = await anyio.open_process([sys.executable, str(EXAMPLES / "trio_cli.py"), str(10**12)])
+    # As typed in a terminal: SIGINT at its default. A suite run as a background job (a
+    # shell's `cmd &`) hands its children SIGINT ignored, and Python keeps it so.
+    launch = (
+        "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    cli = str(EXAMPLES / "trio_cli.py")
+    process = await anyio.open_process(
+        [sys.executable, "-X", "faulthandler", "-c", launch, cli, str(10**12)]
+    )
     err: list[str] = []
     try:
         await read_until(process.stderr, "checksum started", err)
         process.send_signal(signal.SIGINT)
-        await read_until(process.stderr, "interrupted: the work has stopped", err)
+        try:
+            await read_until(process.stderr, "interrupted: the work has stopped", err)
+        except TimeoutError:
+            # Where is it stuck? faulthandler prints every thread's stack on SIGABRT.
+            process.send_signal(signal.SIGABRT)
+            with anyio.move_on_after(10):
+                await read_until(process.stderr, "<never>", err)
+            raise AssertionError("no clean stop after Ctrl-C:\n" + "".join(err)) from None
         with anyio.fail_after(10):
             assert await process.wait() == 130
     finally:

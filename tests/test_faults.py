@@ -196,3 +196,80 @@ def test_sigint_ends_program_promptly(
     assert "Warning" not in err, err
     assert "threadbridge:" not in err, err
     assert gone(worker)
+
+
+def test_frames_carry_lengths_over_4_gib() -> None:
+    """The framing's length field is 64 bits: a job over 4 GiB is framed, not refused by
+    a writer thread that dies with struct.error (the call then waited for ever)."""
+    from threadbridge import _wire
+
+    size = 5 * 2**30
+    header = _wire.HEADER.pack(size, _wire.RUN, 7)
+    parser = _wire.FrameParser()
+    assert parser.feed(header + b"x" * 10) == []  # waits for the rest of the payload
+    assert _wire.HEADER.unpack(header) == (size, _wire.RUN, 7)
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_forked_child_gets_fresh_pools() -> None:
+    """After the parent used both backends, a forked child runs its own calls (fresh
+    thread pool, scheduler and process pool) instead of hanging."""
+
+    async def parent() -> None:
+        assert await tb.run_killable(abs, -1) == 1
+        assert await tb.run_killable(targets.add, 1, 1, backend=P) == 2
+
+    async def child() -> None:
+        with anyio.fail_after(20):
+            assert await tb.run_killable(abs, -2) == 2
+            handle = tb.spawn(tb.sleep, 60, policy=tb.Policy(grace=0.05))
+            assert await handle.stop() is tb.Stage.COOPERATIVE
+            assert await tb.run_killable(targets.add, 2, 2, backend=P) == 4
+
+    anyio.run(parent, backend="asyncio")
+    for backend in ("asyncio", "trio"):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 1
+            try:
+                anyio.run(child, backend=backend)
+                code = 0
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + 60
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise AssertionError(f"the forked child hung ({backend})")
+            time.sleep(0.01)
+        assert os.waitstatus_to_exitcode(status) == 0, backend
+
+
+@pytest.mark.anyio
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+async def test_forked_child_leaves_the_parents_workers_alone(tmp_path: Path) -> None:
+    """A forked child that exits normally (running threadbridge's exit handler) does not
+    end the parent's workers: the parent's busy call still gets its answer."""
+    from threadbridge import _process
+
+    gate = tmp_path / "gate"
+    handle = tb.spawn(targets.busy_until_file, str(gate), backend=P)
+    with anyio.fail_after(30):
+        while not gate.exists():
+            await anyio.sleep(0.01)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            _process._shutdown_all()  # what the child's normal exit runs
+        finally:
+            os._exit(0)
+    await anyio.to_thread.run_sync(os.waitpid, pid, 0)
+    Path(f"{gate}.go").touch()
+    with anyio.fail_after(10):
+        await handle
+    assert handle.stage is tb.Stage.FINISHED
+    assert await tb.run_killable(targets.add, 3, 3, backend=P) == 6

@@ -8,6 +8,7 @@ of the documentation says what that means for targets.
 
 from __future__ import annotations
 
+import os
 import queue
 import sys
 import threading
@@ -119,6 +120,17 @@ class _Redeliver:
 _queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
 _helper_running = False
 _helper_lock = threading.Lock()
+
+
+def _reset_after_fork() -> None:
+    global _queue, _helper_running, _helper_lock
+    _queue = queue.SimpleQueue()
+    _helper_running = False
+    _helper_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def _redeliver(state: Any) -> None:

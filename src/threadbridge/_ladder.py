@@ -174,10 +174,12 @@ class Run:
                 return
             self._rung = Rung.STOP
             work = self._work
-            grace = effective_graces(self.policy)[0]
-            self._timer = self._scheduler.call_later(grace, self._rung2)
         if work is not None:
-            work.request_stop()
+            work.request_stop()  # first, so that rung 2 never comes before it
+        grace = effective_graces(self.policy)[0]
+        with self._lock:
+            if self._stage is Stage.RUNNING:
+                self._timer = self._scheduler.call_later(grace, self._rung2)
 
     def _rung2(self) -> None:
         policy = self.policy

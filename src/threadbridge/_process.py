@@ -221,6 +221,22 @@ def _shutdown_all() -> None:
         pool.shutdown()
 
 
+def _forget_after_fork() -> None:
+    """In a forked child: the parent's pools are not ours. Never end them (at exit or
+    otherwise), and close our copies of their pipes, so that the parent's workers see end
+    of file when the parent dies, whatever its children do."""
+    for pool in list(_all_pools):
+        for worker in list(pool.workers):
+            worker.forget()
+        _stats.unregister(pool)
+    _all_pools.clear()
+    _pools.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)
+
+
 def pool_for(link: Link) -> ProcessPool:
     """The default pool of the running loop; made, with its shutdown hook, on first use."""
     key = link.key

@@ -50,18 +50,18 @@ class WorkerProcess:
         self.used = False
         self.idle_since = time.monotonic()
         self.parser = _wire.FrameParser()
-        job_r, self.job_fd = os.pipe()
-        control_r, self.control_fd = os.pipe()
-        self.result_fd, result_w = os.pipe()
+        fds: list[int] = []
         try:
+            for _ in range(3):  # out of descriptors (EMFILE) half-way: nothing stays open
+                fds += os.pipe()
+            job_r, self.job_fd, control_r, self.control_fd, self.result_fd, result_w = fds
             self.proc = _spawn.start_worker(job_r, control_r, result_w)
         except BaseException:
-            for fd in (self.job_fd, self.control_fd, self.result_fd):
-                os.close(fd)
+            for fd in fds:
+                _close(fd)
             raise
-        finally:
-            for fd in (job_r, control_r, result_w):
-                os.close(fd)
+        for fd in (job_r, control_r, result_w):  # the worker's ends
+            _close(fd)
         self.pid = self.proc.pid
         os.set_blocking(self.result_fd, False)
         self.has_authkey = False
@@ -119,6 +119,11 @@ class WorkerProcess:
             os.killpg(self.pid, signum)
         except (ProcessLookupError, PermissionError):
             pass  # the group is gone already
+
+    def forget(self) -> None:
+        """In a forked child of the parent: close this copy of the parent's pipes."""
+        for fd in (self.job_fd, self.control_fd, self.result_fd):
+            _close(fd)
 
     def exited(self) -> bool:
         """Whether the worker process has ended, without reaping it (lock-free)."""

@@ -11,6 +11,7 @@ import heapq
 import itertools
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -37,9 +38,14 @@ class Scheduler:
     IDLE_EXIT = 5.0  # seconds with nothing scheduled before the thread exits
 
     def __init__(self) -> None:
+        self._reset()
+        self._seq = itertools.count()
+
+    def _reset(self) -> None:
+        """Fresh state; also in a forked child, where the parent's thread (and the ladders
+        it timed) do not exist and its lock may have been held at the fork."""
         self._cond = threading.Condition(threading.Lock())
         self._heap: list[tuple[float, int, Timer]] = []
-        self._seq = itertools.count()
         self._running = False
         self._compact_at = 64
 
@@ -93,3 +99,5 @@ class Scheduler:
 
 
 SCHEDULER = Scheduler()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=SCHEDULER._reset)

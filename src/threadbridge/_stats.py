@@ -9,6 +9,7 @@ every target to end (``threadbridge.testing``).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import weakref
@@ -91,9 +92,26 @@ _quiet_callbacks: list[Callable[[], object]] = []
 _stages: dict[Stage, int] = {stage: 0 for stage in Stage if stage is not Stage.RUNNING}
 
 
+def _reset_after_fork() -> None:
+    global _lock, _cond, _waiters
+    _lock = threading.Lock()
+    _cond = threading.Condition(_lock)
+    _waiters = 0
+    _quiet_callbacks.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
 def register(source: Source) -> None:
     with _lock:
         _sources.add(source)
+
+
+def unregister(source: Source) -> None:
+    with _lock:
+        _sources.discard(source)
 
 
 def count_stage(stage: Stage) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextvars
 import inspect
 import logging
+import os
 import queue
 import sys
 import threading
@@ -41,12 +42,18 @@ class ThreadPool:
     """
 
     def __init__(self) -> None:
+        self._reset()
+        _stats.register(self)
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        """Empty; also in a forked child, which has none of the parent's threads."""
         self.lock = threading.Lock()
         self.queue: queue.SimpleQueue[ThreadWork] = queue.SimpleQueue()
         self.idle = 0  # threads waiting on the queue, not yet claimed by a submit()
         self.busy: dict[int, ThreadWork] = {}  # id(work) -> work, queued or running
         self.abandoned: dict[int, ThreadWork] = {}  # given up on at rung 3, still running
-        _stats.register(self)
 
     def submit(self, work: ThreadWork) -> None:
         """Run ``work`` on an idle pool thread, or on a new one."""

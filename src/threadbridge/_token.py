@@ -10,6 +10,7 @@ no trio, nothing that starts threads.
 from __future__ import annotations
 
 import math
+import os
 import threading
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -23,6 +24,15 @@ if TYPE_CHECKING:
 # Guards the lazy creation of a token's Event (see Token.wait). One lock for all tokens is
 # fine: it is only taken by wait() and by the ladder's rung 1, never on the hot path.
 _EVENT_LOCK = threading.Lock()
+
+
+def _new_lock_after_fork() -> None:
+    global _EVENT_LOCK
+    _EVENT_LOCK = threading.Lock()  # another thread of the parent may have held it
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_after_fork)
 
 
 class Token:

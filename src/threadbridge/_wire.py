@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import struct
 
-HEADER = struct.Struct("!IBQ")  # payload length, kind, job id
+HEADER = struct.Struct("!QBQ")  # payload length (64 bits: jobs over 4 GiB too), kind, job id
 
 # parent -> worker, on the job pipe
 INIT = 1  # payload: pickled settings (sys.path)

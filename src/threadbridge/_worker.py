@@ -151,9 +151,6 @@ def after_fork(job_fd: int, control_fd: int, result_fd: int) -> None:
         _lock = threading.Lock()  # another parent thread may have held it at the fork
         _current, _interrupt_for, _last_started = None, 0, 0
         _early.clear()
-        from . import _token
-
-        _token._EVENT_LOCK = threading.Lock()
         serve(job_fd, control_fd, result_fd)
         # A forked worker must not run the atexit handlers it inherited from the parent
         # (they would act on the parent's resources): flush and leave at once.
@@ -176,6 +173,10 @@ def _open_fds() -> list[int]:
 def serve(job_fd: int, control_fd: int, result_fd: int) -> None:
     global _pid, _result_fd
     _pid, _result_fd = os.getpid(), result_fd
+    for fd in (job_fd, control_fd, result_fd):
+        # Only this process may read or write them: a program the target starts, even
+        # with close_fds=False, gets none of them.
+        os.set_inheritable(fd, False)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     # The control thread needs the GIL to set a token while a pure-Python target holds
     # it; the default 5 ms switch interval would add up to 5 ms to every rung 1.
