@@ -259,3 +259,36 @@ def register_atexit(path: str) -> None:
 
     atexit.register(mark, path, "atexit ran")
     print("buffered, not flushed", end="")
+
+
+def own_sigterm_handler(path: str) -> str:
+    """Installs its own SIGTERM handler, which ends the work when rung 2 comes."""
+    stop = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
+    mark(path, "started")
+    while not stop:
+        time.sleep(0.001)
+    return "stopped by my own handler"
+
+
+def exit_code(code: int) -> None:
+    sys.exit(code)
+
+
+def recurse(n: int = 0) -> int:
+    return recurse(n + 1)
+
+
+def pipes_a_child_inherits() -> list[int]:
+    """Which of the worker's pipe ends a child started with close_fds=False holds."""
+    from threadbridge import _worker
+
+    ours = {_worker._result_fd, *_worker._pipe_fds}
+    child = subprocess.run(
+        [sys.executable, "-c", "import os; print(' '.join(os.listdir('/proc/self/fd')))"],
+        close_fds=False,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return sorted(ours & {int(fd) for fd in child.stdout.split()})

@@ -273,3 +273,15 @@ async def test_forked_child_leaves_the_parents_workers_alone(tmp_path: Path) -> 
         await handle
     assert handle.stage is tb.Stage.FINISHED
     assert await tb.run_killable(targets.add, 3, 3, backend=P) == 6
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+def test_loop_that_ends_right_after_spawn(loop: str) -> None:
+    """A loop that ends right after spawn() of a process target ends cleanly (the worker's
+    reader, posted to a loop that takes no new tasks, is not an internal error)."""
+
+    async def main() -> None:
+        tb.spawn(targets.add, 1, 1, backend=P)
+
+    for _ in range(10):
+        anyio.run(main, backend=loop)

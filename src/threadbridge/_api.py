@@ -312,7 +312,8 @@ def _start_when_admitted(run: Run, backend: Backend, job: object) -> None:
             if not isinstance(exc, Exception):
                 raise
 
-    run.link.start_task(admit, name=f"threadbridge admission of {run.name}")
+    if not run.link.start_task(admit, name=f"threadbridge admission of {run.name}"):
+        raise RuntimeError("the event loop is shutting down; no new work can start")
 
 
 export(run_killable, spawn, default_limiter)

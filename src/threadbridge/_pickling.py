@@ -1,9 +1,9 @@
 """What travels between the parent and a worker: jobs one way, answers the other.
 
 A job is ``(func, args)`` pickled with cloudpickle (so that lambdas and closures travel);
-an answer is ``(how, value, interrupted[, traceback text])``: how the target ended
-("returned", "raised", or "not started"), what it returned or raised, whether rung 2
-reached it, and the worker's traceback as text when the exception could not carry it. Worker
+an answer is ``(how, value, interrupted)``: how the target ended ("returned", "raised",
+or "not started"), what it returned or raised (an exception travels with its traceback
+and its chain of causes), and whether rung 2 reached it. Worker
 processes import this module: cloudpickle and tblib load only when needed.
 """
 
@@ -63,30 +63,63 @@ def remote_error(exc: BaseException, note: str | None = None) -> RemoteError:
     return RemoteError(name, note or str(exc), _traceback_text(exc))
 
 
-def _dumps_without_tblib(value: object) -> bytes:
-    """Plain pickle, ignoring the reducers tblib registers (which fail for some exception
-    classes, frozen dataclasses among them, where plain pickle works)."""
-    import copyreg
-    import io
-
-    table = {
-        cls: reducer
-        for cls, reducer in copyreg.dispatch_table.items()
-        if not getattr(reducer, "__module__", "").startswith("tblib")
-    }
-    buffer = io.BytesIO()
-    pickler = pickle.Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL)
-    pickler.dispatch_table = table
-    pickler.dump(value)
-    return buffer.getvalue()
+_CHAIN_DEPTH = 8  # how many causes and contexts travel with an exception
+_MAX_FRAMES = 100  # how many traceback frames (the innermost) travel with one
 
 
-class RemoteTraceback(Exception):
-    """Set as ``__cause__`` of an exception that came back from a worker without its
-    traceback object: it shows the worker's traceback as text."""
+class _Packed:
+    """An exception in parts: the exception itself by plain pickle (which keeps what its
+    class's own pickling keeps: SystemExit's code, a frozen dataclass), its traceback as
+    tblib's plain data, and its cause and context, packed the same way."""
 
-    def __str__(self) -> str:
-        return f"\n\nTraceback in the worker:\n{self.args[0]}"
+    __slots__ = ("cause", "context", "exc", "suppress", "traceback")
+
+    def __init__(self, exc: BaseException, depth: int) -> None:
+        from tblib import Traceback
+
+        self.exc = exc
+        tb = exc.__traceback__
+        frames = 0
+        walk = tb
+        while walk is not None:
+            frames += 1
+            walk = walk.tb_next
+        for _ in range(frames - _MAX_FRAMES):  # a RecursionError's thousand frames: the
+            tb = tb.tb_next if tb is not None else None  # innermost ones say the most
+        self.traceback = Traceback(tb).as_dict() if tb is not None else None
+        deeper = depth + 1 < _CHAIN_DEPTH
+        cause, context = exc.__cause__, exc.__context__
+        self.cause = _pack_exception(cause, depth + 1) if cause is not None and deeper else None
+        self.context = (
+            _pack_exception(context, depth + 1) if context is not None and deeper else None
+        )
+        self.suppress = exc.__suppress_context__
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_unpack, (self.exc, self.traceback, self.cause, self.context, self.suppress))
+
+
+def _pack_exception(exc: BaseException, depth: int) -> _Packed:
+    return _Packed(exc, depth)
+
+
+def _unpack(
+    exc: BaseException,
+    traceback: dict[str, Any] | None,
+    cause: BaseException | None,
+    context: BaseException | None,
+    suppress: bool,
+) -> BaseException:
+    """In the parent: put the parts back together (object's setattr: the exception's class
+    may forbid setting attributes, as a frozen dataclass does)."""
+    if traceback is not None:
+        from tblib import Traceback
+
+        exc = exc.with_traceback(Traceback.from_dict(traceback).as_traceback())
+    object.__setattr__(exc, "__cause__", cause)
+    object.__setattr__(exc, "__context__", context)
+    object.__setattr__(exc, "__suppress_context__", suppress)
+    return exc
 
 
 def dumps_answer(how: str, value: object, interrupted: bool) -> bytes:
@@ -102,20 +135,10 @@ def dumps_answer(how: str, value: object, interrupted: bool) -> bytes:
             return _dumps((RAISED, error, interrupted))
     if how == RAISED:
         assert isinstance(value, BaseException)
-        # As itself with its traceback (tblib); else as itself with the traceback as text;
-        # else as a RemoteError. Each form is loaded back here first: the parent must be
-        # able to load it too.
+        # As itself, with its traceback and its chain; else as a RemoteError. The parent
+        # must be able to load it: it is loaded back here first.
         try:
-            from tblib import pickling_support
-
-            pickling_support.install(value)
-            data = _dumps((how, value, interrupted))
-            pickle.loads(data)
-            return data
-        except Exception:
-            pass
-        try:
-            data = _dumps_without_tblib((how, value, interrupted, _traceback_text(value)))
+            data = _dumps((how, _pack_exception(value, 0), interrupted))
             pickle.loads(data)
             return data
         except Exception:
@@ -126,11 +149,7 @@ def dumps_answer(how: str, value: object, interrupted: bool) -> bytes:
 def loads_answer(payload: bytes, name: str) -> tuple[str, Any, bool]:
     """In the parent: (how, value, interrupted) from a worker's answer."""
     try:
-        how, value, interrupted, *text = pickle.loads(payload)
-        if text and isinstance(value, BaseException):
-            # object's setattr: the exception's class may forbid setting attributes
-            # (a frozen dataclass), which is why it came without its traceback.
-            object.__setattr__(value, "__cause__", RemoteTraceback(text[0]))
+        how, value, interrupted = pickle.loads(payload)
     except BaseException as exc:  # even SystemExit from a __setstate__: never hang the call
         error = TypeError(f"the worker's answer for {name} cannot be unpickled: {exc!r}")
         return RAISED, error, False

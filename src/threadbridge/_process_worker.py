@@ -148,6 +148,8 @@ class WorkerProcess:
     # --- reading answers, in the event loop ---------------------------------------------
 
     def _watch(self) -> None:
+        # If the loop is ending it watches nothing any more: its pool's shutdown ends
+        # this worker.
         if not self.finished:
             name = "threadbridge worker reader"
             self.link.watch_readable(self.result_fd, self._on_readable, name)

@@ -47,6 +47,7 @@ _early: set[int] = set()  # jobs whose stop arrived before they started: never r
 _lock = threading.Lock()
 _pid = 0  # this worker's pid: a target's fork that returns must not act as the worker
 _result_fd = -1  # kept for fault-injection tests
+_pipe_fds: tuple[int, ...] = ()
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -171,8 +172,8 @@ def _open_fds() -> list[int]:
 
 
 def serve(job_fd: int, control_fd: int, result_fd: int) -> None:
-    global _pid, _result_fd
-    _pid, _result_fd = os.getpid(), result_fd
+    global _pid, _result_fd, _pipe_fds
+    _pid, _result_fd, _pipe_fds = os.getpid(), result_fd, (job_fd, control_fd, result_fd)
     for fd in (job_fd, control_fd, result_fd):
         # Only this process may read or write them: a program the target starts, even
         # with close_fds=False, gets none of them.

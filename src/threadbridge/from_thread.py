@@ -156,8 +156,13 @@ def _in_loop(what: str, call_fn: Callable[[], Awaitable[Any]]) -> Any:
         finally:
             call.done.set()
 
+    def start() -> None:
+        if not link.start_task(task, f"threadbridge from_thread.{what}"):
+            call.outcome = (False, RuntimeError("the target's event loop is ending"))
+            call.done.set()
+
     try:
-        if not link.post(lambda: link.start_task(task, f"threadbridge from_thread.{what}")):
+        if not link.post(start):
             raise RuntimeError(f"from_thread.{what}(): the target's event loop has ended")
         call.done.wait()
     finally:

@@ -60,12 +60,16 @@ class Link(Protocol):
     def wake(self, run: Waitable) -> None:
         """In the loop's thread: mark ``run`` settled and wake its waiters."""
 
-    def start_task(self, fn: Callable[[], Awaitable[None]], name: str) -> None:
-        """Start a background task (not bound to the caller's scopes) in the loop's thread."""
+    def start_task(self, fn: Callable[[], Awaitable[None]], name: str) -> bool:
+        """Start a background task (not bound to the caller's scopes) in the loop's thread.
+        False (and nothing started) if the loop is ending and takes no new task."""
+        ...
 
-    def watch_readable(self, fd: int, on_readable: Callable[[], bool], name: str) -> None:
+    def watch_readable(self, fd: int, on_readable: Callable[[], bool], name: str) -> bool:
         """Call ``on_readable()`` in the loop whenever ``fd`` is readable, until it returns
-        False or ``unwatch(fd)`` is called. In the loop's thread."""
+        False or ``unwatch(fd)`` is called. In the loop's thread. False if the loop is
+        ending (nothing is watched then)."""
+        ...
 
     def unwatch(self, fd: int) -> None:
         """Stop watching ``fd``; in the loop's thread, or after the loop has ended."""

@@ -29,6 +29,10 @@ def _anyio_checkpoint() -> Callable[[], Awaitable[None]]:
         return anyio.lowlevel.checkpoint_if_cancelled
 
 
+async def _call(fn: Callable[[], Awaitable[None]]) -> None:
+    await fn()
+
+
 class _Waiter(asyncio.Future[None]):
     """What a task awaiting a run waits on. ``Task.cancel()`` (which every asyncio
     cancellation ends in: ``asyncio.timeout``, anyio's scopes, task groups) cancels the
@@ -114,20 +118,24 @@ class AsyncioLink(LinkBase):
                         continue
             raise
 
-    def start_task(self, fn: Callable[[], Awaitable[None]], name: str) -> None:
-        async def main() -> None:
-            await fn()
-
-        task = self.loop.create_task(main(), name=name)
+    def start_task(self, fn: Callable[[], Awaitable[None]], name: str) -> bool:
+        if self.loop.is_closed():
+            return False
+        task = self.loop.create_task(_call(fn), name=name)
         _background.add(task)
         task.add_done_callback(_background.discard)
+        return True
 
-    def watch_readable(self, fd: int, on_readable: Callable[[], bool], name: str) -> None:
+    def watch_readable(self, fd: int, on_readable: Callable[[], bool], name: str) -> bool:
         def ready() -> None:
             if not on_readable():
                 self.loop.remove_reader(fd)
 
-        self.loop.add_reader(fd, ready)
+        try:
+            self.loop.add_reader(fd, ready)
+        except RuntimeError:
+            return False  # the loop has closed
+        return True
 
     def unwatch(self, fd: int) -> None:
         try:

@@ -80,10 +80,14 @@ class TrioLink(LinkBase):
             # pending: deliver it now that the work has stopped.
             await trio.lowlevel.checkpoint_if_cancelled()
 
-    def start_task(self, fn: Callable[[], Awaitable[None]], name: str) -> None:
-        trio.lowlevel.spawn_system_task(fn, name=name)
+    def start_task(self, fn: Callable[[], Awaitable[None]], name: str) -> bool:
+        try:
+            trio.lowlevel.spawn_system_task(fn, name=name)
+        except RuntimeError:
+            return False  # the run is ending ("Nursery is closed to new arrivals")
+        return True
 
-    def watch_readable(self, fd: int, on_readable: Callable[[], bool], name: str) -> None:
+    def watch_readable(self, fd: int, on_readable: Callable[[], bool], name: str) -> bool:
         async def reader() -> None:
             try:
                 while True:
@@ -93,7 +97,7 @@ class TrioLink(LinkBase):
             except (trio.ClosedResourceError, OSError):
                 return  # unwatched, or the descriptor was closed under us
 
-        trio.lowlevel.spawn_system_task(reader, name=name)
+        return self.start_task(reader, name)
 
     def unwatch(self, fd: int) -> None:
         try:
