@@ -167,12 +167,19 @@ def test_abandoned_thread_does_not_delay_exit(runner: str) -> None:
     """A 3 s blocking call abandoned at rung 3 does not delay interpreter exit."""
     code = textwrap.dedent(
         f"""
-        import time, threadbridge as tb
+        import threading, time, threadbridge as tb
         policy = tb.Policy(grace=0, interrupt_grace=0)
+        started = threading.Event()
+        def blocked():
+            started.set()
+            time.sleep(3)
         async def main():
             import anyio
-            with anyio.move_on_after(0.05):
-                await tb.run_killable(time.sleep, 3, policy=policy)
+            handle = tb.spawn(blocked, policy=policy)
+            await anyio.to_thread.run_sync(started.wait)  # running, not merely queued
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                await handle
         runner = {runner!r}
         t0 = time.monotonic()
         if runner == "asyncio":
