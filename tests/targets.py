@@ -292,3 +292,10 @@ def pipes_a_child_inherits() -> list[int]:
         check=True,
     )
     return sorted(ours & {int(fd) for fd in child.stdout.split()})
+
+
+def block_sigterm() -> str:
+    """Leaves SIGTERM blocked and ignored behind it, as a careless target might."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return "left SIGTERM blocked and ignored"

@@ -557,3 +557,40 @@ def _join(thread: threading.Thread) -> None:
             return
         except RuntimeError:  # listed, but not started yet: it will be in a moment
             time.sleep(0.001)
+
+
+async def test_signal_state_does_not_leak_to_the_next_job(tmp_path: Path) -> None:
+    """A target that leaves SIGTERM blocked and ignored does not disable rung 2 for the
+    next target on the same worker."""
+    limiter = anyio.CapacityLimiter(1)  # one worker at a time: the same one, reused
+    pid = await tb.run_killable(targets.pid, backend=P, limiter=limiter)
+    await tb.run_killable(targets.block_sigterm, backend=P, limiter=limiter)
+    path = tmp_path / "log"
+    policy = tb.Policy(grace=0.05, interrupt_grace=30)
+    handle = tb.spawn(
+        targets.write_pid_then_sleep, str(path), 60, backend=P, policy=policy, limiter=limiter
+    )
+    (line,) = await lines_of(path, 1)
+    assert int(line) == pid  # on the worker the careless target had used
+    with anyio.fail_after(10):
+        assert await handle.stop() is tb.Stage.INTERRUPTED
+
+
+def test_no_sigpipe_when_writing_to_a_dead_worker() -> None:
+    """In a program that restored SIGPIPE's default action, a write to a dead worker is a
+    BrokenPipeError, handled, never a SIGPIPE that kills the program."""
+    code = textwrap.dedent(
+        """
+        import os, signal
+        from threadbridge import _process_worker, _wire
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        r, w = os.pipe()
+        os.close(r)
+        try:
+            _process_worker.write_frame(w, _wire.EXIT)
+        except BrokenPipeError:
+            print("BrokenPipeError")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout.strip()) == (0, "BrokenPipeError")

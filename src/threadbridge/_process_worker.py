@@ -77,7 +77,7 @@ class WorkerProcess:
 
             settings["authkey"] = bytes(process.current_process().authkey)
             self.has_authkey = True
-        _wire.write_frame(self.job_fd, _wire.INIT, 0, pickle.dumps(settings))
+        write_frame(self.job_fd, _wire.INIT, 0, pickle.dumps(settings))
 
     # --- talking to the worker ---------------------------------------------------------
 
@@ -98,19 +98,19 @@ class WorkerProcess:
 
     def _write_job(self, job_id: int, payload: bytes) -> None:
         try:
-            _wire.write_frame(self.job_fd, _wire.RUN, job_id, payload)
+            write_frame(self.job_fd, _wire.RUN, job_id, payload)
         except OSError:
             pass  # the worker has died; end of file on its answers reports it
 
     def control(self, kind: int, job_id: int) -> None:
         try:
-            _wire.write_frame(self.control_fd, kind, job_id)
+            write_frame(self.control_fd, kind, job_id)
         except OSError:
             pass
 
     def ask_to_exit(self) -> None:
         try:
-            _wire.write_frame(self.job_fd, _wire.EXIT)
+            write_frame(self.job_fd, _wire.EXIT)
         except OSError:
             pass
 
@@ -228,6 +228,23 @@ class WorkerProcess:
         if returncode is None:
             self._reap(None)
             self.pool.ended(self, reaped=True)
+
+
+def write_frame(fd: int, kind: int, job: int = 0, payload: bytes = b"") -> None:
+    """A frame to a worker. Never raises SIGPIPE, even in a program that has restored its
+    default action (CLI tools do): a dead worker is a BrokenPipeError, handled here."""
+    if signal.getsignal(signal.SIGPIPE) is signal.SIG_IGN:  # Python's default
+        _wire.write_frame(fd, kind, job, payload)
+        return
+    pipe = {signal.SIGPIPE}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, pipe)
+    try:
+        _wire.write_frame(fd, kind, job, payload)
+    except BrokenPipeError:
+        signal.sigtimedwait(pipe, 0)  # the SIGPIPE now pending for this thread: drop it
+        raise
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _close(fd: int) -> None:

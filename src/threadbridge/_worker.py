@@ -183,6 +183,7 @@ def serve(job_fd: int, control_fd: int, result_fd: int) -> None:
     # it; the default 5 ms switch interval would add up to 5 ms to every rung 1.
     sys.setswitchinterval(0.0005)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    _save_signals()
     threading.Thread(target=_control, args=(control_fd,), name="control", daemon=True).start()
     while True:
         frame = _wire.read_frame(job_fd)
@@ -193,8 +194,34 @@ def serve(job_fd: int, control_fd: int, result_fd: int) -> None:
             _apply(pickle.loads(payload))
             continue
         _wire.write_frame(result_fd, _wire.ANSWER, job_id, _run(job_id, payload))
+        _restore_signals()  # what the target changed; after answering, off the call's path
     # Asked to exit (or the parent closed the job pipe): end like a Python program, so
     # that atexit handlers run and buffered output is flushed.
+
+
+# The worker's own signal state, which every job starts with: a target that blocks
+# SIGTERM or installs a handler must not disable rung 2 for the jobs after it.
+_base_mask: set[int] = set()
+_base_handlers: dict[int, Any] = {}
+
+
+def _save_signals() -> None:
+    global _base_mask
+    _base_mask = {int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, ())}
+    for signum in signal.valid_signals():
+        if signum in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        handler = signal.getsignal(signum)
+        if handler is not None:  # None: set outside Python, nothing to restore it with
+            _base_handlers[int(signum)] = handler
+
+
+def _restore_signals() -> None:
+    if {int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, ())} != _base_mask:
+        signal.pthread_sigmask(signal.SIG_SETMASK, _base_mask)
+    for signum, handler in _base_handlers.items():
+        if signal.getsignal(signum) is not handler:
+            signal.signal(signum, handler)
 
 
 def _apply(settings: dict[str, Any]) -> None:
