@@ -299,3 +299,22 @@ def block_sigterm() -> str:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return "left SIGTERM blocked and ignored"
+
+
+def children_then_sleep(path: str) -> None:
+    """Starts a child that ignores SIGTERM and one that does not, then blocks: rung 2
+    interrupts it, and leaves the children to whoever cleans up."""
+    stubborn = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "print('ready', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    assert stubborn.stdout is not None
+    stubborn.stdout.readline()  # its SIGTERM is ignored from here on
+    meek = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    mark(path, f"{stubborn.pid} {meek.pid}")
+    time.sleep(60)

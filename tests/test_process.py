@@ -594,3 +594,19 @@ def test_no_sigpipe_when_writing_to_a_dead_worker() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stdout.strip()) == (0, "BrokenPipeError")
+
+
+async def test_interrupted_target_leaves_no_process_behind(tmp_path: Path) -> None:
+    """After rung 2, the target's children (one ignoring SIGTERM, one killed by it and
+    left a zombie) are gone: the worker's group is finished off before the await
+    returns, and the pool goes on with its standby."""
+    path = tmp_path / "log"
+    policy = tb.Policy(grace=0.05, interrupt_grace=30)
+    handle = tb.spawn(targets.children_then_sleep, str(path), backend=P, policy=policy)
+    (line,) = await lines_of(path, 1)
+    children = [int(pid) for pid in line.split()]
+    assert await handle.stop() is tb.Stage.INTERRUPTED
+    with anyio.fail_after(2):  # SIGKILL was sent before the await returned
+        while not all(gone(pid) for pid in children):
+            await anyio.sleep(0.005)
+    assert await tb.run_killable(targets.add, 2, 5, backend=P) == 7

@@ -295,8 +295,7 @@ class ProcessWork:
 
     # --- from the worker -------------------------------------------------------------
 
-    def answered(self, payload: bytes) -> None:
-        how, value, interrupted = _pickling.loads_answer(payload, self.run.name)
+    def answered(self, how: str, value: Any, interrupted: bool) -> None:
         if how == _pickling.NOT_STARTED:
             self.run.report(Ending.NOT_STARTED)
         else:

@@ -17,9 +17,9 @@ import subprocess
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from . import _spawn, _wire
+from . import _pickling, _spawn, _wire
 from ._loop import Link
 
 if TYPE_CHECKING:
@@ -45,6 +45,8 @@ class WorkerProcess:
         self.lock = threading.Lock()  # guards current, killed, finished
         self.current: ProcessWork | None = None  # the job it runs
         self.killed: ProcessWork | None = None  # the job rung 3 killed it for
+        # A job that rung 2 reached, answered; reported once the worker is retired.
+        self.answered: tuple[ProcessWork, tuple[str, Any, bool]] | None = None
         self.finished = False
         self.state = "new"  # the pool's: idle, busy, retiring, dead, unreaped, gone
         self.used = False
@@ -179,8 +181,18 @@ class WorkerProcess:
                 if work is None or work.job_id != job_id:
                     continue  # killed meanwhile: the ladder has reported it
                 self.current = None
+                answer = _pickling.loads_answer(payload, work.run.name)
+                if answer[2] or work.interrupt_sent:
+                    # Rung 2's SIGTERM went to the whole process group: what the target
+                    # started may still run there, or be a zombie. This worker is done:
+                    # its group is killed and reaped, then the answer is reported.
+                    self.answered = (work, answer)
+            if self.answered is not None:
+                self.signal_group(signal.SIGKILL)
+                self.finish_soon()
+                return False
             self.pool.returned(self)
-            work.answered(payload)
+            work.answered(*answer)
         return True
 
     # --- the end ------------------------------------------------------------------------
@@ -203,6 +215,7 @@ class WorkerProcess:
             self.finished = True
             crashed, self.current = self.current, None
             killed, self.killed = self.killed, None
+            answered, self.answered = self.answered, None
         # Take down anything its targets left in its process group, while the unreaped
         # worker still holds the group's id (so that it cannot have been reused)...
         self.signal_group(signal.SIGKILL)
@@ -223,6 +236,8 @@ class WorkerProcess:
         self.pool.ended(self, reaped=returncode is not None)
         if killed is not None:
             killed.killed()
+        if answered is not None:
+            answered[0].answered(*answered[1])
         if crashed is not None:
             crashed.crashed(returncode)
         if returncode is None:
