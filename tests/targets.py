@@ -318,3 +318,14 @@ def children_then_sleep(path: str) -> None:
     meek = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     mark(path, f"{stubborn.pid} {meek.pid}")
     time.sleep(60)
+
+
+def fork_then_crash(path: str) -> None:
+    """Forks a copy that keeps every descriptor (the worker's pipes too) and sleeps on,
+    then the worker dies without answering."""
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(30)
+        os._exit(0)
+    mark(path, str(pid))
+    os._exit(3)

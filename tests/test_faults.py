@@ -285,3 +285,20 @@ def test_loop_that_ends_right_after_spawn(loop: str) -> None:
 
     for _ in range(10):
         anyio.run(main, backend=loop)
+
+
+@pytest.mark.anyio
+async def test_worker_death_seen_while_a_fork_holds_its_pipes(tmp_path: Path) -> None:
+    """A worker that dies while a process its target forked still holds the result pipe
+    gives WorkerCrashed at once (its exit is watched, not only its pipe), and the fork is
+    killed with the worker's group."""
+    path = tmp_path / "fork"
+    with anyio.fail_after(10):  # far less than the fork's 30 s
+        with pytest.raises(tb.WorkerCrashed) as info:
+            await tb.run_killable(targets.fork_then_crash, str(path), backend=P)
+    assert info.value.exitcode == 3
+    fork = int(path.read_text())
+    with anyio.fail_after(5):
+        while not gone(fork):
+            await anyio.sleep(0.01)
+    assert await tb.run_killable(targets.add, 1, 1, backend=P) == 2

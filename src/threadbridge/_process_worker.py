@@ -65,6 +65,13 @@ class WorkerProcess:
         for fd in (job_r, control_r, result_w):  # the worker's ends
             _close(fd)
         self.pid = self.proc.pid
+        # The worker's own end, seen from the process itself where the platform allows
+        # (Linux 5.3+): a pipe's end of file comes only once every copy of the pipe is
+        # closed, and a process the target forked may hold one.
+        try:
+            self.pidfd: int | None = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):
+            self.pidfd = None
         os.set_blocking(self.result_fd, False)
         self.has_authkey = False
         self._send_settings({"sys_path": list(sys.path)})
@@ -124,8 +131,9 @@ class WorkerProcess:
 
     def forget(self) -> None:
         """In a forked child of the parent: close this copy of the parent's pipes."""
-        for fd in (self.job_fd, self.control_fd, self.result_fd):
-            _close(fd)
+        for fd in (self.job_fd, self.control_fd, self.result_fd, self.pidfd):
+            if fd is not None:
+                _close(fd)
 
     def exited(self) -> bool:
         """Whether the worker process has ended, without reaping it (lock-free)."""
@@ -155,13 +163,28 @@ class WorkerProcess:
         if not self.finished:
             name = "threadbridge worker reader"
             self.link.watch_readable(self.result_fd, self._on_readable, name)
+            if self.pidfd is not None:
+                self.link.watch_readable(self.pidfd, self._on_exit, "threadbridge worker exit")
+
+    def _on_exit(self) -> bool:
+        """The worker process has exited (its pidfd is readable)."""
+        # What it wrote before exiting is read first, so that an answer is never lost.
+        while self._on_readable() and not self.finished:
+            if not _readable(self.result_fd):
+                break
+        self.finish_soon()
+        return False
 
     def unwatch(self) -> None:
         self.link.unwatch(self.result_fd)
+        if self.pidfd is not None:
+            self.link.unwatch(self.pidfd)
 
     def _close_result_fd(self) -> None:
-        self.link.unwatch(self.result_fd)
+        self.unwatch()
         _close(self.result_fd)
+        if self.pidfd is not None:
+            _close(self.pidfd)
 
     def _on_readable(self) -> bool:
         try:
@@ -233,6 +256,8 @@ class WorkerProcess:
         # and close it, or a new pipe given the same number would meet the old watch.
         if not self.link.call(self._close_result_fd):
             _close(self.result_fd)  # the loop has ended: nothing watches any more
+            if self.pidfd is not None:
+                _close(self.pidfd)
         self.pool.ended(self, reaped=returncode is not None)
         if killed is not None:
             killed.killed()
@@ -260,6 +285,12 @@ def write_frame(fd: int, kind: int, job: int = 0, payload: bytes = b"") -> None:
         raise
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _readable(fd: int) -> bool:
+    import select
+
+    return bool(select.select([fd], [], [], 0)[0])
 
 
 def _close(fd: int) -> None:
