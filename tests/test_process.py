@@ -610,3 +610,19 @@ async def test_interrupted_target_leaves_no_process_behind(tmp_path: Path) -> No
         while not all(gone(pid) for pid in children):
             await anyio.sleep(0.005)
     assert await tb.run_killable(targets.add, 2, 5, backend=P) == 7
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+def test_loop_end_runs_the_ladder_for_busy_workers(tmp_path: Path, loop: str) -> None:
+    """A loop that ends with a target still running in a worker stops it through the
+    ladder (its finally runs) and its handle says how it really ended."""
+    path = tmp_path / "log"
+    handles: list[tb.Handle[None]] = []
+
+    async def main() -> None:
+        handles.append(tb.spawn(targets.blocking_sleeper, str(path), backend=P))
+        await lines_of(path, 1)
+
+    anyio.run(main, backend=loop)
+    assert handles[0].stage is tb.Stage.INTERRUPTED
+    assert path.read_text().split() == ["started", "TargetCancelled", "finally"]

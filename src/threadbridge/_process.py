@@ -197,18 +197,24 @@ class ProcessPool:
 
 
 def _end_workers(workers: list[WorkerProcess]) -> None:
-    """Ask workers to exit, SIGTERM the busy ones, SIGKILL what is left after the grace."""
+    """The loop is ending (nothing reads answers any more): the busy workers' targets get
+    rungs 1 and 2 at once, every worker is asked to exit, and what is left after the grace
+    is killed, as rung 3. Each run then reports how it really ended."""
     for worker in workers:
+        work = worker.current
+        if work is not None:
+            work.run.cancel()  # rung 1, and the ladder's own clock for what follows...
+            work.interrupt()  # ...but rung 2 at once: the loop is going
         worker.ask_to_exit()
-        if worker.current is not None:
-            worker.signal_group(signal.SIGTERM)
     deadline = time.monotonic() + SHUTDOWN_GRACE
     for worker in workers:
         try:
             worker.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            worker.signal_group(signal.SIGKILL)
-        worker.finish()
+            work = worker.current
+            if work is None or not worker.kill_for(work, later=True):
+                worker.signal_group(signal.SIGKILL)
+        worker.finish(drain=True)
 
 
 _all_pools: weakref.WeakSet[ProcessPool] = weakref.WeakSet()

@@ -143,16 +143,18 @@ class WorkerProcess:
         except ChildProcessError:
             return True  # reaped already
 
-    def kill_for(self, work: ProcessWork) -> bool:
+    def kill_for(self, work: ProcessWork, *, later: bool = False) -> bool:
         """Rung 3: SIGKILL the process group if it still runs ``work``; reaping and the
-        report follow in ``_finish()``. Returns at once."""
+        report follow in ``finish()`` (in a thread of its own, unless ``later``: the
+        caller then calls it). Returns at once."""
         with self.lock:
             if self.current is not work:
                 return False  # it has just answered: that answer is reported
             self.current = None
             self.killed = work
         self.signal_group(signal.SIGKILL)
-        self.finish_soon()
+        if not later:
+            self.finish_soon()
         return True
 
     # --- reading answers, in the event loop ---------------------------------------------
@@ -226,16 +228,37 @@ class WorkerProcess:
         except subprocess.TimeoutExpired:
             return None
 
+    def _drain(self, work: ProcessWork) -> tuple[str, Any, bool] | None:
+        """The answer to ``work`` if the pipe holds it (the worker has exited)."""
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(self.result_fd, 1 << 20)
+            except OSError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        for kind, job_id, payload in self.parser.feed(b"".join(chunks)):
+            if kind == _wire.ANSWER and job_id == work.job_id:
+                return _pickling.loads_answer(payload, work.run.name)
+        return None
+
     def finish_soon(self) -> None:
         threading.Thread(target=self.finish, name="threadbridge-reap", daemon=True).start()
 
-    def finish(self) -> None:
+    def finish(self, *, drain: bool = False) -> None:
         """The worker is gone or going: clean up once, from any thread but the loop's
-        (reaping may take a moment)."""
+        (reaping may take a moment). ``drain``: the loop reads no more, so an answer
+        still in the pipe is read here."""
         with self.lock:
             if self.finished:
                 return
             self.finished = True
+            if drain and self.current is not None:
+                answer = self._drain(self.current)
+                if answer is not None:
+                    self.answered, self.current = (self.current, answer), None
             crashed, self.current = self.current, None
             killed, self.killed = self.killed, None
             answered, self.answered = self.answered, None
