@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -626,3 +627,53 @@ def test_loop_end_runs_the_ladder_for_busy_workers(tmp_path: Path, loop: str) ->
     anyio.run(main, backend=loop)
     assert handles[0].stage is tb.Stage.INTERRUPTED
     assert path.read_text().split() == ["started", "TargetCancelled", "finally"]
+
+
+@pytest.mark.parametrize("runner", ["asyncio", "trio"])
+def test_parent_death_with_a_forked_child_still_kills_the_worker(
+    tmp_path: Path, runner: str
+) -> None:
+    """SIGKILL a parent that forked a child of its own: the child does not keep the
+    parent's busy worker alive (it closed its copies of the worker's pipes)."""
+    path, fork_path = tmp_path / "log", tmp_path / "fork"
+    code = textwrap.dedent(
+        f"""
+        import os, sys, time, anyio, threadbridge as tb
+        sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
+        from tests import targets
+        async def main():
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: tb.run_killable(
+                    targets.ignores_sigterm_with_grandchild, {str(path)!r}, backend="process"))
+                while not os.path.exists({str(path)!r}) or not open({str(path)!r}).read().strip():
+                    await anyio.sleep(0.01)
+                pid = os.fork()
+                if pid == 0:
+                    time.sleep(30)
+                    os._exit(0)
+                with open({str(fork_path)!r}, "w") as f:
+                    f.write(str(pid))
+        anyio.run(main, backend={runner!r})
+        """
+    )
+    parent = subprocess.Popen([sys.executable, "-W", "ignore", "-c", code])
+    fork = 0
+    try:
+        deadline = time.monotonic() + 60
+        while not fork_path.exists() or not fork_path.read_text().strip():
+            assert time.monotonic() < deadline, "the parent never forked"
+            time.sleep(0.01)
+        fork = int(fork_path.read_text())
+        worker, grandchild = (int(x) for x in path.read_text().split())
+        parent.kill()
+        parent.wait()
+        t0 = time.monotonic()
+        while not (gone(worker) and gone(grandchild)):
+            assert time.monotonic() - t0 < 1.0, "the worker outlived its parent by 1 s"
+            time.sleep(0.005)
+    finally:
+        parent.kill()
+        parent.wait()
+        if fork:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(fork, signal.SIGKILL)
