@@ -329,3 +329,30 @@ def fork_then_crash(path: str) -> None:
         os._exit(0)
     mark(path, str(pid))
     os._exit(3)
+
+
+class ExitsWhenPickled:
+    def __reduce__(self) -> tuple[Any, ...]:
+        raise SystemExit("refusing to be pickled")
+
+
+class ExitsWhenLoaded:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (sys.exit, (5,))
+
+
+class HostileError(Exception):
+    def __reduce__(self) -> tuple[Any, ...]:
+        raise SystemExit("refusing to be pickled")
+
+
+def return_exits_when_pickled() -> object:
+    return ExitsWhenPickled()
+
+
+def return_exits_when_loaded() -> object:
+    return ExitsWhenLoaded()
+
+
+def raise_hostile() -> None:
+    raise HostileError("hostile")

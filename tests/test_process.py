@@ -677,3 +677,43 @@ def test_parent_death_with_a_forked_child_still_kills_the_worker(
         if fork:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(fork, signal.SIGKILL)
+
+
+async def test_pickling_that_raises_base_exceptions() -> None:
+    """Results and exceptions whose pickling or unpickling raises SystemExit come back as
+    clear errors; the worker lives on and the call never hangs."""
+    limiter = anyio.CapacityLimiter(1)
+    pid = await tb.run_killable(targets.pid, backend=P, limiter=limiter)
+    with anyio.fail_after(10):
+        with pytest.raises(TypeError, match="cannot be pickled"):
+            await tb.run_killable(targets.return_exits_when_pickled, backend=P, limiter=limiter)
+        with pytest.raises(TypeError, match="cannot be unpickled"):
+            await tb.run_killable(targets.return_exits_when_loaded, backend=P, limiter=limiter)
+        with pytest.raises(tb.RemoteError, match="HostileError"):
+            await tb.run_killable(targets.raise_hostile, backend=P, limiter=limiter)
+    assert await tb.run_killable(targets.pid, backend=P, limiter=limiter) == pid
+
+
+async def test_out_of_descriptors_while_starting_a_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Running out of file descriptors half-way through starting a worker gives the caller
+    the OSError and leaves no descriptor open (the suite checks the count)."""
+    import errno
+
+    from threadbridge import _process_worker
+
+    real_pipe = os.pipe
+    made = []
+
+    def pipe() -> tuple[int, int]:
+        if len(made) == 2:
+            raise OSError(errno.EMFILE, "Too many open files")
+        made.append(1)
+        return real_pipe()
+
+    monkeypatch.setattr(_process_worker.os, "pipe", pipe)
+    with pytest.raises(OSError, match="Too many open files"):
+        await tb.run_killable(targets.add, 1, 1, backend=P)
+    monkeypatch.setattr(_process_worker.os, "pipe", real_pipe)
+    assert await tb.run_killable(targets.add, 1, 1, backend=P) == 2

@@ -48,19 +48,29 @@ def dumps_job(func: Callable[..., Any], args: tuple[Any, ...], name: str) -> byt
 def _dumps(value: object) -> bytes:
     try:
         return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception:
+    except BaseException:  # a __reduce__ may raise anything, SystemExit included
         import cloudpickle  # lambdas, closures, classes defined in __main__
 
         return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)  # type: ignore[no-any-return,unused-ignore]
 
 
+def _describe(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except BaseException:
+        return f"<{type(exc).__qualname__} that cannot be printed>"
+
+
 def _traceback_text(exc: BaseException) -> str:
-    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    except BaseException:
+        return f"{type(exc).__qualname__} (its traceback cannot be printed)\n"
 
 
 def remote_error(exc: BaseException, note: str | None = None) -> RemoteError:
     name = f"{type(exc).__module__}.{type(exc).__qualname__}"
-    return RemoteError(name, note or str(exc), _traceback_text(exc))
+    return RemoteError(name, note or _describe(exc), _traceback_text(exc))
 
 
 _CHAIN_DEPTH = 8  # how many causes and contexts travel with an exception
@@ -124,13 +134,15 @@ def _unpack(
 
 def dumps_answer(how: str, value: object, interrupted: bool) -> bytes:
     """In the worker: the answer for the parent, made so that the parent can load it."""
+    # Pickling runs the value's own code (__reduce__, __getstate__), which may raise
+    # anything, SystemExit included: that is an answer too, never the worker's end.
     if how == RETURNED:
         try:
             return _dumps((how, value, interrupted))
-        except Exception as exc:
+        except BaseException as exc:
             error = TypeError(
                 f"the target's result ({type(value).__qualname__}) cannot be pickled to "
-                f"send it back from the worker process: {exc}"
+                f"send it back from the worker process: {_describe(exc)}"
             )
             return _dumps((RAISED, error, interrupted))
     if how == RAISED:
@@ -141,7 +153,7 @@ def dumps_answer(how: str, value: object, interrupted: bool) -> bytes:
             data = _dumps((how, _pack_exception(value, 0), interrupted))
             pickle.loads(data)
             return data
-        except Exception:
+        except BaseException:
             return _dumps((RAISED, remote_error(value), interrupted))
     return _dumps((how, None, interrupted))
 
