@@ -701,10 +701,8 @@ async def test_out_of_descriptors_while_starting_a_worker(
     the OSError and leaves no descriptor open (the suite checks the count)."""
     import errno
 
-    from threadbridge import _process_worker
-
     real_pipe = os.pipe
-    made = []
+    made: list[int] = []
 
     def pipe() -> tuple[int, int]:
         if len(made) == 2:
@@ -712,8 +710,8 @@ async def test_out_of_descriptors_while_starting_a_worker(
         made.append(1)
         return real_pipe()
 
-    monkeypatch.setattr(_process_worker.os, "pipe", pipe)
+    monkeypatch.setattr(os, "pipe", pipe)
     with pytest.raises(OSError, match="Too many open files"):
         await tb.run_killable(targets.add, 1, 1, backend=P)
-    monkeypatch.setattr(_process_worker.os, "pipe", real_pipe)
+    monkeypatch.setattr(os, "pipe", real_pipe)
     assert await tb.run_killable(targets.add, 1, 1, backend=P) == 2
