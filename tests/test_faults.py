@@ -9,7 +9,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import anyio
 import psutil
@@ -302,3 +302,66 @@ async def test_worker_death_seen_while_a_fork_holds_its_pipes(tmp_path: Path) ->
         while not gone(fork):
             await anyio.sleep(0.01)
     assert await tb.run_killable(targets.add, 1, 1, backend=P) == 2
+
+
+@pytest.mark.anyio
+async def test_a_tour_of_hostile_targets_leaves_nothing_behind(tmp_path: Path) -> None:
+    """One bounded run of the hostile scenarios in a row, on one pool: afterwards no
+    target runs, and no process, zombie or descriptor is left (checked here, and again by
+    the suite's own leak checks)."""
+    from threadbridge import testing
+
+    fds_before = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0
+    policy = tb.Policy(grace=0.05, interrupt_grace=0.5)
+    outcomes: list[str] = []
+
+    async def scenario(name: str, func: Any, *args: Any, stop: bool = False) -> None:
+        path = tmp_path / name
+        try:
+            if stop:
+                handle = tb.spawn(func, str(path), *args, backend=P, policy=policy)
+                with anyio.fail_after(30):
+                    while not path.exists():
+                        await anyio.sleep(0.01)
+                    outcomes.append(f"{name}: {(await handle.stop()).name}")
+            else:
+                with anyio.fail_after(30):
+                    await tb.run_killable(func, *args, backend=P, policy=policy)
+                outcomes.append(f"{name}: returned")
+        except (Exception, SystemExit) as exc:
+            outcomes.append(f"{name}: {type(exc).__name__}")
+
+    with anyio.fail_after(120):
+        await scenario("fork_then_crash", targets.fork_then_crash, str(tmp_path / "fork"))
+        await scenario("children", targets.children_then_sleep, stop=True)
+        await scenario("own_handler", targets.own_sigterm_handler, stop=True)
+        await scenario("ignores_sigterm", targets.ignores_sigterm_with_grandchild, stop=True)
+        await scenario("block_sigterm", targets.block_sigterm)
+        await scenario("exits_when_pickled", targets.return_exits_when_pickled)
+        await scenario("exits_when_loaded", targets.return_exits_when_loaded)
+        await scenario("hostile_error", targets.raise_hostile)
+        await scenario("sys_exit", targets.exit_code, 3)
+        await scenario("segfault", targets.segfault)
+    assert outcomes == [
+        "fork_then_crash: WorkerCrashed",
+        "children: INTERRUPTED",
+        "own_handler: INTERRUPTED",
+        "ignores_sigterm: KILLED",
+        "block_sigterm: returned",
+        "exits_when_pickled: TypeError",
+        "exits_when_loaded: TypeError",
+        "hostile_error: RemoteError",
+        "sys_exit: SystemExit",
+        "segfault: WorkerCrashed",
+    ]
+    await testing.wait_all_ended(timeout=10)
+    # What is left is the pool's idle workers, alive and waiting, and nothing else: no
+    # child of a target, no zombie, no descriptor beyond the workers' pipes.
+    stats = tb.stats()
+    assert stats.active == 0
+    children = psutil.Process().children(recursive=True)
+    assert all("threadbridge._worker" in " ".join(c.cmdline()) for c in children)
+    assert all(c.status() != psutil.STATUS_ZOMBIE for c in children)
+    assert len(children) == stats.idle_workers
+    if fds_before:  # each idle worker: three pipes and a pidfd, at most
+        assert len(os.listdir("/proc/self/fd")) <= fds_before + 4 * stats.idle_workers
