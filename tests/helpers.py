@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
 from types import CodeType
 
 import anyio
@@ -149,3 +150,20 @@ def traced_call_returns() -> bool:
 
     threading.Thread(target=traced, name="traced-call", daemon=True).start()
     return done.wait(10)
+
+
+def join_soon_started(thread: threading.Thread) -> None:
+    """Join a thread that threading.enumerate() may list a moment before it has started."""
+    while True:
+        try:
+            thread.join(30)
+            return
+        except RuntimeError:  # listed, but not started yet: it will be in a moment
+            time.sleep(0.001)
+
+
+async def wait_for_pool_threads() -> None:
+    """Wait until threadbridge's reaper and standby-starter threads have finished."""
+    for thread in threading.enumerate():
+        if thread.name in ("threadbridge-reap", "threadbridge-standby"):
+            await anyio.to_thread.run_sync(join_soon_started, thread)

@@ -18,6 +18,7 @@ import pytest
 import threadbridge as tb
 
 from . import targets
+from .helpers import wait_for_pool_threads
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -355,6 +356,9 @@ async def test_a_tour_of_hostile_targets_leaves_nothing_behind(tmp_path: Path) -
         "segfault: WorkerCrashed",
     ]
     await testing.wait_all_ended(timeout=10)
+    # Retired workers are reaped, and standbys started, by threads of their own: let them
+    # finish (a worker being started shows the parent's command line until it execs).
+    await wait_for_pool_threads()
     # What is left is the pool's idle workers, alive and waiting, and nothing else: no
     # child of a target, no zombie, no descriptor beyond the workers' pipes.
     stats = tb.stats()

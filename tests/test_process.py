@@ -22,6 +22,7 @@ import pytest
 import threadbridge as tb
 
 from . import targets
+from .helpers import wait_for_pool_threads
 
 pytestmark = [
     pytest.mark.anyio,
@@ -545,19 +546,8 @@ async def test_one_standby_after_a_burst_of_kills(tmp_path: Path) -> None:
             tg.start_soon(handle.stop)
     assert all(h.stage is tb.Stage.KILLED for h in handles)
     # Let every reaper and standby starter finish, then count.
-    for thread in threading.enumerate():
-        if thread.name in ("threadbridge-reap", "threadbridge-standby"):
-            await anyio.to_thread.run_sync(_join, thread)
+    await wait_for_pool_threads()
     assert tb.stats().standby_workers == 1
-
-
-def _join(thread: threading.Thread) -> None:
-    while True:
-        try:
-            thread.join(30)
-            return
-        except RuntimeError:  # listed, but not started yet: it will be in a moment
-            time.sleep(0.001)
 
 
 async def test_signal_state_does_not_leak_to_the_next_job(tmp_path: Path) -> None:

@@ -201,18 +201,21 @@ class WorkerProcess:
         for kind, job_id, payload in self.parser.feed(data):
             if kind != _wire.ANSWER:
                 continue
+            work = self.current
+            if work is None or work.job_id != job_id:
+                continue  # killed meanwhile: the ladder has reported it
+            answer = _pickling.loads_answer(payload, work.run.name)  # user code: unlocked
             with self.lock:
-                work = self.current
-                if work is None or work.job_id != job_id:
-                    continue  # killed meanwhile: the ladder has reported it
+                if self.current is not work:
+                    continue  # rung 3 took it while the answer was loaded
                 self.current = None
-                answer = _pickling.loads_answer(payload, work.run.name)
-                if answer[2] or work.interrupt_sent:
-                    # Rung 2's SIGTERM went to the whole process group: what the target
-                    # started may still run there, or be a zombie. This worker is done:
-                    # its group is killed and reaped, then the answer is reported.
+                # Rung 2's SIGTERM went to the whole process group: what the target started
+                # may still run there, or be a zombie. Such a worker is done: its group is
+                # killed and reaped, then the answer is reported.
+                retire = answer[2] or work.interrupt_sent
+                if retire:
                     self.answered = (work, answer)
-            if self.answered is not None:
+            if retire:
                 self.signal_group(signal.SIGKILL)
                 self.finish_soon()
                 return False
