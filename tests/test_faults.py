@@ -313,6 +313,8 @@ async def test_a_tour_of_hostile_targets_leaves_nothing_behind(tmp_path: Path) -
     from threadbridge import testing
 
     fds_before = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0
+    # Helpers that other tests left for good (multiprocessing's resource tracker) are not ours.
+    children_before = {c.pid for c in psutil.Process().children(recursive=True)}
     policy = tb.Policy(grace=0.05, interrupt_grace=0.5)
     outcomes: list[str] = []
 
@@ -363,9 +365,12 @@ async def test_a_tour_of_hostile_targets_leaves_nothing_behind(tmp_path: Path) -
     # child of a target, no zombie, no descriptor beyond the workers' pipes.
     stats = tb.stats()
     assert stats.active == 0
-    children = psutil.Process().children(recursive=True)
-    assert all("threadbridge._worker" in " ".join(c.cmdline()) for c in children)
-    assert all(c.status() != psutil.STATUS_ZOMBIE for c in children)
+    children = [
+        c for c in psutil.Process().children(recursive=True) if c.pid not in children_before
+    ]
+    seen = [(c.pid, c.status(), " ".join(c.cmdline())[:60]) for c in children]
+    assert all("threadbridge._worker" in cmdline for _, _, cmdline in seen), seen
+    assert all(status != psutil.STATUS_ZOMBIE for _, status, _ in seen), seen
     assert len(children) == stats.idle_workers
     if fds_before:  # each idle worker: three pipes and a pidfd, at most
         assert len(os.listdir("/proc/self/fd")) <= fds_before + 4 * stats.idle_workers

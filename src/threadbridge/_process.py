@@ -100,8 +100,9 @@ class ProcessPool:
             closed = self.closed
             self._set_state(worker, "retiring" if closed else state, front=True)
         if closed:
-            # shutdown() did not see it: end it here, the same way.
-            _end_workers([worker])
+            # shutdown() did not see it: end it here, the same way; its loop is ending and
+            # may run nothing more that is posted to it (so nothing is left to it).
+            _end_workers([worker], loop_gone=True)
             raise RuntimeError("the event loop is shutting down; no new process work")
         return worker
 
@@ -196,7 +197,7 @@ class ProcessPool:
         return [work.describe() for work in works if work is not None]
 
 
-def _end_workers(workers: list[WorkerProcess]) -> None:
+def _end_workers(workers: list[WorkerProcess], *, loop_gone: bool = False) -> None:
     """The loop is ending (nothing reads answers any more): the busy workers' targets get
     rungs 1 and 2 at once, every worker is asked to exit, and what is left after the grace
     is killed, as rung 3. Each run then reports how it really ended."""
@@ -214,7 +215,7 @@ def _end_workers(workers: list[WorkerProcess]) -> None:
             work = worker.current
             if work is None or not worker.kill_for(work, later=True):
                 worker.signal_group(signal.SIGKILL)
-        worker.finish(drain=True)
+        worker.finish(drain=True, loop_gone=loop_gone)
 
 
 _all_pools: weakref.WeakSet[ProcessPool] = weakref.WeakSet()

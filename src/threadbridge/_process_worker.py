@@ -48,6 +48,7 @@ class WorkerProcess:
         # A job that rung 2 reached, answered; reported once the worker is retired.
         self.answered: tuple[ProcessWork, tuple[str, Any, bool]] | None = None
         self.finished = False
+        self.fds_closed = False  # loop thread only: the result pipe and pidfd are closed
         self.state = "new"  # the pool's: idle, busy, retiring, dead, unreaped, gone
         self.used = False
         self.idle_since = time.monotonic()
@@ -170,6 +171,8 @@ class WorkerProcess:
 
     def _on_exit(self) -> bool:
         """The worker process has exited (its pidfd is readable)."""
+        if self.fds_closed:
+            return False
         # What it wrote before exiting is read first, so that an answer is never lost.
         while self._on_readable() and not self.finished:
             if not _readable(self.result_fd):
@@ -183,12 +186,17 @@ class WorkerProcess:
             self.link.unwatch(self.pidfd)
 
     def _close_result_fd(self) -> None:
+        # A watcher already woken for these descriptors may still run after this: it
+        # checks fds_closed, for their numbers may belong to something else by then.
+        self.fds_closed = True
         self.unwatch()
         _close(self.result_fd)
         if self.pidfd is not None:
             _close(self.pidfd)
 
     def _on_readable(self) -> bool:
+        if self.fds_closed:
+            return False
         try:
             data = os.read(self.result_fd, 1 << 20)
         except BlockingIOError:
@@ -250,10 +258,11 @@ class WorkerProcess:
     def finish_soon(self) -> None:
         threading.Thread(target=self.finish, name="threadbridge-reap", daemon=True).start()
 
-    def finish(self, *, drain: bool = False) -> None:
+    def finish(self, *, drain: bool = False, loop_gone: bool = False) -> None:
         """The worker is gone or going: clean up once, from any thread but the loop's
         (reaping may take a moment). ``drain``: the loop reads no more, so an answer
-        still in the pipe is read here."""
+        still in the pipe is read here. ``loop_gone``: the loop is ending and may never
+        run a callback again: close the descriptors here."""
         with self.lock:
             if self.finished:
                 return
@@ -280,8 +289,9 @@ class WorkerProcess:
             _close(fd)
         # The loop may still watch the result pipe: only the loop's thread may stop that
         # and close it, or a new pipe given the same number would meet the old watch.
-        if not self.link.call(self._close_result_fd):
-            _close(self.result_fd)  # the loop has ended: nothing watches any more
+        if loop_gone or not self.link.call(self._close_result_fd):
+            self.fds_closed = True  # the loop has ended (or is ending): nothing watches
+            _close(self.result_fd)
             if self.pidfd is not None:
                 _close(self.pidfd)
         self.pool.ended(self, reaped=returncode is not None)
