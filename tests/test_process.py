@@ -282,20 +282,30 @@ def test_parent_death_kills_busy_worker_and_grandchild(tmp_path: Path) -> None:
     )
     parent = subprocess.Popen([sys.executable, "-c", code])
     try:
-        deadline = time.monotonic() + 60
-        while not path.exists() or not path.read_text().strip():
-            assert time.monotonic() < deadline, "the worker never started"
-            time.sleep(0.01)
-        worker, grandchild = (int(x) for x in path.read_text().split())
-        parent.kill()
-        parent.wait()
-        t0 = time.monotonic()
-        while not (gone(worker) and gone(grandchild)):
-            assert time.monotonic() - t0 < 1.0, "the worker outlived its parent by 1 s"
-            time.sleep(0.005)
+        wait_for_text(path, "the worker never started")
+        kill_parent_then_check_worker_gone(parent, path)
     finally:
         parent.kill()
         parent.wait()
+
+
+def wait_for_text(path: Path, failure: str) -> None:
+    """Wait (up to 60 s) until another process has written something to ``path``."""
+    deadline = time.monotonic() + 60
+    while not path.exists() or not path.read_text().strip():
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.01)
+
+
+def kill_parent_then_check_worker_gone(parent: subprocess.Popen[bytes], path: Path) -> None:
+    """SIGKILL ``parent``; the worker and grandchild named in ``path`` must go within 1 s."""
+    worker, grandchild = (int(x) for x in path.read_text().split())
+    parent.kill()
+    parent.wait()
+    t0 = time.monotonic()
+    while not (gone(worker) and gone(grandchild)):
+        assert time.monotonic() - t0 < 1.0, "the worker outlived its parent by 1 s"
+        time.sleep(0.005)
 
 
 @pytest.mark.parametrize("runner", ["asyncio", "trio"])
@@ -649,18 +659,9 @@ def test_parent_death_with_a_forked_child_still_kills_the_worker(
     parent = subprocess.Popen([sys.executable, "-W", "ignore", "-c", code])
     fork = 0
     try:
-        deadline = time.monotonic() + 60
-        while not fork_path.exists() or not fork_path.read_text().strip():
-            assert time.monotonic() < deadline, "the parent never forked"
-            time.sleep(0.01)
+        wait_for_text(fork_path, "the parent never forked")
         fork = int(fork_path.read_text())
-        worker, grandchild = (int(x) for x in path.read_text().split())
-        parent.kill()
-        parent.wait()
-        t0 = time.monotonic()
-        while not (gone(worker) and gone(grandchild)):
-            assert time.monotonic() - t0 < 1.0, "the worker outlived its parent by 1 s"
-            time.sleep(0.005)
+        kill_parent_then_check_worker_gone(parent, path)
     finally:
         parent.kill()
         parent.wait()

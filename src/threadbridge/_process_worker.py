@@ -174,9 +174,8 @@ class WorkerProcess:
         if self.fds_closed:
             return False
         # What it wrote before exiting is read first, so that an answer is never lost.
-        while self._on_readable() and not self.finished:
-            if not _readable(self.result_fd):
-                break
+        while _readable(self.result_fd) and self._on_readable():
+            pass
         self.finish_soon()
         return False
 
