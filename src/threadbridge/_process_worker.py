@@ -19,7 +19,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import _pickling, _spawn, _wire
+from . import _pickling, _signals, _spawn, _wire
 from ._loop import Link
 
 if TYPE_CHECKING:
@@ -308,7 +308,7 @@ class WorkerProcess:
 def write_frame(fd: int, kind: int, job: int = 0, payload: bytes = b"") -> None:
     """A frame to a worker. Never raises SIGPIPE, even in a program that has restored its
     default action (CLI tools do): a dead worker is a BrokenPipeError, handled here."""
-    if signal.getsignal(signal.SIGPIPE) is signal.SIG_IGN:  # Python's default
+    if _signals.getsignal(signal.SIGPIPE) == signal.SIG_IGN:  # Python's default
         _wire.write_frame(fd, kind, job, payload)
         return
     pipe = {signal.SIGPIPE}

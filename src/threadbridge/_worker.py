@@ -25,7 +25,7 @@ import threading
 from types import FrameType
 from typing import Any
 
-from . import _pickling, _wire
+from . import _pickling, _signals, _wire
 from ._errors import TargetCancelled
 from ._target import Outcome, TargetState
 from ._token import Token
@@ -95,8 +95,6 @@ def _run(job_id: int, payload: bytes) -> bytes:
             state.token._set()  # it will not start
         _early.clear()
         job = _current = _Job(job_id, state)
-    if signal.getsignal(signal.SIGTERM) is not _on_sigterm:
-        signal.signal(signal.SIGTERM, _on_sigterm)  # a previous target may have changed it
 
     def call() -> Outcome:
         try:
@@ -202,24 +200,24 @@ def serve(job_fd: int, control_fd: int, result_fd: int) -> None:
 # The worker's own signal state, which every job starts with: a target that blocks
 # SIGTERM or installs a handler must not disable rung 2 (or the worker's own SIGINT and
 # SIGPIPE settings) for the jobs after it. Only the signals the worker relies on are
-# checked: checking all of them took tens of microseconds a call.
-_OWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGPIPE)
+# checked, and read through _signals: this runs on every job's path.
+_OWN_SIGNALS = (int(signal.SIGTERM), int(signal.SIGINT), int(signal.SIGPIPE))
 _base_mask: set[int] = set()
 _base_handlers: dict[int, Any] = {}
 
 
 def _save_signals() -> None:
     global _base_mask
-    _base_mask = {int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, ())}
+    _base_mask = set(_signals.pthread_sigmask(signal.SIG_BLOCK, ()))
     for signum in _OWN_SIGNALS:
-        _base_handlers[int(signum)] = signal.getsignal(signum)
+        _base_handlers[signum] = _signals.getsignal(signum)
 
 
 def _restore_signals() -> None:
-    if {int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, ())} != _base_mask:
-        signal.pthread_sigmask(signal.SIG_SETMASK, _base_mask)
+    if _signals.pthread_sigmask(signal.SIG_BLOCK, ()) != _base_mask:
+        _signals.pthread_sigmask(signal.SIG_SETMASK, _base_mask)
     for signum, handler in _base_handlers.items():
-        if signal.getsignal(signum) is not handler:
+        if _signals.getsignal(signum) != handler:
             signal.signal(signum, handler)
 
 
