@@ -1,17 +1,16 @@
 """What travels between the parent and a worker: jobs one way, answers the other.
 
-A job is ``(func, args)`` pickled with cloudpickle (so that lambdas and closures travel);
-an answer is ``(how, value, interrupted)``: how the target ended ("returned", "raised",
-or "not started"), what it returned or raised (an exception travels with its traceback
-and its chain of causes), and whether rung 2 reached it. Worker
-processes import this module: cloudpickle and tblib load only when needed.
+A job is ``(func, args)``, pickled by ``_jobs``; an answer is ``(how, value,
+interrupted)``: how the target ended ("returned", "raised", or "not started"), what it
+returned or raised (an exception travels with its traceback and its chain of causes), and
+whether rung 2 reached it. Worker processes import this module: cloudpickle and tblib load
+only when needed.
 """
 
 from __future__ import annotations
 
 import pickle
 import traceback
-from collections.abc import Callable
 from typing import Any
 
 from ._errors import RemoteError
@@ -19,30 +18,6 @@ from ._errors import RemoteError
 RETURNED = "returned"
 RAISED = "raised"
 NOT_STARTED = "not started"
-
-
-def dumps_job(func: Callable[..., Any], args: tuple[Any, ...], name: str) -> bytes:
-    """Pickle a job for a worker, or raise a TypeError that names what cannot travel."""
-    import cloudpickle
-
-    try:
-        return cloudpickle.dumps((func, args), protocol=pickle.HIGHEST_PROTOCOL)  # type: ignore[no-any-return,unused-ignore]
-    except Exception as exc:
-        error = exc
-    for index, arg in enumerate(args, 1):
-        try:
-            cloudpickle.dumps(arg)
-        except Exception as exc:
-            raise TypeError(
-                f"argument {index} to {name} ({type(arg).__qualname__} {arg!r:.60}) cannot "
-                f'be pickled for backend="process": {exc}. Pass a picklable value, or run '
-                'it with backend="thread"'
-            ) from None
-    raise TypeError(
-        f'{name} cannot be pickled for backend="process": {error}. Use a function that '
-        "can be pickled (cloudpickle handles lambdas and closures, but not what they "
-        'capture if that cannot be pickled), or backend="thread"'
-    ) from None
 
 
 def _dumps(value: object) -> bytes:

@@ -20,7 +20,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from . import _pickling, _stats, _wire
+from . import _jobs, _pickling, _stats, _wire, _worker
 from ._backend import Backend
 from ._errors import WorkerCrashed
 from ._ladder import Ending, Run
@@ -95,7 +95,7 @@ class ProcessPool:
         return worker
 
     def _new_worker(self, state: str) -> WorkerProcess:
-        worker = WorkerProcess(self, self.link)
+        worker = WorkerProcess(self, self.link, standby=state == "idle")
         with self.lock:
             closed = self.closed
             self._set_state(worker, "retiring" if closed else state, front=True)
@@ -345,9 +345,16 @@ class ProcessBackend(Backend):
                 f'{what}: backend="process" needs process groups and POSIX signals, which '
                 'Windows lacks; use backend="thread" there'
             )
+        if _worker.importing_main:
+            raise RuntimeError(
+                f"{what}: this is a worker process importing the main script (as "
+                "__mp_main__, so that the functions defined in it can run in workers), and "
+                "the script started process work while being imported. Put the script's "
+                'entry point under `if __name__ == "__main__":`'
+            )
 
     def prepare(self, func: Callable[..., Any], args: tuple[Any, ...], name: str) -> bytes:
-        return _pickling.dumps_job(func, args, name)
+        return _jobs.dumps_job(func, args, name)
 
     def start(self, run: Run, job: Any) -> ProcessWork:
         worker = pool_for(run.link).acquire()

@@ -19,7 +19,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import _pickling, _signals, _spawn, _wire
+from . import _jobs, _pickling, _signals, _spawn, _wire
 from ._loop import Link
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ REAP_TIMEOUT = 5.0
 class WorkerProcess:
     """One worker process and the pipes to it. ``state`` belongs to its pool."""
 
-    def __init__(self, pool: ProcessPool, link: Link) -> None:
+    def __init__(self, pool: ProcessPool, link: Link, *, standby: bool = False) -> None:
         self.pool = pool
         self.link = link
         self.lock = threading.Lock()  # guards current, killed, finished
@@ -75,7 +75,11 @@ class WorkerProcess:
             self.pidfd = None
         os.set_blocking(self.result_fd, False)
         self.has_authkey = False
-        self._send_settings({"sys_path": list(sys.path)})
+        settings: dict[str, object] = {"sys_path": list(sys.path), "argv": list(sys.argv)}
+        settings["main"] = _jobs.main_source()
+        if standby:  # started ahead of need: it imports what jobs have needed meanwhile
+            settings["warm"] = ["tblib", *_jobs.modules_used]
+        self._send_settings(settings)
         link.post(self._watch)
 
     def _send_settings(self, settings: dict[str, object]) -> None:
@@ -206,6 +210,10 @@ class WorkerProcess:
             self.finish_soon()  # end of file: the worker has exited or been killed
             return False
         for kind, job_id, payload in self.parser.feed(data):
+            if kind == _wire.NAMES:
+                source, names = pickle.loads(payload)
+                _jobs.set_main_names(tuple(source), frozenset(names))
+                continue
             if kind != _wire.ANSWER:
                 continue
             work = self.current

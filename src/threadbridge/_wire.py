@@ -15,7 +15,7 @@ import struct
 HEADER = struct.Struct("!QBQ")  # payload length (64 bits: jobs over 4 GiB too), kind, job id
 
 # parent -> worker, on the job pipe
-INIT = 1  # payload: pickled settings (sys.path)
+INIT = 1  # payload: pickled settings (sys.path, argv, main script, modules to warm)
 RUN = 2  # payload: pickled (func, args)
 EXIT = 3  # no payload: finish and exit
 # parent -> worker, on the control pipe
@@ -23,6 +23,7 @@ STOP = 10  # rung 1 for a job: set its token
 INTERRUPT = 11  # rung 2 for a job: SIGTERM to the worker's process group
 # worker -> parent, on the result pipe
 ANSWER = 21  # payload: pickled (how it ended, value, whether rung 2 reached it)
+NAMES = 22  # payload: pickled (main source, names its import as __mp_main__ bound)
 
 
 def write_frame(fd: int, kind: int, job: int = 0, payload: bytes = b"") -> None:

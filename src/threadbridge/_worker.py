@@ -17,11 +17,13 @@ Threads here:
 
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 import signal
 import sys
 import threading
+import types
 from types import FrameType
 from typing import Any
 
@@ -104,6 +106,8 @@ def _run(job_id: int, payload: bytes) -> bytes:
                 raise
             except BaseException as exc:
                 note = f"the worker could not unpickle the target or its arguments: {exc}"
+                if main_error:
+                    note += f" ({main_error})"
                 return (False, _pickling.remote_error(exc, note))
             try:
                 return (True, func(*args))
@@ -224,7 +228,61 @@ def _restore_signals() -> None:
 def _apply(settings: dict[str, Any]) -> None:
     if "sys_path" in settings:
         sys.path[:] = settings["sys_path"]
+    if "argv" in settings:
+        sys.argv[:] = settings["argv"]
     if "authkey" in settings:
         from multiprocessing import process
 
         process.current_process().authkey = settings["authkey"]
+    if settings.get("main"):
+        _import_main(tuple(settings["main"]))
+    for name in settings.get("warm", ()):
+        # What jobs have needed so far, imported while this worker idles: the call
+        # that takes it does not wait for them.
+        try:
+            importlib.import_module(name)
+        except BaseException:
+            pass  # the job that needs it will say why
+
+
+importing_main = False  # true while the main script runs as __mp_main__
+main_error = ""  # why importing it failed, for the jobs that then cannot find their function
+
+
+def _import_main(source: tuple[str, str]) -> None:
+    """Import the parent's main script as ``__mp_main__`` and make ``__main__`` refer to
+    it, as multiprocessing's spawn does: its functions and classes can then travel by
+    reference, and its ``if __name__ == "__main__":`` block does not run here. Reports the
+    names it binds to the parent."""
+    global importing_main, main_error
+    how, where = source
+    current = sys.modules["__main__"]
+    if how == "path" and getattr(current, "__file__", None) == where:
+        return  # a forked worker: the parent's own main is here already
+    if how == "name" and getattr(getattr(current, "__spec__", None), "name", None) == where:
+        return
+    import runpy
+
+    importing_main = True
+    try:
+        if how == "name":
+            content = runpy.run_module(where, run_name="__mp_main__", alter_sys=True)
+        else:
+            content = runpy.run_path(where, run_name="__mp_main__")
+    except BaseException as exc:
+        main_error = (
+            f"the worker imports the main script ({where}) as __mp_main__, so that its "
+            f"functions can run here, and that failed: {type(exc).__name__}: {exc}"
+        )
+        import traceback
+
+        print(f"threadbridge: {main_error}", file=sys.stderr)
+        traceback.print_exc()
+        return
+    finally:
+        importing_main = False
+    module = types.ModuleType("__mp_main__")
+    module.__dict__.update(content)
+    sys.modules["__main__"] = sys.modules["__mp_main__"] = module
+    names = sorted(name for name in content if isinstance(name, str))
+    _wire.write_frame(_result_fd, _wire.NAMES, 0, pickle.dumps((source, names)))

@@ -1,0 +1,237 @@
+"""Process targets as users write them: functions, lambdas and closures of their own script,
+of ``python -m module``, and of ``-c`` code; each run as a real program on both loops."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import threadbridge as tb
+from threadbridge import _jobs
+
+from . import targets
+
+LOOPS = ["asyncio", "trio"]
+
+SCRIPT = """
+import json, sys, traceback
+import anyio
+import threadbridge as tb
+from threadbridge import _jobs
+
+BIG = bytes(8_000_000)  # module data: the worker's import of this script has it too
+
+
+def uses_big():
+    return len(BIG)
+
+
+def make_closures():
+    base = 100
+
+    def add(x, y=1, *, z=2):
+        return base + x + y + z
+
+    def countdown(n):
+        return 0 if n == 0 else 1 + countdown(n - 1)  # itself, through its closure
+
+    def late():
+        return later  # a cell filled after this function was made
+
+    later = "filled"
+    add.tag = "attribute"
+    return add, countdown, late
+
+
+def where_it_fails():
+    return (lambda: 1 / 0)()
+
+
+async def main():
+    out = {}
+    run = tb.run_killable
+    out["uses_big"] = await run(uses_big, backend="process")
+    out["uses_big_payload"] = len(_jobs.dumps_job(uses_big, (), "uses_big"))
+    out["lambda_big"] = await run(lambda: len(BIG) + 1, backend="process")
+    out["lambda_big_payload"] = len(_jobs.dumps_job(lambda: len(BIG), (), "lambda"))
+    out["guarded"] = await run(lambda: GUARDED, backend="process")
+    add, countdown, late = make_closures()
+    out["closure"] = await run(add, 1, backend="process")
+    out["countdown"] = await run(countdown, 5, backend="process")
+    out["late"] = await run(late, backend="process")
+    out["attribute"] = await run(lambda: add.tag, backend="process")
+    try:
+        await run(where_it_fails, backend="process")
+    except ZeroDivisionError as exc:
+        frames = traceback.extract_tb(exc.__traceback__)
+        out["frames"] = [(f.filename, f.lineno, f.name) for f in frames[-2:]]
+    out["cloudpickle_imported"] = "cloudpickle" in sys.modules
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    GUARDED = "set by the guarded block"
+    print("guarded block ran", file=sys.stderr)
+    anyio.run(main, backend=sys.argv[1])
+"""
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def _line_of(source: str, text: str) -> int:
+    return next(i for i, line in enumerate(source.splitlines(), 1) if text in line)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_script_targets(tmp_path: Path, loop: str) -> None:
+    """The script's functions travel by reference and its data stays in the worker; the
+    worker imports the script as __mp_main__ (its guarded block does not run there); lambdas
+    and closures travel as code, with their real file and line, and see the script's
+    globals, what only the guarded block set included; cloudpickle is never imported."""
+    script = tmp_path / "user_script.py"
+    script.write_text(SCRIPT)
+    done = _run([str(script), loop], tmp_path)
+    out = json.loads(done.stdout)
+    assert done.stderr.count("guarded block ran") == 1
+    assert out["uses_big"] == 8_000_000
+    assert out["uses_big_payload"] < 200  # a reference, not 8 MB
+    assert out["lambda_big"] == 8_000_001
+    assert out["lambda_big_payload"] < 1000  # its code; BIG is the worker's own
+    assert out["guarded"] == "set by the guarded block"
+    assert out["closure"] == 100 + 1 + 1 + 2
+    assert out["countdown"] == 5
+    assert out["late"] == "filled"
+    assert out["attribute"] == "attribute"
+    lambda_line = _line_of(SCRIPT, "return (lambda: 1 / 0)()")
+    assert out["frames"] == [
+        [str(script), lambda_line, "where_it_fails"],
+        [str(script), lambda_line, "<lambda>"],
+    ]
+    assert out["cloudpickle_imported"] is False
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_module_run_with_dash_m(tmp_path: Path, loop: str) -> None:
+    """``python -m module``: the worker imports the module by name as __mp_main__."""
+    (tmp_path / "user_module.py").write_text(SCRIPT)
+    done = _run(["-m", "user_module", loop], tmp_path)
+    out = json.loads(done.stdout)
+    assert done.stderr.count("guarded block ran") == 1
+    assert out["uses_big_payload"] < 200
+    assert out["guarded"] == "set by the guarded block"
+
+
+DASH_C = """
+import json, sys, anyio, threadbridge as tb
+
+def square(x):
+    return x * x
+
+FACTOR = 3
+
+async def main():
+    out = [
+        await tb.run_killable(square, 4, backend="process"),
+        await tb.run_killable(lambda: FACTOR * 2, backend="process"),
+    ]
+    try:
+        await tb.run_killable(lambda: 1 / 0, backend="process")
+    except ZeroDivisionError as exc:
+        import traceback
+        out.append(traceback.extract_tb(exc.__traceback__)[-1].filename)
+    print(json.dumps(out))
+
+anyio.run(main, backend=sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_dash_c_code_travels_by_value(tmp_path: Path, loop: str) -> None:
+    """Code no worker can import (``-c``) travels by value, its globals with it."""
+    done = _run(["-c", DASH_C, loop], tmp_path)
+    assert json.loads(done.stdout) == [16, 6, "<string>"]
+
+
+UNGUARDED = """
+import sys, anyio, threadbridge as tb
+
+def double(x):
+    return 2 * x
+
+async def main():
+    try:
+        print(await tb.run_killable(double, 21, backend="process"))
+    except Exception as exc:
+        print(type(exc).__name__, exc)
+
+anyio.run(main, backend=sys.argv[1])  # no __main__ guard
+"""
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_unguarded_script_is_a_clear_error(tmp_path: Path, loop: str) -> None:
+    """A script that starts process work when imported: the worker's import of it (which
+    runs the script's code, as multiprocessing's spawn does) is refused more workers with
+    an error that says what to do; nothing recurses, and the parent's call still works."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED)
+    done = _run([str(script), loop], tmp_path)
+    lines = done.stdout.splitlines()
+    assert set(lines) == {
+        "42",  # the parent's own call
+        # printed by the script as each worker (the first, and its standby) imported it:
+        "RuntimeError run_killable(): this is a worker process importing the main script "
+        "(as __mp_main__, so that the functions defined in it can run in workers), and the "
+        "script started process work while being imported. Put the script's entry point "
+        'under `if __name__ == "__main__":`',
+    }
+
+
+@pytest.mark.anyio
+async def test_module_targets_travel_by_reference() -> None:
+    """A function of an importable module travels as its module and name."""
+    payload = _jobs.dumps_job(targets.add, (1, 2), "add")
+    assert len(payload) < 100
+    assert b"tests.targets" in payload
+    assert await tb.run_killable(targets.add, 1, 2, backend="process") == 3
+
+
+WARM = """
+import json, sys, time, anyio, threadbridge as tb
+
+async def main():
+    import colorsys  # here, not at the top: the worker's import of this script skips it
+
+    await tb.run_killable(colorsys.rgb_to_hsv, 1, 0, 0, backend="process")
+    with anyio.fail_after(60):  # the first worker, and the standby started beside it
+        while tb.stats().idle_workers < 2:
+            await anyio.sleep(0.01)
+    busy = tb.spawn(time.sleep, 60, backend="process")  # the worker just used
+    probe = lambda: sorted(m for m in ("colorsys", "tblib") if m in sys.modules)
+    seen = await tb.run_killable(probe, backend="process")  # the standby
+    await busy.stop()
+    print(json.dumps(seen))
+
+if __name__ == "__main__":
+    anyio.run(main, backend=sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_standby_imports_what_jobs_needed(tmp_path: Path, loop: str) -> None:
+    """A standby worker imports, while it idles, the modules earlier jobs needed and what
+    an exception needs on its way back: the call that takes it does not wait for them."""
+    script = tmp_path / "warm.py"
+    script.write_text(WARM)
+    done = _run([str(script), loop], tmp_path)
+    assert json.loads(done.stdout) == ["colorsys", "tblib"]
