@@ -31,11 +31,21 @@ _PROTOCOL = pickle.HIGHEST_PROTOCOL
 # --- the main script, as workers see it --------------------------------------------------
 
 
+_main_seen: tuple[object, tuple[str, str] | None] = (None, None)
+
+
 def main_source() -> tuple[str, str] | None:
     """How a worker imports the parent's main module: ("name", module) for ``python -m
     module``, ("path", file) for a script; None when it cannot (``-c``, interactive
     code, notebooks, a package's ``__main__.py``, which runs its work unconditionally)."""
+    global _main_seen
     main = sys.modules.get("__main__")
+    if _main_seen[0] is not main:
+        _main_seen = (main, _main_source(main))
+    return _main_seen[1]
+
+
+def _main_source(main: object) -> tuple[str, str] | None:
     spec = getattr(main, "__spec__", None)
     name = getattr(spec, "name", None)
     if isinstance(name, str):
@@ -72,6 +82,11 @@ def _note_module(name: str) -> None:
 
 
 # --- pickling a job ------------------------------------------------------------------------
+
+
+# Functions found by module and name: a module's own, which live as long as it does.
+_known_by_reference: set[types.FunctionType] = set()
+_MAX_KNOWN = 10_000
 
 
 class _NeedsCloudpickle(Exception):
@@ -111,11 +126,15 @@ class _Plan:
             return False
 
     def reduce_function(self, func: types.FunctionType) -> Any:
+        if func in _known_by_reference:
+            return NotImplemented
         module_name = func.__module__
         if not isinstance(module_name, str) or not self.importable(module_name):
             raise _NeedsCloudpickle
         if self.by_reference(func):
             _note_module(module_name)
+            if len(_known_by_reference) < _MAX_KNOWN:
+                _known_by_reference.add(func)
             return NotImplemented  # plain pickle: module and name
         return self.by_value(func, module_name)
 
@@ -169,9 +188,7 @@ def _cell_contents(cell: types.CellType) -> object:
 
 
 class _JobPickler(pickle.Pickler):
-    def __init__(self, file: io.BytesIO, plan: _Plan) -> None:
-        super().__init__(file, _PROTOCOL)
-        self.plan = plan
+    plan: _Plan
 
     def reducer_override(self, obj: Any) -> Any:
         kind = type(obj)
@@ -223,6 +240,12 @@ def _cloud_pickler(file: io.BytesIO, plan: _Plan) -> pickle.Pickler:
     return CloudJobPickler(file, protocol=_PROTOCOL)  # type: ignore[no-any-return,unused-ignore]
 
 
+def _plain_pickler(file: io.BytesIO, plan: _Plan) -> pickle.Pickler:
+    pickler = _JobPickler(file, _PROTOCOL)
+    pickler.plan = plan
+    return pickler
+
+
 def _dump(make: Callable[[io.BytesIO, _Plan], pickle.Pickler], plan: _Plan, obj: object) -> bytes:
     file = io.BytesIO()
     make(file, plan).dump(obj)
@@ -233,7 +256,7 @@ def dumps_job(func: Callable[..., Any], args: tuple[Any, ...], name: str) -> byt
     """Pickle a job for a worker, or raise a TypeError that names what cannot travel."""
     plan = _Plan()
     try:
-        return _dump(_JobPickler, plan, (func, args))
+        return _dump(_plain_pickler, plan, (func, args))
     except Exception:
         pass  # something needs cloudpickle, or cannot travel at all: found out below
     try:
