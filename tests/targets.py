@@ -356,3 +356,22 @@ def return_exits_when_loaded() -> object:
 
 def raise_hostile() -> None:
     raise HostileError("hostile")
+
+
+_initialized: object = None
+
+
+def initialize(path: str, value: object) -> None:
+    """A ProcessPool initializer: notes each run in ``path``, keeps ``value``."""
+    global _initialized
+    mark(path, "initialized")
+    _initialized = value
+
+
+def initialized() -> tuple[int, object]:
+    return os.getpid(), _initialized
+
+
+def failing_initializer(path: str) -> None:
+    mark(path, "initializer ran")
+    raise CustomError("the initializer failed")

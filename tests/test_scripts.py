@@ -172,7 +172,9 @@ async def main():
     try:
         print(await tb.run_killable(double, 21, backend="process"))
     except Exception as exc:
-        print(type(exc).__name__, exc)
+        # One write: this script runs in the parent and in workers, all on one pipe.
+        sys.stdout.write(f"{type(exc).__name__} {exc}\\n")
+        sys.stdout.flush()
 
 anyio.run(main, backend=sys.argv[1])  # no __main__ guard
 """

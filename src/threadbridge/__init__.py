@@ -25,6 +25,7 @@ _WHERE = {
     "TargetCancelled": "_errors",
     "WorkerCrashed": "_errors",
     "Handle": "_handle",
+    "ProcessPool": "_pool",
     "set_start_method": "_spawn",
     "Policy": "_policy",
     "Stage": "_policy",
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
     from ._handle import Handle as Handle
     from ._policy import Policy as Policy
     from ._policy import Stage as Stage
+    from ._pool import ProcessPool as ProcessPool
     from ._spawn import set_start_method as set_start_method
     from ._stats import Stats as Stats
     from ._stats import stats as stats
@@ -62,6 +64,7 @@ if TYPE_CHECKING:
 __all__ = (
     "Handle",
     "Policy",
+    "ProcessPool",
     "RemoteError",
     "Stage",
     "Stats",

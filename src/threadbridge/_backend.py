@@ -55,7 +55,7 @@ class Backend(abc.ABC):
 # naming a backend never imports what the others need.
 _NAMED: dict[str, str] = {
     "thread": "threadbridge._thread:backend",
-    "process": "threadbridge._process:default_backend",
+    "process": "threadbridge._pool:default_backend",
 }
 _resolved: dict[str, Backend] = {}
 

@@ -1,29 +1,24 @@
-"""The process backend: a warm pool of worker processes per event loop, and the rungs for
-a process (rung 2 is SIGTERM, rung 3 SIGKILL, both to the worker's process group).
+"""Pools of worker processes: which worker runs a job, which wait idle, which retire.
 
-Each event loop has its own default pool; it shuts down when the loop ends. A standby
-worker is kept idle so that the call after a kill does not pay a cold start.
+Each event loop has its own default pool (``backend="process"``); it shuts down when the
+loop ends. A ``threadbridge.ProcessPool`` has one of its own, shaped by its arguments. A
+standby worker is kept idle so that the call after a kill does not pay a cold start.
 """
 
 from __future__ import annotations
 
 import atexit
-import itertools
 import logging
+import math
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable
-from typing import Any
 
-from . import _jobs, _pickling, _stats, _wire, _worker
-from ._backend import Backend
-from ._errors import WorkerCrashed
-from ._ladder import Ending, Run
+from . import _stats
+from ._ladder import Run
 from ._loop import Link
 from ._process_worker import WorkerProcess
 from ._scheduler import SCHEDULER, Timer
@@ -37,16 +32,31 @@ IDLE_TIMEOUT = 60.0
 SHUTDOWN_GRACE = 1.0
 
 
-class ProcessPool:
-    """The workers of one event loop.
+class WorkerPool:
+    """The workers of one event loop (its default pool, or one ``ProcessPool``).
 
     A worker's ``state`` changes only in ``_set_state()``, under ``lock``; ``stats()``
     counts the states. idle -> busy -> idle (or retiring); busy -> dead at rung 3;
     anything -> gone once reaped (unreaped while a killed worker resists reaping).
     """
 
-    def __init__(self, link: Link) -> None:
+    def __init__(
+        self,
+        link: Link,
+        *,
+        idle_timeout: float | None = None,
+        max_tasks: int | None = None,
+        initializer: bytes | None = None,
+        start_method: str | None = None,
+    ) -> None:
         self.link = link
+        self.idle_timeout = IDLE_TIMEOUT if idle_timeout is None else idle_timeout
+        self.max_tasks = max_tasks  # a worker retires after this many jobs
+        self.initializer = initializer  # a pickled job each worker runs first
+        self.start_method = start_method  # None: set_start_method()'s choice
+        # The initializer failed: no worker of this pool runs anything any more.
+        self.broken: BaseException | None = None
+        self.broken_told = False  # the error itself went to a caller once
         self.lock = threading.Lock()
         self.workers: set[WorkerProcess] = set()
         self.idle: list[WorkerProcess] = []  # most recently used last
@@ -71,6 +81,7 @@ class ProcessPool:
 
     def acquire(self) -> WorkerProcess:
         with self.lock:
+            self._check_broken()
             if self.closed:
                 raise RuntimeError("the event loop is shutting down; no new process work")
             worker = None
@@ -94,6 +105,33 @@ class ProcessPool:
             ).start()
         return worker
 
+    def _check_broken(self) -> None:
+        """Under the lock: a pool whose initializer failed runs nothing."""
+        error = self.broken
+        if error is None:
+            return
+        if not self.broken_told:
+            self.broken_told = True
+            raise error  # the initializer's own error, with the worker's traceback, once
+        raise RuntimeError(
+            "this ProcessPool's initializer failed in a worker (see the error above), so "
+            "the pool runs nothing; fix the initializer and make a new ProcessPool"
+        ) from error
+
+    def init_failed(self, error: BaseException, *, for_job: bool) -> BaseException:
+        """A worker's initializer raised: the pool is broken. Returns the error for the
+        job that worker had (``for_job``): the initializer's own error, the first time."""
+        with self.lock:
+            if self.broken is None:
+                self.broken = error
+            if not for_job:
+                return error
+            try:
+                self._check_broken()
+            except BaseException as exc:
+                return exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
     def _new_worker(self, state: str) -> WorkerProcess:
         worker = WorkerProcess(self, self.link, standby=state == "idle")
         with self.lock:
@@ -108,7 +146,7 @@ class ProcessPool:
 
     def _add_standby(self) -> None:
         with self.lock:
-            if self.closed or self.idle or self.making_standby:
+            if self.closed or self.idle or self.making_standby or self.broken is not None:
                 return
             self.making_standby = True
         try:
@@ -124,14 +162,20 @@ class ProcessPool:
     def returned(self, worker: WorkerProcess) -> None:
         """A worker answered its job and is free again (in the loop's thread)."""
         worker.idle_since = time.monotonic()
+        worker.tasks += 1
         with self.lock:
-            closed = self.closed
-            self._set_state(worker, "retiring" if closed else "idle")
-            if not closed and self.retire_timer is None:
-                self.retire_timer = SCHEDULER.call_later(IDLE_TIMEOUT, self._retire_idle)
+            retire = self.closed or (self.max_tasks is not None and worker.tasks >= self.max_tasks)
+            self._set_state(worker, "retiring" if retire else "idle")
+            if not retire and self.retire_timer is None and self.idle_timeout < math.inf:
+                self.retire_timer = SCHEDULER.call_later(self.idle_timeout, self._retire_idle)
+            replace = retire and not self.closed and not self.idle
         _stats.changed()
-        if closed:
+        if retire:
             worker.ask_to_exit()
+        if replace:  # it did its max_tasks_per_worker jobs: a fresh one takes its place
+            threading.Thread(
+                target=self._add_standby, name="threadbridge-standby", daemon=True
+            ).start()
 
     def _retire_idle(self) -> None:
         """Let workers idle for IDLE_TIMEOUT exit; the most recently used one stays."""
@@ -141,12 +185,13 @@ class ProcessPool:
             if self.closed:
                 return
             keep = self.idle[-1:]  # the standby
-            old = [w for w in self.idle[:-1] if now - w.idle_since >= IDLE_TIMEOUT]
+            timeout = self.idle_timeout
+            old = [w for w in self.idle[:-1] if now - w.idle_since >= timeout]
             for worker in old:
                 self._set_state(worker, "retiring")
             rest = [w for w in self.idle if w not in keep]
             if rest:
-                delay = IDLE_TIMEOUT - (now - min(w.idle_since for w in rest))
+                delay = timeout - (now - min(w.idle_since for w in rest))
                 self.retire_timer = SCHEDULER.call_later(max(delay, 0.0), self._retire_idle)
         for worker in old:
             worker.ask_to_exit()
@@ -155,7 +200,7 @@ class ProcessPool:
         """A worker process has exited (and been reaped, or resists it)."""
         with self.lock:
             self._set_state(worker, "gone" if reaped else "unreaped")
-            replace = not self.closed and not self.idle
+            replace = not self.closed and not self.idle and self.broken is None
         _stats.changed()
         if replace:
             self._add_standby()
@@ -191,6 +236,12 @@ class ProcessPool:
             "unreaped_workers": states.count("unreaped"),
         }
 
+    def running(self) -> list[Run]:
+        """The runs its busy workers have."""
+        with self.lock:
+            works = [w.current for w in self.workers if w.state == "busy"]
+        return [work.run for work in works if work is not None]
+
     def describe_running(self) -> list[str]:
         with self.lock:
             works = [w.current for w in self.workers if w.state == "busy"]
@@ -218,8 +269,8 @@ def _end_workers(workers: list[WorkerProcess], *, loop_gone: bool = False) -> No
         worker.finish(drain=True, loop_gone=loop_gone)
 
 
-_all_pools: weakref.WeakSet[ProcessPool] = weakref.WeakSet()
-_pools: weakref.WeakKeyDictionary[object, ProcessPool] = weakref.WeakKeyDictionary()
+_all_pools: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
+_pools: weakref.WeakKeyDictionary[object, WorkerPool] = weakref.WeakKeyDictionary()
 
 
 @atexit.register
@@ -244,12 +295,12 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_after_fork)
 
 
-def pool_for(link: Link) -> ProcessPool:
+def pool_for(link: Link) -> WorkerPool:
     """The default pool of the running loop; made, with its shutdown hook, on first use."""
     key = link.key
     pool = _pools.get(key)
     if pool is None:
-        pool = _pools[key] = ProcessPool(link)
+        pool = _pools[key] = WorkerPool(link)
 
         def close() -> None:
             # The pool refers to the loop (through its link): dropped from the registry,
@@ -259,112 +310,3 @@ def pool_for(link: Link) -> ProcessPool:
 
         link.on_close(close, "threadbridge process pool guard")
     return pool
-
-
-_job_ids = itertools.count(1)
-
-
-class ProcessWork:
-    """One target in one worker process; the ladder's Work for the process backend."""
-
-    __slots__ = ("interrupt_sent", "job_id", "run", "worker")
-
-    def __init__(self, run: Run, worker: WorkerProcess) -> None:
-        self.run = run
-        self.worker = worker
-        self.job_id = next(_job_ids)
-        self.interrupt_sent = False
-
-    # --- the rungs, called by the ladder ---------------------------------------------
-
-    def request_stop(self) -> None:
-        self.worker.control(_wire.STOP, self.job_id)
-
-    def interrupt(self) -> bool:
-        worker = self.worker
-        with worker.lock:
-            if worker.current is not self:
-                return False
-            self.interrupt_sent = True
-        worker.control(_wire.INTERRUPT, self.job_id)
-        return True
-
-    def force(self) -> None:
-        if self.worker.kill_for(self):
-            logger.warning(
-                "killed the %s and its process group (rung 3): it did not stop within "
-                "its grace periods",
-                self.describe(),
-            )
-
-    def describe(self) -> str:
-        return f"worker process {self.worker.pid} running {self.run.name}"
-
-    # --- from the worker -------------------------------------------------------------
-
-    def answered(self, how: str, value: Any, interrupted: bool) -> None:
-        if how == _pickling.NOT_STARTED:
-            self.run.report(Ending.NOT_STARTED)
-        else:
-            outcome = (how == _pickling.RETURNED, value)
-            self.run.report(Ending.ENDED, outcome, interrupted=interrupted)
-
-    def killed(self) -> None:
-        self.run.report(Ending.KILLED)
-
-    def crashed(self, returncode: int | None) -> None:
-        worker = f"the worker process (pid {self.worker.pid}) running {self.run.name}"
-        if returncode is None:
-            error = WorkerCrashed(f"{worker} died without answering", pid=self.worker.pid)
-        elif returncode < 0:
-            signum = -returncode
-            try:
-                signame = signal.Signals(signum).name
-            except ValueError:  # pragma: no cover
-                signame = str(signum)
-            error = WorkerCrashed(
-                f"{worker} was killed by {signame}", signal=signum, pid=self.worker.pid
-            )
-        else:
-            error = WorkerCrashed(
-                f"{worker} exited with code {returncode} without answering",
-                exitcode=returncode,
-                pid=self.worker.pid,
-            )
-        self.run.report(Ending.ENDED, (False, error), interrupted=self.interrupt_sent)
-
-
-class ProcessBackend(Backend):
-    """``backend="process"``: the running event loop's default pool of workers."""
-
-    name = "process"
-
-    def check_platform(self, what: str) -> None:
-        if sys.platform == "win32":
-            raise NotImplementedError(
-                f'{what}: backend="process" needs process groups and POSIX signals, which '
-                'Windows lacks; use backend="thread" there'
-            )
-        if _worker.importing_main:
-            raise RuntimeError(
-                f"{what}: this is a worker process importing the main script (as "
-                "__mp_main__, so that the functions defined in it can run in workers), and "
-                "the script started process work while being imported. Put the script's "
-                'entry point under `if __name__ == "__main__":`'
-            )
-
-    def prepare(self, func: Callable[..., Any], args: tuple[Any, ...], name: str) -> bytes:
-        return _jobs.dumps_job(func, args, name)
-
-    def start(self, run: Run, job: Any) -> ProcessWork:
-        worker = pool_for(run.link).acquire()
-        work = ProcessWork(run, worker)
-        worker.run(work, job)
-        return work
-
-    def default_limit(self) -> int:
-        return os.cpu_count() or 1
-
-
-def default_backend() -> ProcessBackend:
-    return ProcessBackend()

@@ -23,7 +23,8 @@ from . import _jobs, _pickling, _signals, _spawn, _wire
 from ._loop import Link
 
 if TYPE_CHECKING:
-    from ._process import ProcessPool, ProcessWork
+    from ._pool import ProcessWork
+    from ._process import WorkerPool
 
 logger = logging.getLogger("threadbridge")
 
@@ -39,7 +40,7 @@ REAP_TIMEOUT = 5.0
 class WorkerProcess:
     """One worker process and the pipes to it. ``state`` belongs to its pool."""
 
-    def __init__(self, pool: ProcessPool, link: Link, *, standby: bool = False) -> None:
+    def __init__(self, pool: WorkerPool, link: Link, *, standby: bool = False) -> None:
         self.pool = pool
         self.link = link
         self.lock = threading.Lock()  # guards current, killed, finished
@@ -51,6 +52,7 @@ class WorkerProcess:
         self.fds_closed = False  # loop thread only: the result pipe and pidfd are closed
         self.state = "new"  # the pool's: idle, busy, retiring, dead, unreaped, gone
         self.used = False
+        self.tasks = 0  # jobs answered
         self.idle_since = time.monotonic()
         self.parser = _wire.FrameParser()
         fds: list[int] = []
@@ -58,7 +60,7 @@ class WorkerProcess:
             for _ in range(3):  # out of descriptors (EMFILE) half-way: nothing stays open
                 fds += os.pipe()
             job_r, self.job_fd, control_r, self.control_fd, self.result_fd, result_w = fds
-            self.proc = _spawn.start_worker(job_r, control_r, result_w)
+            self.proc = _spawn.start_worker(job_r, control_r, result_w, pool.start_method)
         except BaseException:
             for fd in fds:
                 _close(fd)
@@ -77,6 +79,8 @@ class WorkerProcess:
         self.has_authkey = False
         settings: dict[str, object] = {"sys_path": list(sys.path), "argv": list(sys.argv)}
         settings["main"] = _jobs.main_source()
+        if pool.initializer is not None:
+            settings["initializer"] = pool.initializer
         if standby:  # started ahead of need: it imports what jobs have needed meanwhile
             settings["warm"] = ["tblib", *_jobs.modules_used]
         self._send_settings(settings)
@@ -214,6 +218,9 @@ class WorkerProcess:
                 source, names = pickle.loads(payload)
                 _jobs.set_main_names(tuple(source), frozenset(names))
                 continue
+            if kind == _wire.INIT_FAILED:
+                self._init_failed(payload)
+                return False
             if kind != _wire.ANSWER:
                 continue
             work = self.current
@@ -237,6 +244,18 @@ class WorkerProcess:
             self.pool.returned(self)
             work.answered(*answer)
         return True
+
+    def _init_failed(self, payload: bytes) -> None:
+        """The pool's initializer raised in this worker: the pool is broken, this worker
+        goes, and the job it had gets the error."""
+        _, error, _ = _pickling.loads_answer(payload, "the ProcessPool's initializer")
+        with self.lock:
+            work, self.current = self.current, None
+        told = self.pool.init_failed(error, for_job=work is not None)
+        self.signal_group(signal.SIGKILL)
+        self.finish_soon()
+        if work is not None:
+            work.answered(_pickling.RAISED, told, False)
 
     # --- the end ------------------------------------------------------------------------
 

@@ -16,6 +16,11 @@ _start_method = "spawn"
 _BOOT = "from threadbridge._worker import main; main()"
 
 
+def check_start_method(method: str) -> None:
+    if method not in START_METHODS:
+        raise ValueError(f"start method must be one of {START_METHODS}, got {method!r}")
+
+
 def set_start_method(method: str) -> None:
     """Choose how new worker processes start.
 
@@ -39,8 +44,7 @@ def set_start_method(method: str) -> None:
         threadbridge.set_start_method("fork")  # before the first process call
     """
     global _start_method
-    if method not in START_METHODS:
-        raise ValueError(f"start method must be one of {START_METHODS}, got {method!r}")
+    check_start_method(method)
     _start_method = method
 
 
@@ -68,9 +72,12 @@ class Forked:
             time.sleep(0.005)
 
 
-def start_worker(job_r: int, control_r: int, result_w: int) -> subprocess.Popen[bytes] | Forked:
-    """Start a worker process that leads its own session and process group."""
-    if _start_method == "fork":
+def start_worker(
+    job_r: int, control_r: int, result_w: int, method: str | None = None
+) -> subprocess.Popen[bytes] | Forked:
+    """Start a worker process that leads its own session and process group, the way
+    ``method`` says (None: the one ``set_start_method()`` chose)."""
+    if (method or _start_method) == "fork":
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child, which never returns
             from . import _worker

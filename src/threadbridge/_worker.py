@@ -193,7 +193,8 @@ def serve(job_fd: int, control_fd: int, result_fd: int) -> None:
             break
         kind, job_id, payload = frame
         if kind == _wire.INIT:
-            _apply(pickle.loads(payload))
+            if not _apply(pickle.loads(payload)):
+                break  # its initializer failed: the parent has been told, and ends us
             continue
         _wire.write_frame(result_fd, _wire.ANSWER, job_id, _run(job_id, payload))
         _restore_signals()  # what the target changed; after answering, off the call's path
@@ -225,7 +226,8 @@ def _restore_signals() -> None:
             signal.signal(signum, handler)
 
 
-def _apply(settings: dict[str, Any]) -> None:
+def _apply(settings: dict[str, Any]) -> bool:
+    """Take the parent's settings; False if the pool's initializer failed here."""
     if "sys_path" in settings:
         sys.path[:] = settings["sys_path"]
     if "argv" in settings:
@@ -236,6 +238,8 @@ def _apply(settings: dict[str, Any]) -> None:
         process.current_process().authkey = settings["authkey"]
     if settings.get("main"):
         _import_main(tuple(settings["main"]))
+    if "initializer" in settings and not _initialize(settings["initializer"]):
+        return False
     for name in settings.get("warm", ()):
         # What jobs have needed so far, imported while this worker idles: the call
         # that takes it does not wait for them.
@@ -243,6 +247,19 @@ def _apply(settings: dict[str, Any]) -> None:
             importlib.import_module(name)
         except BaseException:
             pass  # the job that needs it will say why
+    return True
+
+
+def _initialize(payload: bytes) -> bool:
+    """Run the pool's initializer; if it raises, send its error to the parent."""
+    try:
+        func, args = pickle.loads(payload)
+        func(*args)
+    except BaseException as exc:
+        answer = _pickling.dumps_answer(_pickling.RAISED, exc, False)
+        _wire.write_frame(_result_fd, _wire.INIT_FAILED, 0, answer)
+        return False
+    return True
 
 
 importing_main = False  # true while the main script runs as __mp_main__

@@ -1,0 +1,304 @@
+"""The process backends: ``backend="process"`` (the event loop's default pool) and
+``threadbridge.ProcessPool`` (a pool shaped by its arguments), and the rungs for a
+process: rung 2 is SIGTERM, rung 3 SIGKILL, both to the worker's process group."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import signal
+import sys
+import weakref
+from collections.abc import Callable, Iterable
+from types import TracebackType
+from typing import Any
+
+import anyio
+
+from . import _jobs, _pickling, _spawn, _wire, _worker
+from ._backend import Backend
+from ._errors import WorkerCrashed
+from ._ladder import Ending, Run
+from ._loop import current_link
+from ._process import WorkerPool, pool_for
+from ._process_worker import WorkerProcess
+from ._public import export
+
+logger = logging.getLogger("threadbridge")
+
+_job_ids = itertools.count(1)
+
+
+class ProcessWork:
+    """One target in one worker process; the ladder's Work for the process backend."""
+
+    __slots__ = ("interrupt_sent", "job_id", "run", "worker")
+
+    def __init__(self, run: Run, worker: WorkerProcess) -> None:
+        self.run = run
+        self.worker = worker
+        self.job_id = next(_job_ids)
+        self.interrupt_sent = False
+
+    # --- the rungs, called by the ladder ---------------------------------------------
+
+    def request_stop(self) -> None:
+        self.worker.control(_wire.STOP, self.job_id)
+
+    def interrupt(self) -> bool:
+        worker = self.worker
+        with worker.lock:
+            if worker.current is not self:
+                return False
+            self.interrupt_sent = True
+        worker.control(_wire.INTERRUPT, self.job_id)
+        return True
+
+    def force(self) -> None:
+        if self.worker.kill_for(self):
+            logger.warning(
+                "killed the %s and its process group (rung 3): it did not stop within "
+                "its grace periods",
+                self.describe(),
+            )
+
+    def describe(self) -> str:
+        return f"worker process {self.worker.pid} running {self.run.name}"
+
+    # --- from the worker -------------------------------------------------------------
+
+    def answered(self, how: str, value: Any, interrupted: bool) -> None:
+        if how == _pickling.NOT_STARTED:
+            self.run.report(Ending.NOT_STARTED)
+        else:
+            outcome = (how == _pickling.RETURNED, value)
+            self.run.report(Ending.ENDED, outcome, interrupted=interrupted)
+
+    def killed(self) -> None:
+        self.run.report(Ending.KILLED)
+
+    def crashed(self, returncode: int | None) -> None:
+        worker = f"the worker process (pid {self.worker.pid}) running {self.run.name}"
+        if returncode is None:
+            error = WorkerCrashed(f"{worker} died without answering", pid=self.worker.pid)
+        elif returncode < 0:
+            signum = -returncode
+            try:
+                signame = signal.Signals(signum).name
+            except ValueError:  # pragma: no cover
+                signame = str(signum)
+            error = WorkerCrashed(
+                f"{worker} was killed by {signame}", signal=signum, pid=self.worker.pid
+            )
+        else:
+            error = WorkerCrashed(
+                f"{worker} exited with code {returncode} without answering",
+                exitcode=returncode,
+                pid=self.worker.pid,
+            )
+        self.run.report(Ending.ENDED, (False, error), interrupted=self.interrupt_sent)
+
+
+def _check_platform(what: str) -> None:
+    if sys.platform == "win32":
+        raise NotImplementedError(
+            f'{what}: backend="process" needs process groups and POSIX signals, which '
+            'Windows lacks; use backend="thread" there'
+        )
+    if _worker.importing_main:
+        raise RuntimeError(
+            f"{what}: this is a worker process importing the main script (as "
+            "__mp_main__, so that the functions defined in it can run in workers), and "
+            "the script started process work while being imported. Put the script's "
+            'entry point under `if __name__ == "__main__":`'
+        )
+
+
+def _start(pool: WorkerPool, run: Run, job: bytes) -> ProcessWork:
+    worker = pool.acquire()
+    work = ProcessWork(run, worker)
+    worker.run(work, job)
+    return work
+
+
+class ProcessBackend(Backend):
+    """``backend="process"``: the running event loop's default pool of workers."""
+
+    name = "process"
+
+    def check_platform(self, what: str) -> None:
+        _check_platform(what)
+
+    def prepare(self, func: Callable[..., Any], args: tuple[Any, ...], name: str) -> bytes:
+        return _jobs.dumps_job(func, args, name)
+
+    def start(self, run: Run, job: Any) -> ProcessWork:
+        return _start(pool_for(run.link), run, job)
+
+    def default_limit(self) -> int:
+        return os.cpu_count() or 1
+
+
+def default_backend() -> ProcessBackend:
+    return ProcessBackend()
+
+
+def _positive_int_or_none(value: object, what: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"ProcessPool: {what} must be a positive int or None, got {value!r}")
+    return value
+
+
+class ProcessPool(Backend):
+    """A pool of worker processes of your own, shaped by its arguments.
+
+    Use it inside ``async with``, and pass it as the backend of the calls that should run
+    in it. ``backend="process"`` goes on using the event loop's default pool.
+
+        async with threadbridge.ProcessPool(2, initializer=load_model) as pool:
+            result = await threadbridge.run_killable(predict, data, backend=pool)
+
+    Leaving the ``async with`` block cancels the pool's calls still running (each
+    climbs its ladder), waits for them, then stops its workers: asked to exit, given a
+    second, killed, reaped. Using the pool before or after its block, or from another
+    event loop, is a ``RuntimeError``.
+
+    Args:
+        workers: how many of its calls may run at once (the default limiter of calls
+            that name this pool; a ``limiter=`` given to a call takes its place). None:
+            one per CPU.
+        initializer: called as ``initializer(*initargs)`` in each worker before its
+            first call. If it raises, the call that started the worker gets that error
+            (as itself, with the worker's traceback), the pool starts no more workers,
+            and every later call gets a ``RuntimeError`` that says so.
+        initargs: arguments for ``initializer``.
+        max_tasks_per_worker: a worker exits after this many calls and a fresh one takes
+            its place (for libraries that leak memory). None: no limit.
+        idle_timeout: seconds after which idle workers exit (one stays ready on standby).
+            None: never.
+        start_method: ``"spawn"`` or ``"fork"`` (see ``set_start_method()``). None: the
+            method ``set_start_method()`` chose.
+
+    Raises:
+        ValueError: an argument out of range.
+        TypeError: ``initializer`` is not a plain callable, or it or ``initargs`` cannot
+            be pickled.
+    """
+
+    name = "ProcessPool"
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        *,
+        initializer: Callable[..., object] | None = None,
+        initargs: Iterable[Any] = (),
+        max_tasks_per_worker: int | None = None,
+        idle_timeout: float | None = 60.0,
+        start_method: str | None = None,
+    ) -> None:
+        self._workers = _positive_int_or_none(workers, "workers") or os.cpu_count() or 1
+        self._max_tasks = _positive_int_or_none(max_tasks_per_worker, "max_tasks_per_worker")
+        if idle_timeout is None:
+            idle_timeout = math.inf
+        elif isinstance(idle_timeout, bool) or not isinstance(idle_timeout, (int, float)):
+            raise ValueError(f"ProcessPool: idle_timeout must be seconds or None: {idle_timeout!r}")
+        elif not idle_timeout >= 0:
+            raise ValueError(f"ProcessPool: idle_timeout must be >= 0: {idle_timeout!r}")
+        self._idle_timeout = float(idle_timeout)
+        if start_method is not None:
+            _spawn.check_start_method(start_method)
+        self._start_method = start_method
+        self._initializer: bytes | None = None
+        if initializer is not None:
+            from ._api import _check_func, _name_of
+
+            _check_func(initializer, "ProcessPool(initializer=...)")
+            args = tuple(initargs)
+            name = _name_of(initializer)
+            self._initializer = _jobs.dumps_job(initializer, args, f"the initializer {name}")
+        self._pool: WorkerPool | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open" if self._pool else "not entered"
+        return f"<threadbridge.ProcessPool workers={self._workers} {state}>"
+
+    async def __aenter__(self) -> ProcessPool:
+        if self._pool is not None or self._closed:
+            raise RuntimeError("a ProcessPool can be entered once; make a new one")
+        link = current_link("async with ProcessPool()")
+        _check_platform("ProcessPool")
+        pool = self._pool = WorkerPool(
+            link,
+            idle_timeout=self._idle_timeout,
+            max_tasks=self._max_tasks,
+            initializer=self._initializer,
+            start_method=self._start_method,
+        )
+        ref = weakref.ref(pool)
+
+        def loop_closing() -> None:  # the loop ended inside the block: end the workers
+            alive = ref()
+            if alive is not None:
+                alive.shutdown()
+
+        link.on_close(loop_closing, "threadbridge ProcessPool guard")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        pool = self._pool
+        self._closed = True
+        if pool is None:
+            return
+        runs = pool.running()
+        for run in runs:
+            run.cancel()
+        with anyio.CancelScope(shield=True):
+            for run in runs:
+                await run.link.wait_settled(run)
+            await anyio.to_thread.run_sync(pool.shutdown)
+
+    # --- the Backend contract ------------------------------------------------------------
+
+    def check_platform(self, what: str) -> None:
+        """Also checks that the pool is open, and belongs to the running loop."""
+        _check_platform(what)
+        if self._closed:
+            raise RuntimeError(
+                f"{what}: this ProcessPool's `async with` block has ended and its workers "
+                "are gone; make a new ProcessPool"
+            )
+        if self._pool is None:
+            raise RuntimeError(
+                f"{what}: use a ProcessPool inside its block: "
+                "`async with threadbridge.ProcessPool(...) as pool:`"
+            )
+        if not self._pool.link.is_current():
+            raise RuntimeError(f"{what}: this ProcessPool belongs to another event loop")
+
+    def prepare(self, func: Callable[..., Any], args: tuple[Any, ...], name: str) -> bytes:
+        return _jobs.dumps_job(func, args, name)
+
+    def start(self, run: Run, job: Any) -> ProcessWork:
+        if self._closed or self._pool is None:
+            raise RuntimeError(
+                "this ProcessPool's `async with` block has ended and its workers are gone; "
+                "make a new ProcessPool"
+            )
+        return _start(self._pool, run, job)
+
+    def default_limit(self) -> int:
+        return self._workers
+
+
+export(ProcessPool)

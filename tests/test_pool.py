@@ -1,0 +1,153 @@
+"""threadbridge.ProcessPool: pools users shape, used inside ``async with``."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import anyio
+import psutil
+import pytest
+
+import threadbridge as tb
+
+from . import targets
+from .helpers import wait_for_pool_threads
+from .test_process import gone, lines_of
+
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.skipif(sys.platform == "win32", reason="the process backend is POSIX only"),
+]
+
+
+async def test_calls_run_in_the_pools_workers_which_end_with_the_block() -> None:
+    """Calls naming the pool run in its own workers (not the default pool's); leaving the
+    block ends them and reaps them."""
+    default_pid = await tb.run_killable(targets.pid, backend="process")
+    async with tb.ProcessPool(2) as pool:
+        pids = {await tb.run_killable(targets.pid, backend=pool) for _ in range(3)}
+        workers = {p.pid for p in psutil.Process().children()}
+        assert pids <= workers
+    assert default_pid not in pids
+    assert all(gone(pid) for pid in pids)
+    assert await tb.run_killable(targets.pid, backend="process") == default_pid
+
+
+async def test_workers_is_the_default_limit() -> None:
+    async with tb.ProcessPool(3) as pool:
+        assert tb.default_limiter(pool).total_tokens == 3
+        assert tb.default_limiter("process") is not tb.default_limiter(pool)
+
+
+async def test_initializer_runs_in_each_worker_first(tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    async with tb.ProcessPool(
+        1, initializer=targets.initialize, initargs=(str(log), {"model": 1})
+    ) as pool:
+        pid, value = await tb.run_killable(targets.initialized, backend=pool)
+        assert value == {"model": 1}
+        assert pid != os.getpid()
+    # The worker that ran the call, and maybe its standby: each initialized once.
+    assert 1 <= len(await lines_of(log, 1)) <= 2
+
+
+async def test_failing_initializer_is_one_error_then_a_broken_pool(tmp_path: Path) -> None:
+    """The initializer's error reaches the caller once, as itself with the worker's
+    traceback; later calls get a RuntimeError that says why; no worker is started again."""
+    log = tmp_path / "log"
+    async with tb.ProcessPool(
+        1, initializer=targets.failing_initializer, initargs=(str(log),)
+    ) as pool:
+        with pytest.raises(targets.CustomError, match="the initializer failed") as info:
+            await tb.run_killable(targets.pid, backend=pool)
+        text = "".join(traceback.format_exception(info.value))
+        assert "failing_initializer" in text
+        assert "targets.py" in text
+        for _ in range(3):
+            with pytest.raises(RuntimeError, match="initializer failed") as later:
+                await tb.run_killable(targets.pid, backend=pool)
+            assert isinstance(later.value.__cause__, targets.CustomError)
+    await wait_for_pool_threads()
+    # Every worker of the pool is gone now. The initializer ran in the first worker and
+    # perhaps in the standby started beside it: never more.
+    assert 1 <= len(log.read_text().splitlines()) <= 2
+
+
+async def test_workers_retire_after_max_tasks() -> None:
+    async with tb.ProcessPool(1, max_tasks_per_worker=2) as pool:
+        pids = [await tb.run_killable(targets.pid, backend=pool) for _ in range(6)]
+    assert [pids.count(pid) for pid in dict.fromkeys(pids)] == [2, 2, 2]
+    assert all(gone(pid) for pid in pids)
+
+
+async def test_idle_workers_retire_after_idle_timeout(tmp_path: Path) -> None:
+    gates = [tmp_path / "a", tmp_path / "b"]
+    async with tb.ProcessPool(2, idle_timeout=0.2) as pool:
+        async with anyio.create_task_group() as tg:
+            for gate in gates:
+                tg.start_soon(
+                    lambda g: tb.run_killable(targets.busy_until_file, str(g), backend=pool),
+                    gate,
+                )
+            for gate in gates:
+                await lines_of(gate, 1)
+            for gate in gates:
+                Path(f"{gate}.go").touch()
+        with anyio.fail_after(10):
+            while tb.stats().idle_workers > 1:
+                await anyio.sleep(0.02)
+        assert await tb.run_killable(targets.add, 1, 2, backend=pool) == 3
+
+
+async def test_leaving_the_block_runs_the_ladder_of_running_calls(tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    policy = tb.Policy(grace=0.05, interrupt_grace=30)
+    async with tb.ProcessPool(1) as pool:
+        handle = tb.spawn(targets.write_pid_then_sleep, str(path), 60, backend=pool, policy=policy)
+        (line,) = await lines_of(path, 1)
+        started = time.monotonic()
+    assert handle.done()
+    assert handle.stage is tb.Stage.INTERRUPTED
+    assert time.monotonic() - started < 20
+    assert gone(int(line))
+
+
+async def test_use_outside_the_block_is_a_clear_error() -> None:
+    pool = tb.ProcessPool(1)
+    with pytest.raises(RuntimeError, match="inside its block"):
+        await tb.run_killable(targets.pid, backend=pool)
+    async with pool:
+        assert await tb.run_killable(targets.add, 2, 2, backend=pool) == 4
+    with pytest.raises(RuntimeError, match="block has ended"):
+        await tb.run_killable(targets.pid, backend=pool)
+    with pytest.raises(RuntimeError, match="entered once"):
+        async with pool:
+            pass
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+async def test_fork_start_method() -> None:
+    async with tb.ProcessPool(1, start_method="fork") as pool:
+        assert await tb.run_killable(targets.add, 1, 2, backend=pool) == 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"workers": 0}, ValueError, "workers must be a positive int"),
+        ({"max_tasks_per_worker": 0}, ValueError, "max_tasks_per_worker"),
+        ({"idle_timeout": -1}, ValueError, "idle_timeout must be >= 0"),
+        ({"idle_timeout": "soon"}, ValueError, "idle_timeout must be seconds"),
+        ({"start_method": "threads"}, ValueError, "start method must be one of"),
+        ({"initializer": anyio.sleep}, TypeError, "async function"),
+        ({"initializer": targets.add, "initargs": (1, threading.Lock())}, TypeError, "argument 2"),
+    ],
+)
+async def test_bad_arguments(kwargs: dict[str, object], error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        tb.ProcessPool(**kwargs)  # type: ignore[arg-type]
