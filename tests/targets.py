@@ -216,6 +216,13 @@ def long_c_call(n: int) -> int:
     return sum(range(n))
 
 
+def timed_c_call(n: int) -> tuple[float, float]:
+    """long_c_call, timed: (CPU seconds of this thread, wall seconds)."""
+    cpu, wall = time.thread_time(), time.perf_counter()
+    long_c_call(n)
+    return time.thread_time() - cpu, time.perf_counter() - wall
+
+
 def stress_target(i: int, behaviour: str, amount: float) -> tuple[str, int]:
     """One of several behaviours, for the stress and property tests."""
     if behaviour == "return":
