@@ -382,3 +382,7 @@ def initialized() -> tuple[int, object]:
 def failing_initializer(path: str) -> None:
     mark(path, "initializer ran")
     raise CustomError("the initializer failed")
+
+
+def pid_and_parent() -> tuple[int, int]:
+    return os.getpid(), os.getppid()

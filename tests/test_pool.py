@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 import threadbridge as tb
+from threadbridge import _spawn
 
 from . import targets
 from .helpers import wait_for_pool_threads
@@ -151,3 +152,27 @@ async def test_fork_start_method() -> None:
 async def test_bad_arguments(kwargs: dict[str, object], error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         tb.ProcessPool(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif("forkserver" not in _spawn.START_METHODS, reason="no fork server here")
+async def test_forkserver_start_method(tmp_path: Path) -> None:
+    """Workers forked from the pool's own fork server: calls, crashes with their exit
+    code, kills with their stage; the server and its workers end with the block."""
+    async with tb.ProcessPool(1, start_method="forkserver") as pool:
+        pid, parent = await tb.run_killable(targets.pid_and_parent, backend=pool)
+        assert parent != os.getpid()  # the fork server's child, not ours
+        server = psutil.Process(parent)
+        assert server.ppid() == os.getpid()
+        with pytest.raises(tb.WorkerCrashed, match="exited with code 3") as info:
+            await tb.run_killable(targets.exit_with, 3, backend=pool)
+        assert info.value.exitcode == 3
+        path = tmp_path / "log"
+        policy = tb.Policy(grace=0, interrupt=False, interrupt_grace=0)
+        handle = tb.spawn(targets.write_pid_then_sleep, str(path), 60, backend=pool, policy=policy)
+        (line,) = await lines_of(path, 1)
+        assert await handle.stop() is tb.Stage.KILLED
+        assert gone(int(line))
+        assert await tb.run_killable(targets.add, 1, 2, backend=pool) == 3
+    assert gone(pid)
+    assert gone(parent)
+    assert psutil.Process().children() == []

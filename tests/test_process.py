@@ -266,14 +266,17 @@ async def test_default_process_limiter_is_cpu_count() -> None:
     assert tb.default_limiter("process").total_tokens == (os.cpu_count() or 1)
 
 
-def test_parent_death_kills_busy_worker_and_grandchild(tmp_path: Path) -> None:
-    """SIGKILL the parent: its busy worker and the worker's child exit promptly."""
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_parent_death_kills_busy_worker_and_grandchild(tmp_path: Path, method: str) -> None:
+    """SIGKILL the parent: its busy worker and the worker's child exit promptly (and a
+    fork server, with the "forkserver" start method)."""
     path = tmp_path / "log"
     code = textwrap.dedent(
         f"""
         import sys, anyio, threadbridge as tb
         sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
         from tests import targets
+        tb.set_start_method({method!r})
         async def main():
             await tb.run_killable(targets.ignores_sigterm_with_grandchild, {str(path)!r},
                                   backend="process")
@@ -283,7 +286,12 @@ def test_parent_death_kills_busy_worker_and_grandchild(tmp_path: Path) -> None:
     parent = subprocess.Popen([sys.executable, "-c", code])
     try:
         wait_for_text(path, "the worker never started")
+        helpers = [p.pid for p in psutil.Process(parent.pid).children()]  # a fork server
         kill_parent_then_check_worker_gone(parent, path)
+        deadline = time.monotonic() + 10
+        while not all(gone(pid) for pid in helpers):
+            assert time.monotonic() < deadline, "a fork server outlived its parent"
+            time.sleep(0.005)
     finally:
         parent.kill()
         parent.wait()
@@ -366,7 +374,7 @@ async def test_fork_start_method(tmp_path: Path) -> None:
 def test_unknown_start_method() -> None:
     """An unknown start method is a ValueError listing the choices."""
     with pytest.raises(ValueError, match="spawn"):
-        tb.set_start_method("forkserver")
+        tb.set_start_method("threads")
 
 
 async def test_idle_workers_retire_but_one_stays(

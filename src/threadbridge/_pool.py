@@ -180,8 +180,8 @@ class ProcessPool(Backend):
             its place (for libraries that leak memory). None: no limit.
         idle_timeout: seconds after which idle workers exit (one stays ready on standby).
             None: never.
-        start_method: ``"spawn"`` or ``"fork"`` (see ``set_start_method()``). None: the
-            method ``set_start_method()`` chose.
+        start_method: ``"spawn"``, ``"fork"`` or ``"forkserver"`` (see
+            ``set_start_method()``). None: the method ``set_start_method()`` chose.
 
     Raises:
         ValueError: an argument out of range.

@@ -13,17 +13,21 @@ import math
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 import weakref
 
-from . import _stats
+from . import _jobs, _spawn, _stats
+from ._forkserver import ForkServed, ForkServer
 from ._ladder import Run
 from ._loop import Link
 from ._process_worker import WorkerProcess
 from ._scheduler import SCHEDULER, Timer
 
 logger = logging.getLogger("threadbridge")
+
+Process = subprocess.Popen[bytes] | _spawn.Forked | ForkServed
 
 # Idle workers beyond the one kept on standby exit after this many seconds. Starting a
 # worker costs tens of milliseconds, so this errs on the side of keeping them.
@@ -57,6 +61,8 @@ class WorkerPool:
         # The initializer failed: no worker of this pool runs anything any more.
         self.broken: BaseException | None = None
         self.broken_told = False  # the error itself went to a caller once
+        self.forkserver: ForkServer | None = None  # for start method "forkserver"
+        self.forkserver_lock = threading.Lock()
         self.lock = threading.Lock()
         self.workers: set[WorkerProcess] = set()
         self.idle: list[WorkerProcess] = []  # most recently used last
@@ -131,6 +137,23 @@ class WorkerPool:
             except BaseException as exc:
                 return exc
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def start_process(self, job_r: int, control_r: int, result_w: int) -> Process:
+        """Start a worker process the pool's way; it gets the three pipe ends."""
+        method = self.start_method or _spawn.current_method()
+        if method != "forkserver":
+            return _spawn.start_worker(job_r, control_r, result_w, method)
+        with self.forkserver_lock:
+            server = self.forkserver
+            if server is None or not server.alive:
+                settings = {
+                    "sys_path": list(sys.path),
+                    "argv": list(sys.argv),
+                    "main": _jobs.main_source(),
+                    "warm": list(_jobs.modules_used),
+                }
+                server = self.forkserver = ForkServer(settings)
+        return server.start_worker(job_r, control_r, result_w)
 
     def _new_worker(self, state: str) -> WorkerProcess:
         worker = WorkerProcess(self, self.link, standby=state == "idle")
@@ -222,6 +245,10 @@ class WorkerPool:
             # The loop will not read again (it is ending, or gone).
             worker.unwatch()
         _end_workers(workers)
+        with self.forkserver_lock:
+            server, self.forkserver = self.forkserver, None
+        if server is not None:
+            server.close()
 
     # --- stats ----------------------------------------------------------------------------
 
@@ -286,6 +313,8 @@ def _forget_after_fork() -> None:
     for pool in list(_all_pools):
         for worker in list(pool.workers):
             worker.forget()
+        if pool.forkserver is not None:
+            pool.forkserver.forget()
         _stats.unregister(pool)
     _all_pools.clear()
     _pools.clear()

@@ -19,7 +19,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import _jobs, _pickling, _signals, _spawn, _wire
+from . import _jobs, _pickling, _signals, _wire
+from ._forkserver import ForkServed
 from ._loop import Link
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ class WorkerProcess:
             for _ in range(3):  # out of descriptors (EMFILE) half-way: nothing stays open
                 fds += os.pipe()
             job_r, self.job_fd, control_r, self.control_fd, self.result_fd, result_w = fds
-            self.proc = _spawn.start_worker(job_r, control_r, result_w, pool.start_method)
+            self.proc = pool.start_process(job_r, control_r, result_w)
         except BaseException:
             for fd in fds:
                 _close(fd)
@@ -146,6 +147,8 @@ class WorkerProcess:
 
     def exited(self) -> bool:
         """Whether the worker process has ended, without reaping it (lock-free)."""
+        if isinstance(self.proc, ForkServed):
+            return self.proc.exited()  # not our child: its server tells
         try:
             flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
             return os.waitid(os.P_PID, self.pid, flags) is not None

@@ -1,4 +1,5 @@
-"""How worker processes start: a fresh interpreter ("spawn") or a fork of the parent."""
+"""How worker processes start: a fresh interpreter ("spawn"), a fork of the parent
+("fork"), or a fork of a fork server ("forkserver", in ``_forkserver``)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,17 @@ import sys
 import threading
 import time
 
+from ._forkserver import AVAILABLE as _FORKSERVER
 from ._public import export
 
-START_METHODS = ("spawn", "fork")
+START_METHODS = ("spawn", "fork", "forkserver") if _FORKSERVER else ("spawn", "fork")
 _start_method = "spawn"
 
 _BOOT = "from threadbridge._worker import main; main()"
+
+
+def current_method() -> str:
+    return _start_method
 
 
 def check_start_method(method: str) -> None:
@@ -30,6 +36,10 @@ def set_start_method(method: str) -> None:
       a few milliseconds, but forking a process that has threads can deadlock the child
       if another thread held a lock at that moment (Python 3.12+ warns about it). Use it
       only in a parent that runs no other threads of its own.
+    * ``"forkserver"`` (Linux and macOS): each pool starts a small server process (a
+      fresh interpreter that imports the main script and what jobs have needed), and
+      workers are forks of it: safe in a parent with threads, and a worker starts in a
+      few milliseconds once the server is up.
 
     Workers already running keep the method they started with.
 
@@ -37,7 +47,7 @@ def set_start_method(method: str) -> None:
         ValueError: an unknown method.
 
     Args:
-        method: ``"spawn"`` or ``"fork"``.
+        method: ``"spawn"``, ``"fork"`` or ``"forkserver"``.
 
     Example:
 

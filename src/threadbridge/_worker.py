@@ -274,6 +274,9 @@ def _import_main(source: tuple[str, str]) -> None:
     global importing_main, main_error
     how, where = source
     current = sys.modules["__main__"]
+    if current is sys.modules.get("__mp_main__"):  # a fork server imported it already
+        _report_main_names(source, current)
+        return
     if how == "path" and getattr(current, "__file__", None) == where:
         return  # a forked worker: the parent's own main is here already
     if how == "name" and getattr(getattr(current, "__spec__", None), "name", None) == where:
@@ -301,5 +304,10 @@ def _import_main(source: tuple[str, str]) -> None:
     module = types.ModuleType("__mp_main__")
     module.__dict__.update(content)
     sys.modules["__main__"] = sys.modules["__mp_main__"] = module
-    names = sorted(name for name in content if isinstance(name, str))
-    _wire.write_frame(_result_fd, _wire.NAMES, 0, pickle.dumps((source, names)))
+    _report_main_names(source, module)
+
+
+def _report_main_names(source: tuple[str, str], module: types.ModuleType) -> None:
+    if _result_fd >= 0:  # a worker (a fork server has no parent to tell)
+        names = sorted(name for name in vars(module) if isinstance(name, str))
+        _wire.write_frame(_result_fd, _wire.NAMES, 0, pickle.dumps((source, names)))
