@@ -113,30 +113,30 @@ class WorkerPool:
 
     def _check_broken(self) -> None:
         """Under the lock: a pool whose initializer failed runs nothing."""
-        error = self.broken
-        if error is None:
-            return
+        if self.broken is not None:
+            raise self._broken_error()
+
+    def _broken_error(self) -> BaseException:
+        """Under the lock: what a call that meets the broken pool gets: the initializer's
+        own error (with the worker's traceback) the first time, then a RuntimeError."""
+        assert self.broken is not None
         if not self.broken_told:
             self.broken_told = True
-            raise error  # the initializer's own error, with the worker's traceback, once
-        raise RuntimeError(
+            return self.broken
+        error = RuntimeError(
             "this ProcessPool's initializer failed in a worker (see the error above), so "
             "the pool runs nothing; fix the initializer and make a new ProcessPool"
-        ) from error
+        )
+        error.__cause__ = self.broken
+        return error
 
-    def init_failed(self, error: BaseException, *, for_job: bool) -> BaseException:
+    def init_failed(self, error: BaseException, *, for_job: bool) -> BaseException | None:
         """A worker's initializer raised: the pool is broken. Returns the error for the
-        job that worker had (``for_job``): the initializer's own error, the first time."""
+        job that worker had, if ``for_job``."""
         with self.lock:
             if self.broken is None:
                 self.broken = error
-            if not for_job:
-                return error
-            try:
-                self._check_broken()
-            except BaseException as exc:
-                return exc
-        raise AssertionError("unreachable")  # pragma: no cover
+            return self._broken_error() if for_job else None
 
     def start_process(self, job_r: int, control_r: int, result_w: int) -> Process:
         """Start a worker process the pool's way; it gets the three pipe ends."""
