@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -237,3 +238,18 @@ def test_standby_imports_what_jobs_needed(tmp_path: Path, loop: str) -> None:
     script.write_text(WARM)
     done = _run([str(script), loop], tmp_path)
     assert json.loads(done.stdout) == ["colorsys", "tblib"]
+
+
+@pytest.mark.anyio
+async def test_code_no_worker_can_import_keeps_its_file_and_line(tmp_path: Path) -> None:
+    """A function of a module no worker can import travels by value (cloudpickle), with
+    its real file name and line numbers."""
+    source = "def fails(x):\n    y = x + 1\n    raise ValueError(y)\n"
+    path = tmp_path / "made_at_run_time.py"
+    path.write_text(source)
+    namespace: dict[str, object] = {"__name__": "made_at_run_time"}  # not in sys.modules
+    exec(compile(source, str(path), "exec"), namespace)
+    with pytest.raises(ValueError, match="42") as info:
+        await tb.run_killable(namespace["fails"], 41, backend="process")  # type: ignore[arg-type]
+    last = traceback.extract_tb(info.value.__traceback__)[-1]
+    assert (last.filename, last.lineno, last.name) == (str(path), 3, "fails")
