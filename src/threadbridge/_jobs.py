@@ -139,13 +139,11 @@ class _Plan:
         return self.by_value(func, module_name)
 
     def by_value(self, func: types.FunctionType, module_name: str) -> Any:
-        code = func.__code__
+        code_bytes, names = _marshalled(func.__code__)
         if module_name == "__main__":
             known = self.main_names or frozenset()
             own = func.__globals__
-            carried = {
-                name: own[name] for name in _global_names(code) if name in own and name not in known
-            }
+            carried = {name: own[name] for name in names if name in own and name not in known}
         else:
             carried = {}
         cells = func.__closure__ or ()
@@ -158,8 +156,24 @@ class _Plan:
             contents,
             carried,
         )
-        args = (marshal.dumps(code), module_name, len(cells))
+        args = (code_bytes, module_name, len(cells))
         return (_make_function, args, state, None, None, _set_function_state)
+
+
+# A lambda written in a loop is a new function each time, with the same code: its marshalled
+# form and global names are kept (the code object with them, so that its id stays its own).
+_code_cache: dict[int, tuple[types.CodeType, bytes, frozenset[str]]] = {}
+_CODE_CACHE_SIZE = 512
+
+
+def _marshalled(code: types.CodeType) -> tuple[bytes, frozenset[str]]:
+    entry = _code_cache.get(id(code))
+    if entry is None or entry[0] is not code:
+        if len(_code_cache) >= _CODE_CACHE_SIZE:
+            _code_cache.clear()
+        entry = (code, marshal.dumps(code), frozenset(_global_names(code)))
+        _code_cache[id(code)] = entry
+    return entry[1], entry[2]
 
 
 def _global_names(code: types.CodeType) -> set[str]:
@@ -282,8 +296,15 @@ def dumps_job(func: Callable[..., Any], args: tuple[Any, ...], name: str) -> byt
 # --- in the worker: rebuilding a function ------------------------------------------------
 
 
+_loaded_code: dict[bytes, types.CodeType] = {}
+
+
 def _make_function(code_bytes: bytes, module_name: str, ncells: int) -> types.FunctionType:
-    code = marshal.loads(code_bytes)
+    code = _loaded_code.get(code_bytes)
+    if code is None:
+        if len(_loaded_code) >= _CODE_CACHE_SIZE:
+            _loaded_code.clear()
+        code = _loaded_code[code_bytes] = marshal.loads(code_bytes)
     closure = tuple(types.CellType() for _ in range(ncells)) if ncells else None
     func = types.FunctionType(code, vars(_import(module_name)), code.co_name, None, closure)
     func.__module__ = module_name
