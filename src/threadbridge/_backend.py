@@ -16,7 +16,7 @@ from typing import Any, Literal
 from ._ladder import Run, Work
 
 #: The names that ``backend=`` accepts, for type checkers (the registry below is the truth).
-BackendName = Literal["thread", "process"]
+BackendName = Literal["thread", "process", "ray"]
 
 
 class Backend(abc.ABC):
@@ -56,6 +56,7 @@ class Backend(abc.ABC):
 _NAMED: dict[str, str] = {
     "thread": "threadbridge._thread:backend",
     "process": "threadbridge._pool:default_backend",
+    "ray": "threadbridge.ray:RayBackend",  # the "ray" extra; ImportError names it
 }
 _resolved: dict[str, Backend] = {}
 

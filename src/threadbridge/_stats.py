@@ -36,6 +36,7 @@ class Stats:
         standby_workers: idle workers kept warm so that a call after a kill starts at once.
         unreaped_workers: worker processes SIGKILLed at rung 3 that have not been reaped
             within a bound (stuck in the kernel); logged as errors.
+        remote_tasks: tasks submitted to a cluster (``backend="ray"``) that have not ended.
         stages: how many runs ended at each stage since the process started.
 
     Example:
@@ -53,12 +54,14 @@ class Stats:
     busy_workers: int = 0
     standby_workers: int = 0
     unreaped_workers: int = 0
+    remote_tasks: int = 0
     stages: Mapping[Stage, int] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def active(self) -> int:
-        """Targets still running anywhere: busy threads, abandoned threads, busy workers."""
-        return self.busy_threads + self.abandoned_threads + self.busy_workers
+        """Targets still running anywhere: busy threads, abandoned threads, busy workers,
+        remote tasks."""
+        return self.busy_threads + self.abandoned_threads + self.busy_workers + self.remote_tasks
 
 
 COUNT_FIELDS = (
@@ -69,6 +72,7 @@ COUNT_FIELDS = (
     "busy_workers",
     "standby_workers",
     "unreaped_workers",
+    "remote_tasks",
 )
 
 
@@ -128,7 +132,12 @@ def _counts() -> dict[str, int]:
 
 
 def _active(counts: dict[str, int]) -> int:
-    return counts["busy_threads"] + counts["abandoned_threads"] + counts["busy_workers"]
+    return (
+        counts["busy_threads"]
+        + counts["abandoned_threads"]
+        + counts["busy_workers"]
+        + counts["remote_tasks"]
+    )
 
 
 def active_count() -> int:

@@ -1,0 +1,421 @@
+"""Run targets as Ray tasks, with the same ladder: ``backend="ray"`` or ``RayBackend()``.
+
+Needs the ``ray`` extra (``pip install "threadbridge[ray]"``); ``import threadbridge``
+never imports Ray. The work runs on the cluster the program is connected to
+(``ray.init()``, ``RAY_ADDRESS``), or on a local one that the first call starts, as Ray
+itself does. The rungs:
+
+* rung 1 sets the token that the remote target sees (``check_cancelled()``,
+  ``cancel_requested()``, ``sleep()``, ``current_token()`` work inside the task), through
+  a small control actor that a thread of the task listens to; a task still waiting for
+  cluster resources is cancelled by Ray and never starts;
+* rung 2 raises ``TargetCancelled`` inside the remote target: a signal to the task's own
+  thread, so that it lands inside ``time.sleep()`` and other calls a signal interrupts;
+* rung 3 is ``ray.cancel(ref, force=True)``: Ray kills the worker process (and what the
+  target started), and the handle ends KILLED.
+
+The await returns once Ray reports the task ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import itertools
+import logging
+import signal
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from types import FrameType
+from typing import Any
+
+try:
+    # Through importlib: Ray's own type hints are partial; here it is typed as Any.
+    ray: Any = importlib.import_module("ray")
+    importlib.import_module("ray.exceptions")
+except ImportError as exc:  # pragma: no cover - tested by a subprocess without Ray
+    raise ImportError(
+        'threadbridge.ray needs Ray: install it with pip install "threadbridge[ray]"'
+    ) from exc
+
+from . import _pickling, _stats
+from ._backend import Backend
+from ._errors import TargetCancelled, WorkerCrashed
+from ._ladder import Ending, Run
+from ._target import Outcome, TargetState
+from ._token import Token
+
+logger = logging.getLogger("threadbridge")
+
+__all__ = ["RayBackend"]
+
+# The signal that carries rung 2 to the task's thread. Ray leaves it alone; its default
+# action would end the worker, so the handler, once installed, stays (it does nothing
+# when no threadbridge target runs).
+_RUNG2_SIGNAL = signal.SIGUSR2
+_STOP, _INTERRUPT, _GONE = 1, 2, -1
+_WAIT = 5.0  # seconds a watcher's wait on the control actor lasts before it asks again
+
+
+# --- the control actor: how rungs 1 and 2 reach a running task ---------------------------
+
+
+class _Control:
+    """One per driver: the rung each job has reached, awaited by the jobs' watchers."""
+
+    def __init__(self) -> None:
+        self.levels: dict[int, int] = {}
+        self.changed: dict[int, asyncio.Event] = {}
+
+    def _event(self, job: int) -> asyncio.Event:
+        event = self.changed.get(job)
+        if event is None:
+            event = self.changed[job] = asyncio.Event()
+        return event
+
+    async def wait(self, job: int, seen: int, timeout: float) -> int:
+        """The job's level once it differs from ``seen`` (or after ``timeout``)."""
+        event = self._event(job)
+        if self.levels.get(job, 0) == seen:
+            try:
+                await asyncio.wait_for(event.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+        return self.levels.get(job, 0)
+
+    async def set(self, job: int, level: int) -> None:
+        if job in self.levels and self.levels[job] == _GONE:
+            return
+        self.levels[job] = max(level, self.levels.get(job, 0)) if level > 0 else level
+        event = self._event(job)
+        event.set()
+        self.changed[job] = asyncio.Event()  # later waiters wait for the next change
+        if level == _GONE:
+            # Forget it soon: a late rung for an ended job finds it gone, not new.
+            asyncio.get_running_loop().call_later(60, self._forget, job)
+
+    def _forget(self, job: int) -> None:
+        self.levels.pop(job, None)
+        self.changed.pop(job, None)
+
+
+_control_lock = threading.Lock()
+_control_handle: Any = None
+_task_function: Any = None
+
+
+def _control() -> Any:
+    global _control_handle
+    with _control_lock:
+        if _control_handle is None:
+            actor = ray.remote(num_cpus=0, max_concurrency=10_000)(_Control)
+            _control_handle = actor.remote()
+        return _control_handle
+
+
+def _task() -> Any:
+    global _task_function
+    if _task_function is None:
+        _task_function = ray.remote(_run_remote)
+    return _task_function
+
+
+# --- inside the Ray task --------------------------------------------------------------------
+
+
+class _RemoteJob:
+    __slots__ = ("done", "id", "interrupt_requested", "state", "thread_id")
+
+    def __init__(self, job_id: int, state: TargetState) -> None:
+        self.id = job_id
+        self.state = state
+        self.done = False
+        self.interrupt_requested = False
+        self.thread_id = threading.get_ident()
+
+
+_current: _RemoteJob | None = None
+_previous_sigint: Any = None
+_installed = False
+
+
+def _on_sigint(signum: int, frame: FrameType | None) -> None:
+    """Ray's own cancel (``ray.cancel(ref)``) raises KeyboardInterrupt in the task through
+    the SIGINT handler: for a threadbridge target that is rung 1, never an exception."""
+    job = _current
+    if job is not None:
+        job.state.token._set()
+        return
+    previous = _previous_sigint
+    if callable(previous):
+        previous(signum, frame)
+    elif previous != signal.SIG_IGN:
+        raise KeyboardInterrupt
+
+
+def _on_rung2(signum: int, frame: FrameType | None) -> None:
+    job = _current
+    if job is not None and job.interrupt_requested:
+        job.state.interrupt_here("interrupted (rung 2, in a Ray task)")
+
+
+def _install_handlers() -> None:
+    global _installed, _previous_sigint
+    if not _installed:
+        _previous_sigint = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, _on_sigint)
+        signal.signal(_RUNG2_SIGNAL, _on_rung2)
+        _installed = True
+
+
+def _watch(control: Any, job: _RemoteJob) -> None:
+    """Listen for the job's rungs on the control actor (in a thread of the task)."""
+    seen = 0
+    while not job.done:
+        try:
+            level = ray.get(control.wait.remote(job.id, seen, _WAIT))
+        except Exception:  # the driver is gone, or the actor: the task will be too
+            return
+        if level == _GONE or job.done:
+            return
+        if level >= _STOP:
+            job.state.token._set()
+        if level >= _INTERRUPT and not job.interrupt_requested:
+            job.interrupt_requested = True
+            with job.state.lock:
+                running = job.state.running and not job.state.interrupted
+            if running:
+                signal.pthread_kill(job.thread_id, _RUNG2_SIGNAL)
+        seen = level
+
+
+def _run_remote(control: Any, job_id: int, payload: bytes) -> bytes:
+    """The Ray task: run one target under its token; answer as a worker process does."""
+    global _current
+    _install_handlers()
+    state = TargetState(Token(), threading.Lock())
+    job = _RemoteJob(job_id, state)
+    watcher = threading.Thread(target=_watch, args=(control, job), daemon=True)
+
+    def call() -> Outcome:
+        try:
+            func, args = ray.cloudpickle.loads(payload)
+        except TargetCancelled:
+            raise
+        except BaseException as exc:
+            note = f"the Ray task could not unpickle the target or its arguments: {exc}"
+            return (False, _pickling.remote_error(exc, note))
+        try:
+            return (True, func(*args))
+        except BaseException as exc:
+            return (False, exc)
+
+    _current = job
+    try:
+        watcher.start()
+        outcome = state.run(call)
+    finally:
+        job.done = True
+        _current = None
+        control.set.remote(job_id, _GONE)  # ends the watcher's wait
+    if outcome is None:
+        return _pickling.dumps_answer(_pickling.NOT_STARTED, None, state.interrupted)
+    ok, value = outcome
+    how = _pickling.RETURNED if ok else _pickling.RAISED
+    return _pickling.dumps_answer(how, value, state.interrupted)
+
+
+# --- in the driver --------------------------------------------------------------------------
+
+_job_ids = itertools.count(1)
+
+
+class _Tasks:
+    """The Ray tasks in flight, as a stats() source."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.works: set[RayWork] = set()
+
+    def counts(self) -> dict[str, int]:
+        with self.lock:
+            return {"remote_tasks": len(self.works)}
+
+    def describe_running(self) -> list[str]:
+        with self.lock:
+            return [work.describe() for work in self.works]
+
+
+_tasks = _Tasks()
+_stats.register(_tasks)
+
+
+class RayWork:
+    """One target as one Ray task; the ladder's Work for the Ray backend."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.job_id = next(_job_ids)
+        self.ref: Any = None
+        self.forced = False
+        self.control = _control()
+
+    def submit(self, options: Mapping[str, Any], payload: bytes) -> None:
+        with _tasks.lock:
+            _tasks.works.add(self)
+        try:
+            self.ref = _task().options(**options).remote(self.control, self.job_id, payload)
+            future: Future[bytes] = self.ref.future()
+        except BaseException:
+            with _tasks.lock:
+                _tasks.works.discard(self)
+            raise
+        future.add_done_callback(self._ended)
+
+    # --- the rungs ---------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self.control.set.remote(self.job_id, _STOP)
+        # A task still waiting for resources never starts; a running one gets its own
+        # SIGINT handler called, which sets the token too.
+        ray.cancel(self.ref, force=False)
+
+    def interrupt(self) -> bool:
+        self.control.set.remote(self.job_id, _INTERRUPT)
+        return True
+
+    def force(self) -> None:
+        self.forced = True
+        try:
+            ray.cancel(self.ref, force=True)
+        except Exception:  # it has just ended
+            return
+        logger.warning(
+            "killed the Ray worker running %s (rung 3): it did not stop within its grace periods",
+            self.run.name,
+        )
+
+    def describe(self) -> str:
+        return f"Ray task running {self.run.name}"
+
+    # --- the end -------------------------------------------------------------------------
+
+    def _ended(self, future: Future[bytes]) -> None:
+        """Ray reports the task ended (in one of Ray's threads)."""
+        with _tasks.lock:
+            _tasks.works.discard(self)
+        _stats.changed()
+        try:
+            data = future.result()
+        except ray.exceptions.TaskCancelledError:
+            self.run.report(Ending.KILLED if self.forced else Ending.NOT_STARTED)
+            return
+        except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as exc:
+            if self.forced:
+                self.run.report(Ending.KILLED)
+                return
+            crashed = WorkerCrashed(f"the Ray worker running {self.run.name} died: {exc}")
+            self.run.report(Ending.ENDED, (False, crashed), interrupted=False)
+            return
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+            self.run.report(Ending.ENDED, (False, cause), interrupted=False)
+            return
+        except BaseException as exc:
+            self.run.report(Ending.ENDED, (False, exc), interrupted=False)
+            return
+        how, value, interrupted = _pickling.loads_answer(data, self.run.name)
+        if how == _pickling.NOT_STARTED:
+            self.run.report(Ending.NOT_STARTED)
+        else:
+            outcome = (how == _pickling.RETURNED, value)
+            self.run.report(Ending.ENDED, outcome, interrupted=interrupted)
+
+
+class RayBackend(Backend):
+    """Run targets as Ray tasks, with the same ladder.
+
+        await threadbridge.run_killable(train, data, backend=RayBackend(num_cpus=4))
+        await threadbridge.run_killable(f, x, backend="ray")  # RayBackend()
+
+    Args:
+        num_cpus: CPUs each task reserves on the cluster.
+        resources: other custom resources each task reserves, as for ``ray.remote``.
+        runtime_env: the task's runtime environment, as for ``ray.remote``; the nodes
+            need threadbridge installed (``{"pip": ["threadbridge"]}``).
+        **options: any other option of ``.options()`` of a Ray task (``memory``,
+            ``num_gpus``, ``scheduling_strategy``...). ``max_retries`` is always 0: a
+            stopped task must not run again.
+
+    The default limiter of a ``RayBackend`` allows as many calls at once as the cluster
+    has CPUs for (measured on first use).
+    """
+
+    name = "ray"
+
+    def __init__(
+        self,
+        num_cpus: float = 1,
+        resources: Mapping[str, float] | None = None,
+        runtime_env: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> None:
+        if isinstance(num_cpus, bool) or not isinstance(num_cpus, (int, float)) or num_cpus < 0:
+            raise ValueError(f"RayBackend: num_cpus must be a number >= 0, got {num_cpus!r}")
+        if "max_retries" in options or "retry_exceptions" in options:
+            raise ValueError(
+                "RayBackend: max_retries and retry_exceptions are always off (a stopped "
+                "task must not run again)"
+            )
+        self.options: dict[str, Any] = {
+            **options,
+            "num_cpus": num_cpus,
+            "max_retries": 0,
+            "retry_exceptions": False,
+        }
+        if resources is not None:
+            self.options["resources"] = dict(resources)
+        if runtime_env is not None:
+            self.options["runtime_env"] = dict(runtime_env)
+        self.num_cpus = num_cpus
+
+    def __repr__(self) -> str:
+        return f"RayBackend(num_cpus={self.num_cpus!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RayBackend) and other.options == self.options
+
+    def __hash__(self) -> int:
+        return hash(("RayBackend", self.num_cpus, repr(sorted(self.options.items()))))
+
+    def check_platform(self, what: str) -> None:
+        if not ray.is_initialized():
+            # Connects to RAY_ADDRESS, or starts a local cluster, as Ray's first call would.
+            ray.init(include_dashboard=False, log_to_driver=True)
+
+    def prepare(self, func: Callable[..., Any], args: tuple[Any, ...], name: str) -> bytes:
+        dumps = ray.cloudpickle.dumps
+        try:
+            return dumps((func, args))  # type: ignore[no-any-return]
+        except Exception as exc:
+            error = exc
+        for index, arg in enumerate(args, 1):
+            try:
+                dumps(arg)
+            except Exception as exc:
+                raise TypeError(
+                    f"argument {index} to {name} ({type(arg).__qualname__} {arg!r:.60}) "
+                    f'cannot be serialized for backend="ray": {exc}. Pass a picklable value'
+                ) from None
+        raise TypeError(f'{name} cannot be serialized for backend="ray": {error}') from None
+
+    def start(self, run: Run, job: Any) -> RayWork:
+        work = RayWork(run)
+        work.submit(self.options, job)
+        return work
+
+    def default_limit(self) -> int:
+        cpus = float(ray.cluster_resources().get("CPU", 1))
+        per_task = self.num_cpus or 1
+        return max(1, int(cpus // per_task))
