@@ -386,3 +386,11 @@ def failing_initializer(path: str) -> None:
 
 def pid_and_parent() -> tuple[int, int]:
     return os.getpid(), os.getppid()
+
+
+def children_then_spin(path: str) -> None:
+    """Starts a child process, notes both pids, then spins in pure Python for ever."""
+    child = subprocess.Popen(["sleep", "1000"])
+    mark(path, f"{os.getpid()} {child.pid}")
+    while True:
+        pass

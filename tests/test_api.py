@@ -5,6 +5,9 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import warnings
@@ -271,3 +274,29 @@ def test_stop_from_another_loop_is_a_clear_error() -> None:
             release.set()
     assert len(results) == 6
     assert all("belongs to another event loop" in r for r in results)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+def test_ray_backend_without_ray_names_the_extra(loop: str) -> None:
+    """Without Ray, import threadbridge never imports it, and backend="ray" is an
+    ImportError that names the extra to install."""
+    code = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["ray"] = None  # as if Ray were not installed
+        import anyio, threadbridge as tb
+        async def main():
+            assert await tb.run_killable(int, "7") == 7
+            assert "ray" not in [m for m in sys.modules if sys.modules[m] is not None]
+            try:
+                await tb.run_killable(int, backend="ray")
+            except ImportError as exc:
+                print(exc)
+        anyio.run(main, backend={loop!r})
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == (
+        'threadbridge.ray needs Ray: install it with pip install "threadbridge[ray]"'
+    )

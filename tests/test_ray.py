@@ -1,0 +1,180 @@
+"""backend="ray": the ladder on a real local Ray cluster, on both loops.
+
+The cluster is started once for the session with ``ray start --head`` (its processes are
+not children of the test run, so the leak checks see only what the tests themselves
+leave) and stopped at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import psutil
+import pytest
+
+import threadbridge as tb
+
+from . import targets
+from .test_process import lines_of
+
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
+from threadbridge.ray import RayBackend  # noqa: E402 - only once Ray is known to be there
+
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.usefixtures("ray_cluster"),
+    pytest.mark.foreign_sockets,
+]
+
+CPUS = 2
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    cli = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+    temp = tmp_path_factory.mktemp("ray")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    subprocess.run(
+        [cli, "start", "--head", f"--num-cpus={CPUS}", "--include-dashboard=false",
+         f"--temp-dir={temp}", "--disable-usage-stats"],
+        check=True, capture_output=True, env=env, timeout=120,
+    )  # fmt: skip
+    try:
+        ray.init(address="auto", log_to_driver=False)
+        anyio.run(_warm_up)
+        yield
+    finally:
+        ray.shutdown()
+        subprocess.run([cli, "stop", "--force"], capture_output=True, env=env, timeout=120)
+
+
+async def _warm_up() -> None:
+    """Ray's driver opens its connections (to the control actor, to each worker it leases)
+    on first use: opened here, they are not counted as the first tests' leaks."""
+    async with anyio.create_task_group() as tg:
+        for _ in range(CPUS):
+            tg.start_soon(lambda: tb.run_killable(time.sleep, 0.5, backend="ray"))
+
+
+def gone(pid: int) -> bool:
+    try:
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return True
+
+
+async def until_gone(pid: int) -> None:
+    with anyio.fail_after(30):
+        while not gone(pid):  # noqa: ASYNC110 - another process: no event to await
+            await anyio.sleep(0.01)
+
+
+async def test_results_and_exceptions_come_back_as_themselves() -> None:
+    assert await tb.run_killable(targets.add, 2, 3, backend="ray") == 5
+    assert await tb.run_killable(lambda x: x * 2, 21, backend=RayBackend()) == 42
+    with pytest.raises(targets.CustomError, match="remote") as info:
+        await tb.run_killable(targets.raise_custom, "remote", backend="ray")
+    names = [frame.name for frame in traceback.extract_tb(info.value.__traceback__)]
+    assert "raise_custom" in names
+
+
+async def test_rung1_sets_the_token_the_task_sees(tmp_path: Path) -> None:
+    """check_cancelled() and sleep() inside the task end it COOPERATIVE."""
+    for target in (targets.cooperative, targets.tb_sleeper):
+        path = tmp_path / target.__name__
+        handle = tb.spawn(target, str(path), backend="ray", policy=tb.Policy(grace=30))
+        await lines_of(path, 1)
+        with anyio.fail_after(20):
+            assert await handle.stop() is tb.Stage.COOPERATIVE
+
+
+async def test_rung2_lands_inside_time_sleep_and_runs_finally(tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    policy = tb.Policy(grace=0.05, interrupt_grace=30)
+    handle = tb.spawn(targets.blocking_sleeper, str(path), backend="ray", policy=policy)
+    await lines_of(path, 1)
+    with anyio.fail_after(20):
+        assert await handle.stop() is tb.Stage.INTERRUPTED
+    assert path.read_text().splitlines()[1:] == ["TargetCancelled", "finally"]
+
+
+async def test_rung3_kills_the_worker_and_the_targets_children(tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    policy = tb.Policy(grace=0.05, interrupt=False, interrupt_grace=0.05)
+    handle = tb.spawn(targets.children_then_spin, str(path), backend="ray", policy=policy)
+    (line,) = await lines_of(path, 1)
+    worker, child = (int(x) for x in line.split())
+    with anyio.fail_after(20):
+        assert await handle.stop() is tb.Stage.KILLED
+    assert gone(worker)  # Ray reported the end once the worker was dead
+    await until_gone(child)
+
+
+async def test_a_task_waiting_for_resources_never_starts(tmp_path: Path) -> None:
+    """With every CPU of the cluster taken, a cancelled task never runs: COOPERATIVE."""
+    busy = [tmp_path / f"busy{i}" for i in range(CPUS)]
+    hold = [tb.spawn(targets.cooperative, str(p), backend="ray") for p in busy]
+    for p in busy:
+        await lines_of(p, 1)
+    waiting = tmp_path / "waiting"
+    limiter = anyio.CapacityLimiter(10)
+    handle = tb.spawn(targets.mark, str(waiting), "ran", backend="ray", limiter=limiter)
+    with anyio.fail_after(20):
+        assert await handle.stop() is tb.Stage.COOPERATIVE
+        for h in hold:
+            assert await h.stop() is tb.Stage.COOPERATIVE
+    assert not waiting.exists()
+
+
+async def test_worker_death_is_worker_crashed() -> None:
+    with pytest.raises(tb.WorkerCrashed, match="died"):
+        await tb.run_killable(targets.exit_with, 3, backend="ray")
+    assert await tb.run_killable(targets.add, 1, 1, backend="ray") == 2
+
+
+async def test_unserializable_argument_is_type_error_before_submitting() -> None:
+    with pytest.raises(TypeError, match=r"argument 2 to add \(lock"):
+        await tb.run_killable(targets.add, 1, threading.Lock(), backend="ray")  # type: ignore[arg-type]
+    assert tb.stats().remote_tasks == 0
+
+
+async def test_cancel_scope_around_a_ray_call(tmp_path: Path) -> None:
+    """An ordinary cancel scope climbs the ladder; the await returns when the task ended."""
+    path = tmp_path / "log"
+    policy = tb.Policy(grace=0.05, interrupt_grace=30)
+    with anyio.move_on_after(30) as scope:
+        async with anyio.create_task_group() as tg:
+
+            async def call() -> None:
+                await tb.run_killable(targets.blocking_sleeper, str(path), backend="ray",
+                                      policy=policy)  # fmt: skip
+
+            tg.start_soon(call)
+            await lines_of(path, 1)
+            started = time.monotonic()
+            tg.cancel_scope.cancel()
+    assert not scope.cancelled_caught
+    assert time.monotonic() - started < 20
+    assert path.read_text().splitlines()[1:] == ["TargetCancelled", "finally"]
+    assert tb.stats().remote_tasks == 0
+
+
+async def test_default_limit_is_the_clusters_cpus() -> None:
+    assert tb.default_limiter("ray").total_tokens == CPUS
+    assert tb.default_limiter(RayBackend(num_cpus=2)).total_tokens == CPUS // 2
+
+
+def test_bad_options() -> None:
+    with pytest.raises(ValueError, match="num_cpus"):
+        RayBackend(num_cpus=-1)
+    with pytest.raises(ValueError, match="max_retries"):
+        RayBackend(max_retries=3)
