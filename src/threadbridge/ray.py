@@ -23,8 +23,10 @@ import asyncio
 import importlib
 import itertools
 import logging
+import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from types import FrameType
@@ -34,6 +36,7 @@ try:
     # Through importlib: Ray's own type hints are partial; here it is typed as Any.
     ray: Any = importlib.import_module("ray")
     importlib.import_module("ray.exceptions")
+    importlib.import_module("ray.util.scheduling_strategies")
 except ImportError as exc:  # pragma: no cover - tested by a subprocess without Ray
     raise ImportError(
         'threadbridge.ray needs Ray: install it with pip install "threadbridge[ray]"'
@@ -67,6 +70,7 @@ class _Control:
     def __init__(self) -> None:
         self.levels: dict[int, int] = {}
         self.changed: dict[int, asyncio.Event] = {}
+        self.places: dict[int, tuple[int, str]] = {}
 
     def _event(self, job: int) -> asyncio.Event:
         event = self.changed.get(job)
@@ -98,6 +102,14 @@ class _Control:
     def _forget(self, job: int) -> None:
         self.levels.pop(job, None)
         self.changed.pop(job, None)
+        self.places.pop(job, None)
+
+    def started(self, job: int, pid: int, node: str) -> None:
+        self.places[job] = (pid, node)
+
+    def where(self, job: int) -> tuple[int, str] | None:
+        """The worker process (pid, node id) that ran the job, if it started."""
+        return self.places.get(job)
 
 
 _control_lock = threading.Lock()
@@ -194,6 +206,7 @@ def _run_remote(control: Any, job_id: int, payload: bytes) -> bytes:
     """The Ray task: run one target under its token; answer as a worker process does."""
     global _current
     _install_handlers()
+    control.started.remote(job_id, os.getpid(), ray.get_runtime_context().get_node_id())
     state = TargetState(Token(), threading.Lock())
     job = _RemoteJob(job_id, state)
     watcher = threading.Thread(target=_watch, args=(control, job), daemon=True)
@@ -226,7 +239,33 @@ def _run_remote(control: Any, job_id: int, payload: bytes) -> bytes:
     return _pickling.dumps_answer(how, value, state.interrupted)
 
 
+def _wait_gone(pid: int, timeout: float) -> bool:
+    """On the node of a killed worker: wait until its process is gone (a zombie counts)."""
+    deadline = time.monotonic() + timeout
+    while not _process_gone(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+    except OSError:  # pragma: no cover - no /proc (macOS)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+
 # --- in the driver --------------------------------------------------------------------------
+
+REAP_TIMEOUT = 5.0  # how long a killed worker may take to be gone before it is logged
 
 _job_ids = itertools.count(1)
 
@@ -301,6 +340,34 @@ class RayWork:
 
     # --- the end -------------------------------------------------------------------------
 
+    def _killed(self) -> None:
+        """After rung 3: wait until the worker process is gone, then report KILLED."""
+        try:
+            place = ray.get(self.control.where.remote(self.job_id), timeout=REAP_TIMEOUT)
+            if place is not None:
+                pid, node = place
+                if node == ray.get_runtime_context().get_node_id():
+                    gone = _wait_gone(pid, REAP_TIMEOUT)
+                else:
+                    strategy = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(
+                        node, soft=False
+                    )
+                    check = ray.remote(_wait_gone).options(
+                        num_cpus=0, scheduling_strategy=strategy, max_retries=0
+                    )
+                    gone = ray.get(check.remote(pid, REAP_TIMEOUT))
+                if not gone:
+                    logger.error(
+                        "the Ray worker (pid %d) killed at rung 3 for %s was still there %ss later",
+                        pid,
+                        self.run.name,
+                        REAP_TIMEOUT,
+                    )
+        except Exception:  # the node or the actor is gone: so is the worker
+            logger.debug("could not check that a killed Ray worker is gone", exc_info=True)
+        finally:
+            self.run.report(Ending.KILLED)
+
     def _ended(self, future: Future[bytes]) -> None:
         """Ray reports the task ended (in one of Ray's threads)."""
         with _tasks.lock:
@@ -309,11 +376,20 @@ class RayWork:
         try:
             data = future.result()
         except ray.exceptions.TaskCancelledError:
-            self.run.report(Ending.KILLED if self.forced else Ending.NOT_STARTED)
+            if self.forced:
+                # Ray reports the cancel before the worker process is gone: the await
+                # must not return while the target may still run.
+                threading.Thread(
+                    target=self._killed, name="threadbridge-ray-reap", daemon=True
+                ).start()
+            else:
+                self.run.report(Ending.NOT_STARTED)
             return
         except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as exc:
             if self.forced:
-                self.run.report(Ending.KILLED)
+                threading.Thread(
+                    target=self._killed, name="threadbridge-ray-reap", daemon=True
+                ).start()
                 return
             crashed = WorkerCrashed(f"the Ray worker running {self.run.name} died: {exc}")
             self.run.report(Ending.ENDED, (False, crashed), interrupted=False)
