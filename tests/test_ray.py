@@ -74,7 +74,7 @@ def gone(pid: int) -> bool:
 
 async def until_gone(pid: int) -> None:
     with anyio.fail_after(30):
-        while not gone(pid):  # noqa: ASYNC110 - another process: no event to await
+        while not gone(pid):
             await anyio.sleep(0.01)
 
 
@@ -178,3 +178,43 @@ def test_bad_options() -> None:
         RayBackend(num_cpus=-1)
     with pytest.raises(ValueError, match="max_retries"):
         RayBackend(max_retries=3)
+
+
+async def test_the_limiter_bounds_tasks_in_flight(tmp_path: Path) -> None:
+    """With a limiter of 1, the second task is not submitted until the first ended."""
+    limiter = anyio.CapacityLimiter(1)
+    first, second = tmp_path / "first", tmp_path / "second"
+    a = tb.spawn(targets.busy_until_file, str(first), backend="ray", limiter=limiter)
+    b = tb.spawn(targets.busy_until_file, str(second), backend="ray", limiter=limiter)
+    await lines_of(first, 1)
+    assert tb.stats().remote_tasks == 1
+    assert not second.exists()
+    Path(f"{first}.go").touch()
+    await lines_of(second, 1)
+    Path(f"{second}.go").touch()
+    with anyio.fail_after(20):
+        await a
+        await b
+    assert (a.stage, b.stage) == (tb.Stage.FINISHED, tb.Stage.FINISHED)
+
+
+ON_DEMAND = """
+import sys, anyio, ray, threadbridge as tb
+async def main():
+    print(await tb.run_killable(sum, [1, 2, 3], backend="ray"), ray.is_initialized())
+anyio.run(main, backend=sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+def test_a_program_not_connected_starts_a_local_cluster(tmp_path: Path, loop: str) -> None:
+    """As Ray's own first call does: the program connects (here, to the running local
+    cluster) or starts one."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    done = subprocess.run(
+        [sys.executable, "-c", ON_DEMAND, loop],
+        capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["6", "True"]
