@@ -24,9 +24,11 @@ import importlib
 import itertools
 import logging
 import os
+import queue
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from types import FrameType
@@ -59,6 +61,10 @@ __all__ = ["RayBackend"]
 _RUNG2_SIGNAL = signal.SIGUSR2
 _STOP, _INTERRUPT, _GONE = 1, 2, -1
 _WAIT = 5.0  # seconds a watcher's wait on the control actor lasts before it asks again
+# A task's watcher first talks to the control actor after this long (or at once when Ray's
+# own cancel reaches the task): a short task costs no actor call at all. A target that
+# waits in sleep() within this time sees rung 1 at most this late.
+_QUIET_START = 0.02
 
 
 # --- the control actor: how rungs 1 and 2 reach a running task ---------------------------
@@ -78,8 +84,13 @@ class _Control:
             event = self.changed[job] = asyncio.Event()
         return event
 
-    async def wait(self, job: int, seen: int, timeout: float) -> int:
-        """The job's level once it differs from ``seen`` (or after ``timeout``)."""
+    async def wait(
+        self, job: int, seen: int, timeout: float, place: tuple[int, str] | None = None
+    ) -> int:
+        """The job's level once it differs from ``seen`` (or after ``timeout``). The first
+        wait of a job says where it runs (pid, node id), for rung 3."""
+        if place is not None:
+            self.places[job] = place
         event = self._event(job)
         if self.levels.get(job, 0) == seen:
             try:
@@ -104,9 +115,6 @@ class _Control:
         self.changed.pop(job, None)
         self.places.pop(job, None)
 
-    def started(self, job: int, pid: int, node: str) -> None:
-        self.places[job] = (pid, node)
-
     def where(self, job: int) -> tuple[int, str] | None:
         """The worker process (pid, node id) that ran the job, if it started."""
         return self.places.get(job)
@@ -114,16 +122,31 @@ class _Control:
 
 _control_lock = threading.Lock()
 _control_handle: Any = None
+_control_name = ""
 _task_function: Any = None
 
 
-def _control() -> Any:
-    global _control_handle
+def _control() -> tuple[Any, str]:
+    """The driver's control actor, and its name (tasks find it by name: a name is
+    cheaper to send with every task than a handle)."""
+    global _control_handle, _control_name
     with _control_lock:
         if _control_handle is None:
+            name = f"threadbridge-control-{uuid.uuid4().hex}"
             actor = ray.remote(num_cpus=0, max_concurrency=10_000)(_Control)
-            _control_handle = actor.remote()
-        return _control_handle
+            _control_handle = actor.options(name=name).remote()
+            _control_name = name
+        return _control_handle, _control_name
+
+
+_found: dict[str, Any] = {}  # in a Ray worker: control actors by name
+
+
+def _find_control(name: str) -> Any:
+    handle = _found.get(name)
+    if handle is None:
+        handle = _found[name] = ray.get_actor(name)
+    return handle
 
 
 def _task() -> Any:
@@ -137,11 +160,13 @@ def _task() -> Any:
 
 
 class _RemoteJob:
-    __slots__ = ("done", "id", "interrupt_requested", "state", "thread_id")
+    __slots__ = ("control", "done", "id", "interrupt_requested", "state", "thread_id", "wake")
 
-    def __init__(self, job_id: int, state: TargetState) -> None:
+    def __init__(self, control: str, job_id: int, state: TargetState) -> None:
+        self.control = control  # the control actor's name
         self.id = job_id
         self.state = state
+        self.wake = threading.Event()  # Ray's own cancel arrived: the watcher starts now
         self.done = False
         self.interrupt_requested = False
         self.thread_id = threading.get_ident()
@@ -158,6 +183,7 @@ def _on_sigint(signum: int, frame: FrameType | None) -> None:
     job = _current
     if job is not None:
         job.state.token._set()
+        job.wake.set()
         return
     previous = _previous_sigint
     if callable(previous):
@@ -181,12 +207,48 @@ def _install_handlers() -> None:
         _installed = True
 
 
-def _watch(control: Any, job: _RemoteJob) -> None:
-    """Listen for the job's rungs on the control actor (in a thread of the task)."""
+# One watcher thread per Ray worker process, for the job it runs now (Ray runs one task at
+# a time in a worker): starting a thread per task would cost more than the task.
+_watcher_jobs: queue.SimpleQueue[_RemoteJob] = queue.SimpleQueue()
+_watcher_lock = threading.Lock()
+_watcher: threading.Thread | None = None
+
+
+def _hand_to_watcher(job: _RemoteJob) -> None:
+    global _watcher
+    with _watcher_lock:
+        if _watcher is None:
+            _watcher = threading.Thread(
+                target=_watch_jobs, name="threadbridge-ray-watcher", daemon=True
+            )
+            _watcher.start()
+    _watcher_jobs.put(job)
+
+
+def _watch_jobs() -> None:
+    while True:
+        job = _watcher_jobs.get()
+        try:
+            _watch(job.control, job)
+        except Exception:  # pragma: no cover - never let the watcher die
+            logger.exception("threadbridge's Ray watcher failed")
+
+
+def _watch(name: str, job: _RemoteJob) -> None:
+    """Listen for the job's rungs on the control actor (in the watcher thread)."""
+    job.wake.wait(_QUIET_START)
+    if job.done:
+        return
+    try:
+        control = _find_control(name)
+    except Exception:  # the driver is gone, and its actor
+        return
     seen = 0
+    place: tuple[int, str] | None = (os.getpid(), ray.get_runtime_context().get_node_id())
     while not job.done:
         try:
-            level = ray.get(control.wait.remote(job.id, seen, _WAIT))
+            level = ray.get(control.wait.remote(job.id, seen, _WAIT, place))
+            place = None
         except Exception:  # the driver is gone, or the actor: the task will be too
             return
         if level == _GONE or job.done:
@@ -202,14 +264,12 @@ def _watch(control: Any, job: _RemoteJob) -> None:
         seen = level
 
 
-def _run_remote(control: Any, job_id: int, payload: bytes) -> bytes:
+def _run_remote(control: str, job_id: int, payload: bytes) -> bytes:
     """The Ray task: run one target under its token; answer as a worker process does."""
     global _current
     _install_handlers()
-    control.started.remote(job_id, os.getpid(), ray.get_runtime_context().get_node_id())
     state = TargetState(Token(), threading.Lock())
-    job = _RemoteJob(job_id, state)
-    watcher = threading.Thread(target=_watch, args=(control, job), daemon=True)
+    job = _RemoteJob(control, job_id, state)
 
     def call() -> Outcome:
         try:
@@ -226,12 +286,12 @@ def _run_remote(control: Any, job_id: int, payload: bytes) -> bytes:
 
     _current = job
     try:
-        watcher.start()
+        _hand_to_watcher(job)
         outcome = state.run(call)
     finally:
         job.done = True
-        _current = None
-        control.set.remote(job_id, _GONE)  # ends the watcher's wait
+        job.wake.set()
+        _current = None  # the driver ends the watcher's wait (no actor call from here)
     if outcome is None:
         return _pickling.dumps_answer(_pickling.NOT_STARTED, None, state.interrupted)
     ok, value = outcome
@@ -298,13 +358,14 @@ class RayWork:
         self.job_id = next(_job_ids)
         self.ref: Any = None
         self.forced = False
-        self.control = _control()
+        self.control, self.control_name = _control()
 
     def submit(self, options: Mapping[str, Any], payload: bytes) -> None:
         with _tasks.lock:
             _tasks.works.add(self)
         try:
-            self.ref = _task().options(**options).remote(self.control, self.job_id, payload)
+            task = _task().options(**options)
+            self.ref = task.remote(self.control_name, self.job_id, payload)
             future: Future[bytes] = self.ref.future()
         except BaseException:
             with _tasks.lock:
@@ -372,6 +433,13 @@ class RayWork:
         """Ray reports the task ended (in one of Ray's threads)."""
         with _tasks.lock:
             _tasks.works.discard(self)
+        try:
+            self._report(future)
+        finally:
+            # Ends its watcher's wait, if one waits; after the report, off the call's path.
+            self.control.set.remote(self.job_id, _GONE)
+
+    def _report(self, future: Future[bytes]) -> None:
         _stats.changed()
         try:
             data = future.result()
