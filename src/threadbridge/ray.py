@@ -26,6 +26,7 @@ import logging
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -477,6 +478,12 @@ class RayWork:
             self.run.report(Ending.ENDED, outcome, interrupted=interrupted)
 
 
+def _ensure_ray() -> None:
+    if not ray.is_initialized():
+        # Connects to RAY_ADDRESS, or starts a local cluster, as Ray's first call would.
+        ray.init(include_dashboard=False, log_to_driver=True)
+
+
 class RayBackend(Backend):
     """Run targets as Ray tasks, with the same ladder.
 
@@ -534,9 +541,12 @@ class RayBackend(Backend):
         return hash(("RayBackend", self.num_cpus, repr(sorted(self.options.items()))))
 
     def check_platform(self, what: str) -> None:
-        if not ray.is_initialized():
-            # Connects to RAY_ADDRESS, or starts a local cluster, as Ray's first call would.
-            ray.init(include_dashboard=False, log_to_driver=True)
+        if sys.platform == "win32":
+            raise NotImplementedError(
+                f'{what}: backend="ray" delivers rung 2 with POSIX signals, which Windows '
+                "lacks; run the driver and the cluster on Linux or macOS"
+            )
+        _ensure_ray()
 
     def prepare(self, func: Callable[..., Any], args: tuple[Any, ...], name: str) -> bytes:
         dumps = ray.cloudpickle.dumps
@@ -560,6 +570,7 @@ class RayBackend(Backend):
         return work
 
     def default_limit(self) -> int:
+        _ensure_ray()
         cpus = float(ray.cluster_resources().get("CPU", 1))
         per_task = self.num_cpus or 1
         return max(1, int(cpus // per_task))
