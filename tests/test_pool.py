@@ -176,3 +176,18 @@ async def test_forkserver_start_method(tmp_path: Path) -> None:
     assert gone(pid)
     assert gone(parent)
     assert psutil.Process().children() == []
+
+
+async def test_pool_from_another_event_loop_is_a_clear_error() -> None:
+    async with tb.ProcessPool(1) as pool:
+
+        async def elsewhere() -> str:
+            try:
+                await tb.run_killable(targets.pid, backend=pool)
+            except RuntimeError as exc:
+                return str(exc)
+            return "no error"
+
+        message = await anyio.to_thread.run_sync(anyio.run, elsewhere)
+        assert "belongs to another event loop" in message
+        assert await tb.run_killable(targets.add, 1, 1, backend=pool) == 2
