@@ -253,3 +253,21 @@ async def test_code_no_worker_can_import_keeps_its_file_and_line(tmp_path: Path)
         await tb.run_killable(namespace["fails"], 41, backend="process")  # type: ignore[arg-type]
     last = traceback.extract_tb(info.value.__traceback__)[-1]
     assert (last.filename, last.lineno, last.name) == (str(path), 3, "fails")
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_launcher_without_py_ending_is_not_imported_by_workers(tmp_path: Path, loop: str) -> None:
+    """A console-script launcher (as pytest's) is not imported into workers; its own
+    functions still run (by value)."""
+    launcher = tmp_path / "launcher"  # no .py: like the pytest or uvicorn command
+    launcher.write_text(
+        "import sys, anyio, threadbridge as tb\n"
+        "print('launcher imported', file=sys.stderr)\n"
+        "def triple(x):\n    return 3 * x\n"
+        "async def main():\n"
+        "    print(await tb.run_killable(triple, 5, backend='process'))\n"
+        "if __name__ == '__main__':\n    anyio.run(main, backend=sys.argv[1])\n"
+    )
+    done = _run([str(launcher), loop], tmp_path)
+    assert done.stdout.strip() == "15"
+    assert done.stderr.count("launcher imported") == 1  # the parent only

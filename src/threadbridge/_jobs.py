@@ -55,8 +55,11 @@ def _main_source(main: object) -> tuple[str, str] | None:
     path = getattr(main, "__file__", None)
     if not isinstance(path, str) or not os.path.isfile(path):
         return None
-    if os.path.splitext(os.path.basename(path))[0] == "ipython":
-        return None  # IPython's launcher has no __main__ guard
+    if not path.endswith((".py", ".pyw")):
+        # A console-script launcher (pytest, uvicorn, ipython...), not the user's code:
+        # importing it would import its whole tool into every worker (every test that
+        # starts a worker would pay for pytest). Its functions travel by value instead.
+        return None
     return ("path", os.path.abspath(path))
 
 
