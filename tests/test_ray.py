@@ -65,6 +65,26 @@ async def _warm_up() -> None:
             tg.start_soon(lambda: tb.run_killable(time.sleep, 0.5, backend="ray"))
 
 
+def _running_our_tasks() -> list[int]:
+    """Ray workers of this machine running a threadbridge task now (Ray names a worker's
+    process after the task it runs)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if " ".join(proc.info["cmdline"] or []).startswith("ray::_run_remote"):
+            found.append(proc.pid)
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_ray_task_left() -> Iterator[None]:
+    """Fail the test if a Ray worker still runs one of its targets a while after it."""
+    yield
+    deadline = time.monotonic() + 10
+    while _running_our_tasks():
+        assert time.monotonic() < deadline, f"Ray workers still run: {_running_our_tasks()}"
+        time.sleep(0.02)
+
+
 def gone(pid: int) -> bool:
     try:
         return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
@@ -218,3 +238,21 @@ def test_a_program_not_connected_starts_a_local_cluster(tmp_path: Path, loop: st
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["6", "True"]
+
+
+async def test_tasks_of_a_loop_that_ends_climb_their_ladder(tmp_path: Path) -> None:
+    """A loop that ends with a Ray task running: the task is stopped, not left running."""
+    path = tmp_path / "log"
+
+    async def program() -> tb.Handle[None]:
+        policy = tb.Policy(grace=0.05, interrupt_grace=30)
+        handle = tb.spawn(targets.blocking_sleeper, str(path), backend="ray", policy=policy)
+        await lines_of(path, 1)
+        return handle  # the loop ends with the task running
+
+    handle = await anyio.to_thread.run_sync(anyio.run, program)
+    with anyio.fail_after(20):
+        while not handle.done():
+            await anyio.sleep(0.01)
+    assert handle.stage is tb.Stage.INTERRUPTED
+    assert path.read_text().splitlines()[1:] == ["TargetCancelled", "finally"]

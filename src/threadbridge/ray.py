@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from types import FrameType
@@ -478,6 +479,27 @@ class RayWork:
             self.run.report(Ending.ENDED, outcome, interrupted=interrupted)
 
 
+_guarded: weakref.WeakKeyDictionary[object, bool] = weakref.WeakKeyDictionary()
+
+
+def _guard_loop(run: Run) -> None:
+    """When the run's event loop ends, its Ray tasks still running climb their ladders
+    (nothing may be left running on the cluster for a program that moved on)."""
+    link = run.link
+    key = link.key
+    if key in _guarded:
+        return
+    _guarded[key] = True
+
+    def loop_closing() -> None:
+        with _tasks.lock:
+            works = [work for work in _tasks.works if work.run.link.key is key]
+        for work in works:
+            work.run.cancel()
+
+    link.on_close(loop_closing, "threadbridge Ray tasks guard")
+
+
 def _ensure_ray() -> None:
     if not ray.is_initialized():
         # Connects to RAY_ADDRESS, or starts a local cluster, as Ray's first call would.
@@ -565,6 +587,7 @@ class RayBackend(Backend):
         raise TypeError(f'{name} cannot be serialized for backend="ray": {error}') from None
 
     def start(self, run: Run, job: Any) -> RayWork:
+        _guard_loop(run)
         work = RayWork(run)
         work.submit(self.options, job)
         return work
