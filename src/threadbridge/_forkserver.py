@@ -278,7 +278,7 @@ def _preload(settings: dict[str, Any]) -> None:
         _worker._import_main(tuple(settings["main"]))
     import importlib
 
-    for name in ("tblib", *settings.get("warm", ())):
+    for name in ("tblib", "threadbridge._jobs", *settings.get("warm", ())):
         try:
             importlib.import_module(name)
         except BaseException:

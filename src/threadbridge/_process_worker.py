@@ -83,7 +83,7 @@ class WorkerProcess:
         if pool.initializer is not None:
             settings["initializer"] = pool.initializer
         if standby:  # started ahead of need: it imports what jobs have needed meanwhile
-            settings["warm"] = ["tblib", *_jobs.modules_used]
+            settings["warm"] = ["tblib", "threadbridge._jobs", *_jobs.modules_used]
         self._send_settings(settings)
         link.post(self._watch)
 
