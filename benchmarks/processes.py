@@ -75,7 +75,8 @@ async def warm_latency(call: Call, func: Callable[..., object], n: int) -> float
     try:
         for _ in range(20):
             await call(func)
-    except Exception:
+    except Exception as exc:
+        print(f"cannot: {exc!r:.300}", file=sys.stderr)
         return None  # e.g. a lambda that plain pickle cannot carry
     samples = []
     for _ in range(n):

@@ -20,6 +20,7 @@ LOOPS = ["asyncio", "trio"]
 
 SCRIPT = """
 import json, sys, traceback
+import multiprocessing  # its import names __main__ "__mp_main__" too, in the worker as well
 import anyio
 import threadbridge as tb
 from threadbridge import _jobs

@@ -263,6 +263,7 @@ def _initialize(payload: bytes) -> bool:
 
 
 importing_main = False  # true while the main script runs as __mp_main__
+_main_imported: tuple[str, str] | None = None  # what this process imported as __mp_main__
 main_error = ""  # why importing it failed, for the jobs that then cannot find their function
 
 
@@ -271,11 +272,11 @@ def _import_main(source: tuple[str, str]) -> None:
     it, as multiprocessing's spawn does: its functions and classes can then travel by
     reference, and its ``if __name__ == "__main__":`` block does not run here. Reports the
     names it binds to the parent."""
-    global importing_main, main_error
+    global importing_main, main_error, _main_imported
     how, where = source
     current = sys.modules["__main__"]
-    if current is sys.modules.get("__mp_main__"):  # a fork server imported it already
-        _report_main_names(source, current)
+    if _main_imported == source:  # a fork server imported it already (not multiprocessing,
+        _report_main_names(source, current)  # whose import names __main__ __mp_main__ too)
         return
     if how == "path" and getattr(current, "__file__", None) == where:
         return  # a forked worker: the parent's own main is here already
@@ -304,6 +305,7 @@ def _import_main(source: tuple[str, str]) -> None:
     module = types.ModuleType("__mp_main__")
     module.__dict__.update(content)
     sys.modules["__main__"] = sys.modules["__mp_main__"] = module
+    _main_imported = source
     _report_main_names(source, module)
 
 
