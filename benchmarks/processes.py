@@ -18,6 +18,9 @@ global. Measured for each library that can run them:
 * the first call of a fresh script (a new interpreter running a small script whose
   target is its own function; the call's own time, the script's imports excluded).
 
+Measure an installed (compiled) threadbridge: from a checkout where PYTHONDONTWRITEBYTECODE
+is set, run `python -m compileall src` first, or every worker compiles it anew.
+
 Each round runs every library once, in turn, so that all see the same machine; the table
 shows the median over rounds. Peers are run with their kill-on-cancel option
 (``cancellable=True``, ``kill_on_cancel=True``): by default they wait for the target.
