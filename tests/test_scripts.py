@@ -217,10 +217,10 @@ async def main():
     import colorsys  # here, not at the top: the worker's import of this script skips it
 
     await tb.run_killable(colorsys.rgb_to_hsv, 1, 0, 0, backend="process")
-    with anyio.fail_after(60):  # the first worker, and the standby started beside it
-        while tb.stats().idle_workers < 2:
+    busy = tb.spawn(time.sleep, 60, backend="process")  # takes the only worker...
+    with anyio.fail_after(60):  # ...so a standby is started beside it
+        while tb.stats().idle_workers < 1:
             await anyio.sleep(0.01)
-    busy = tb.spawn(time.sleep, 60, backend="process")  # the worker just used
     probe = lambda: sorted(m for m in ("colorsys", "tblib") if m in sys.modules)
     seen = await tb.run_killable(probe, backend="process")  # the standby
     await busy.stop()

@@ -8,6 +8,7 @@ standby worker is kept idle so that the call after a kill does not pay a cold st
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import math
 import os
@@ -34,6 +35,9 @@ Process = subprocess.Popen[bytes] | _spawn.Forked | ForkServed
 IDLE_TIMEOUT = 60.0
 # When a loop ends, its workers get this long to exit on their own before SIGKILL.
 SHUTDOWN_GRACE = 1.0
+# A standby wanted because a call took the last idle worker starts this much later: a
+# starting interpreter competes for the CPUs with the very call that took the worker.
+STANDBY_DELAY = 0.05
 
 
 class WorkerPool:
@@ -68,7 +72,9 @@ class WorkerPool:
         self.idle: list[WorkerProcess] = []  # most recently used last
         self.closed = False
         self.making_standby = False
+        self.standby_made = threading.Condition(self.lock)
         self.retire_timer: Timer | None = None  # withdrawn at shutdown: it holds the pool
+        self.standby_timer: Timer | None = None  # the same
         _all_pools.add(self)
         _stats.register(self)
 
@@ -106,9 +112,11 @@ class WorkerPool:
             worker = self._new_worker("busy")
         worker.used = True
         if want_standby:
-            threading.Thread(
-                target=self._add_standby, name="threadbridge-standby", daemon=True
-            ).start()
+            with self.lock:
+                if self.standby_timer is None and not self.closed:
+                    # Held weakly: a pending standby must not keep an ended loop's pool.
+                    due = functools.partial(_standby_due, weakref.ref(self))
+                    self.standby_timer = SCHEDULER.call_later(STANDBY_DELAY, due)
         return worker
 
     def _check_broken(self) -> None:
@@ -181,6 +189,7 @@ class WorkerPool:
         finally:
             with self.lock:
                 self.making_standby = False
+                self.standby_made.notify_all()
 
     def returned(self, worker: WorkerProcess) -> None:
         """A worker answered its job and is free again (in the loop's thread)."""
@@ -235,12 +244,17 @@ class WorkerPool:
                 return
             self.closed = True
             timer, self.retire_timer = self.retire_timer, None
+            standby, self.standby_timer = self.standby_timer, None
+            # A standby being started now is ended by its own thread (it sees closed):
+            # wait for it, so that nothing of the pool outlives its shutdown.
+            self.standby_made.wait_for(lambda: not self.making_standby, timeout=10)
             workers = list(self.workers)
             for worker in workers:
                 if worker.state == "idle":
                     self._set_state(worker, "retiring")
-        if timer is not None:
-            timer.cancel()
+        for pending in (timer, standby):
+            if pending is not None:
+                pending.cancel()
         for worker in workers:
             # The loop will not read again (it is ending, or gone).
             worker.unwatch()
@@ -273,6 +287,17 @@ class WorkerPool:
         with self.lock:
             works = [w.current for w in self.workers if w.state == "busy"]
         return [work.describe() for work in works if work is not None]
+
+
+def _standby_due(ref: weakref.ref[WorkerPool]) -> None:
+    pool = ref()
+    if pool is None:
+        return
+    with pool.lock:
+        pool.standby_timer = None
+        if pool.closed:
+            return
+    threading.Thread(target=pool._add_standby, name="threadbridge-standby", daemon=True).start()
 
 
 def _end_workers(workers: list[WorkerProcess], *, loop_gone: bool = False) -> None:
