@@ -381,7 +381,10 @@ class RayWork:
         self.control.set.remote(self.job_id, _STOP)
         # A task still waiting for resources never starts; a running one gets its own
         # SIGINT handler called, which sets the token too.
-        ray.cancel(self.ref, force=False)
+        try:
+            ray.cancel(self.ref, force=False)
+        except Exception:  # it has just ended, or the cluster is going: nothing to stop
+            logger.debug("ray.cancel for %s failed", self.run.name, exc_info=True)
 
     def interrupt(self) -> bool:
         self.control.set.remote(self.job_id, _INTERRUPT)
