@@ -269,17 +269,8 @@ def _report_exits(sock: socket.socket, children: set[int], reported: set[int]) -
 
 
 def _preload(settings: dict[str, Any]) -> None:
-    """Import what workers need, so that every fork starts with it."""
+    """Import what workers need, the way a worker takes its settings, so that every fork
+    starts with it."""
     from . import _worker
 
-    sys.path[:] = settings["sys_path"]
-    sys.argv[:] = settings["argv"]
-    if settings.get("main"):
-        _worker._import_main(tuple(settings["main"]))
-    import importlib
-
-    for name in ("tblib", "threadbridge._jobs", *settings.get("warm", ())):
-        try:
-            importlib.import_module(name)
-        except BaseException:
-            pass
+    _worker._apply(settings)

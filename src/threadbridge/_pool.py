@@ -273,11 +273,7 @@ class ProcessPool(Backend):
     def check_platform(self, what: str) -> None:
         """Also checks that the pool is open, and belongs to the running loop."""
         _check_platform(what)
-        if self._closed:
-            raise RuntimeError(
-                f"{what}: this ProcessPool's `async with` block has ended and its workers "
-                "are gone; make a new ProcessPool"
-            )
+        self._check_open(what)
         if self._pool is None:
             raise RuntimeError(
                 f"{what}: use a ProcessPool inside its block: "
@@ -290,12 +286,17 @@ class ProcessPool(Backend):
         return _jobs.dumps_job(func, args, name)
 
     def start(self, run: Run, job: Any) -> ProcessWork:
-        if self._closed or self._pool is None:
-            raise RuntimeError(
-                "this ProcessPool's `async with` block has ended and its workers are gone; "
-                "make a new ProcessPool"
-            )
+        # Checked again: a call that waited for its limiter may start after the block.
+        self._check_open(run.name)
+        assert self._pool is not None  # check_platform() ran first
         return _start(self._pool, run, job)
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise RuntimeError(
+                f"{what}: this ProcessPool's `async with` block has ended and its workers "
+                "are gone; make a new ProcessPool"
+            )
 
     def default_limit(self) -> int:
         return self._workers

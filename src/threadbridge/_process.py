@@ -14,16 +14,15 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import weakref
 
-from . import _jobs, _spawn, _stats
+from . import _spawn, _stats
 from ._forkserver import ForkServed, ForkServer
 from ._ladder import Run
 from ._loop import Link
-from ._process_worker import WorkerProcess
+from ._process_worker import WorkerProcess, worker_settings
 from ._scheduler import SCHEDULER, Timer
 
 logger = logging.getLogger("threadbridge")
@@ -154,13 +153,7 @@ class WorkerPool:
         with self.forkserver_lock:
             server = self.forkserver
             if server is None or not server.alive:
-                settings = {
-                    "sys_path": list(sys.path),
-                    "argv": list(sys.argv),
-                    "main": _jobs.main_source(),
-                    "warm": list(_jobs.modules_used),
-                }
-                server = self.forkserver = ForkServer(settings)
+                server = self.forkserver = ForkServer(worker_settings(warm=True))
         return server.start_worker(job_r, control_r, result_w)
 
     def _new_worker(self, state: str) -> WorkerProcess:
@@ -295,7 +288,9 @@ def _standby_due(ref: weakref.ref[WorkerPool]) -> None:
         return
     with pool.lock:
         pool.standby_timer = None
-        if pool.closed:
+        if pool.closed or pool.idle:
+            # Quick calls one after another: the worker is back already, and no thread
+            # is started just to find that out.
             return
     threading.Thread(target=pool._add_standby, name="threadbridge-standby", daemon=True).start()
 

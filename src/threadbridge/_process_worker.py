@@ -78,12 +78,9 @@ class WorkerProcess:
             self.pidfd = None
         os.set_blocking(self.result_fd, False)
         self.has_authkey = False
-        settings: dict[str, object] = {"sys_path": list(sys.path), "argv": list(sys.argv)}
-        settings["main"] = _jobs.main_source()
+        settings = worker_settings(warm=standby)
         if pool.initializer is not None:
             settings["initializer"] = pool.initializer
-        if standby:  # started ahead of need: it imports what jobs have needed meanwhile
-            settings["warm"] = ["tblib", "threadbridge._jobs", *_jobs.modules_used]
         self._send_settings(settings)
         link.post(self._watch)
 
@@ -333,6 +330,20 @@ class WorkerProcess:
         if returncode is None:
             self._reap(None)
             self.pool.ended(self, reaped=True)
+
+
+def worker_settings(*, warm: bool) -> dict[str, object]:
+    """What a new worker (or a fork server) takes from the parent before any job: the
+    import path, argv, the main script to import as __mp_main__, and (``warm``: started
+    ahead of need) the modules jobs have needed so far, to import while it idles."""
+    settings: dict[str, object] = {
+        "sys_path": list(sys.path),
+        "argv": list(sys.argv),
+        "main": _jobs.main_source(),
+    }
+    if warm:
+        settings["warm"] = ["tblib", "threadbridge._jobs", *_jobs.modules_used]
+    return settings
 
 
 def write_frame(fd: int, kind: int, job: int = 0, payload: bytes = b"") -> None:
