@@ -10,8 +10,11 @@ Targets as users write them: a function of an importable module, a function of t
 script (``__main__``), and a lambda; and a function of this script that uses an 8 MB
 global. Measured for each library that can run them:
 
-* warm no-op call latency (median of sequential calls on a warm pool);
-* a call of the script's function that reads the 8 MB global;
+* warm no-op call latency on a warm pool, side by side: the libraries that run on a loop
+  are all open in one event loop, and their calls alternate (kinds of target in turn,
+  the libraries in a new random order each time), so that each sees the same machine
+  at the same moments; the median per library and target;
+* likewise, a call of the script's function that reads the 8 MB global;
 * the first call after a worker was killed by a cancellation (each kind of target);
 * cancel -> await returns: straight to the kill (rung 3), and for threadbridge also rung
   2 (SIGTERM interrupting a sleeping target), with the worker reaped when it returns;
@@ -21,8 +24,9 @@ global. Measured for each library that can run them:
 Measure an installed (compiled) threadbridge: from a checkout where PYTHONDONTWRITEBYTECODE
 is set, run `python -m compileall src` first, or every worker compiles it anew.
 
-Each round runs every library once, in turn, so that all see the same machine; the table
-shows the median over rounds. Peers are run with their kill-on-cancel option
+Each round runs the side-by-side warm calls on each loop, then every library's cancel and
+cold-start measures once, in turn, so that all see the same machine; the table shows the
+median over rounds. Peers are run with their kill-on-cancel option
 (``cancellable=True``, ``kill_on_cancel=True``): by default they wait for the target.
 """
 
@@ -32,12 +36,14 @@ import argparse
 import asyncio
 import json
 import logging
+import random
 import statistics
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -74,19 +80,88 @@ Call = Callable[[Callable[..., object]], Awaitable[object]]
 Results = dict[str, float | None]  # None: the library cannot run it
 
 
-async def warm_latency(call: Call, func: Callable[..., object], n: int) -> float | None:
+# --- warm calls, side by side ------------------------------------------------------------
+
+
+@asynccontextmanager
+async def threadbridge_pool() -> AsyncIterator[Call]:
+    yield lambda func: tb.run_killable(func, backend="process")
+
+
+@asynccontextmanager
+async def anyio_pool() -> AsyncIterator[Call]:
+    yield lambda func: anyio.to_process.run_sync(func, cancellable=True)
+
+
+@asynccontextmanager
+async def trio_parallel_pool() -> AsyncIterator[Call]:
+    import trio_parallel
+
+    async with trio_parallel.open_worker_context() as ctx:
+        yield lambda func: ctx.run_sync(func, kill_on_cancel=True)
+
+
+@asynccontextmanager
+async def pebble_pool() -> AsyncIterator[Call]:
+    import pebble
+
+    pool = pebble.ProcessPool(max_workers=2)
     try:
-        for _ in range(20):
-            await call(func)
-    except Exception as exc:
-        print(f"cannot: {exc!r:.300}", file=sys.stderr)
-        return None  # e.g. a lambda that plain pickle cannot carry
-    samples = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        await call(func)
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+        yield lambda func: asyncio.wrap_future(pool.schedule(func))
+    finally:
+        pool.stop()
+        pool.join()
+
+
+POOLS = {
+    "threadbridge": threadbridge_pool,
+    "anyio.to_process": anyio_pool,
+    "trio-parallel": trio_parallel_pool,
+    "pebble.ProcessPool": pebble_pool,
+}
+WARM = {**{f"warm no-op, {kind}": func for kind, func in KINDS.items()}}
+WARM["8 MB global, __main__"] = uses_big
+
+
+async def side_by_side(libraries: list[str], n: int) -> dict[tuple[str, str], float | None]:
+    """Warm call latency of every library on this loop, their calls interleaved."""
+    async with AsyncExitStack() as stack:
+        calls = {name: await stack.enter_async_context(POOLS[name]()) for name in libraries}
+        for call in calls.values():
+            await call(targets.noop)
+        await anyio.sleep(0.5)  # let a standby worker finish starting, where there is one
+        samples: dict[tuple[str, str], list[float] | None] = {}
+        for measure, func in WARM.items():
+            for name, call in calls.items():
+                try:
+                    for _ in range(20):
+                        await call(func)
+                    samples[measure, name] = []
+                except Exception as exc:
+                    print(f"{name} cannot: {exc!r:.300}", file=sys.stderr)
+                    samples[measure, name] = None  # a lambda that plain pickle cannot carry
+        # A call pays for what the call before it left running (pebble's threads finish
+        # their work after its future is set): the order is shuffled for every round of
+        # calls, so that each library follows each other one equally often. (Rotating
+        # the order would not do: every library would always follow the same one.)
+        names = list(calls)
+        shuffle = random.Random(0).shuffle
+        for i in range(n):
+            for measure, func in WARM.items():
+                if measure.startswith("8 MB") and i % 10:
+                    continue  # a tenth as many: each call reads 8 MB
+                shuffle(names)
+                for name in names:
+                    values = samples[measure, name]
+                    if values is None:
+                        continue
+                    t0 = time.perf_counter()
+                    await calls[name](func)
+                    values.append(time.perf_counter() - t0)
+    return {k: None if v is None else statistics.median(v) for k, v in samples.items()}
+
+
+# --- cancels and the first call after a kill, one library at a time ----------------------
 
 
 async def timed(call: Call, func: Callable[..., object]) -> float | None:
@@ -108,15 +183,15 @@ async def cancel_time(start: Callable[[], Coroutine[Any, Any, Any]], settle: flo
     return time.perf_counter() - t0
 
 
-async def suite(call: Call, kill: Callable[[], Coroutine[Any, Any, Any]], n: int) -> Results:
+async def suite(call: Call, kill: Callable[[], Coroutine[Any, Any, Any]]) -> Results:
     out: Results = {}
     await call(targets.noop)
     await anyio.sleep(0.5)  # let a standby worker finish starting, where there is one
-    for kind, func in KINDS.items():
-        out[f"warm no-op, {kind}"] = await warm_latency(call, func, n)
-    out["8 MB global, __main__"] = await warm_latency(call, uses_big, max(n // 10, 20))
     kills = []
     for kind, func in KINDS.items():
+        if await timed(call, func) is None:  # the worker has run this kind before the kill
+            out[f"first call after a kill, {kind}"] = None
+            continue  # the library cannot run it
         kills.append(await cancel_time(kill))
         out[f"first call after a kill, {kind}"] = await timed(call, func)
         await anyio.sleep(0.5)  # the next kill starts from a settled pool
@@ -124,31 +199,31 @@ async def suite(call: Call, kill: Callable[[], Coroutine[Any, Any, Any]], n: int
     return out
 
 
-async def threadbridge_suite(n: int) -> Results:
+async def threadbridge_suite() -> Results:
     async def call(func: Callable[..., object]) -> object:
         return await tb.run_killable(func, backend="process")
 
     async def kill() -> None:
         await tb.run_killable(targets.sleep_long, backend="process", policy=KILL_NOW)
 
-    out = await suite(call, kill, n)
+    out = await suite(call, kill)
     out["cancel, SIGTERM (rung 2)"] = await cancel_time(
         lambda: tb.run_killable(targets.sleep_long, backend="process", policy=SIGTERM_NOW)
     )
     return out
 
 
-async def anyio_suite(n: int) -> Results:
+async def anyio_suite() -> Results:
     async def call(func: Callable[..., object]) -> object:
         return await anyio.to_process.run_sync(func, cancellable=True)
 
     async def kill() -> None:
         await anyio.to_process.run_sync(targets.sleep_long, cancellable=True)
 
-    return await suite(call, kill, n)
+    return await suite(call, kill)
 
 
-async def trio_parallel_suite(n: int) -> Results:
+async def trio_parallel_suite() -> Results:
     import trio_parallel
 
     async with trio_parallel.open_worker_context() as ctx:
@@ -159,10 +234,10 @@ async def trio_parallel_suite(n: int) -> Results:
         async def kill() -> None:
             await ctx.run_sync(targets.sleep_long, kill_on_cancel=True)
 
-        return await suite(call, kill, n)
+        return await suite(call, kill)
 
 
-async def pebble_suite(n: int) -> Results:
+async def pebble_suite() -> Results:
     import pebble
 
     pool = pebble.ProcessPool(max_workers=2)
@@ -181,7 +256,7 @@ async def pebble_suite(n: int) -> Results:
                     await asyncio.sleep(0.001)
                 raise
 
-        return await suite(call, kill, n)
+        return await suite(call, kill)
     finally:
         pool.stop()
         pool.join()
@@ -241,7 +316,7 @@ def fresh_script(library: str, loop: str, folder: Path) -> float | None:
 
 # --- the run --------------------------------------------------------------------------------
 
-LIBRARIES: list[tuple[str, str, Callable[[int], Coroutine[Any, Any, Results]]]] = [
+LIBRARIES: list[tuple[str, str, Callable[[], Coroutine[Any, Any, Results]]]] = [
     ("asyncio", "threadbridge", threadbridge_suite),
     ("trio", "threadbridge", threadbridge_suite),
     ("asyncio", "anyio.to_process", anyio_suite),
@@ -282,8 +357,13 @@ def main() -> None:
     folder = Path(__import__("tempfile").mkdtemp())
     for number in range(1, rounds + 1):
         print(f"round {number} of {rounds}", file=sys.stderr)
+        for loop in ("asyncio", "trio"):
+            names = [library for on, library, _ in libraries if on == loop]
+            warm = anyio.run(side_by_side, names, n, backend=loop)
+            for (measure, library), value in warm.items():
+                samples.setdefault((measure, loop, library), []).append(value)
         for loop, library, run in libraries:
-            results = anyio.run(run, n, backend=loop)
+            results = anyio.run(run, backend=loop)
             results["first call of a fresh script"] = fresh_script(library, loop, folder)
             for measure, value in results.items():
                 samples.setdefault((measure, loop, library), []).append(value)
@@ -310,7 +390,8 @@ def main() -> None:
         raw = Path(args.out) / "processes-samples.json"
         raw.write_text(json.dumps({" | ".join(k): v for k, v in samples.items()}, indent=1))
     print(
-        f"\nmedian of {rounds} interleaved rounds. warm rows: median of {n} sequential calls."
+        f"\nmedian of {rounds} interleaved rounds. warm rows: median of {n} calls (8 MB: a tenth),"
+        "\nthe libraries of a loop side by side in one event loop, their calls alternating."
         "\ncancel rows: from the cancel to the await returning (threadbridge has reaped the"
         "\nworker by then). 'cannot': the library could not run that target."
     )

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -208,6 +209,56 @@ def test_frames_carry_lengths_over_4_gib() -> None:
     parser = _wire.FrameParser()
     assert parser.feed(header + b"x" * 10) == []  # waits for the rest of the payload
     assert _wire.HEADER.unpack(header) == (size, _wire.RUN, 7)
+
+
+def test_frame_parser_says_how_much_completes_a_frame() -> None:
+    """The parent reads small answers with small reads, and a large one in big pieces:
+    the parser says how many bytes the frame under way still needs."""
+    from threadbridge import _wire
+
+    parser = _wire.FrameParser()
+    assert parser.wanted() == _wire.HEADER.size
+    frame = _wire.HEADER.pack(100_000, _wire.ANSWER, 1) + b"a" * 100_000
+    assert parser.feed(frame[:5]) == []
+    assert parser.wanted() == _wire.HEADER.size - 5
+    assert parser.feed(frame[5:1000]) == []
+    assert parser.wanted() == len(frame) - 1000
+    assert parser.feed(frame[1000:]) == [(_wire.ANSWER, 1, b"a" * 100_000)]
+    assert parser.wanted() == _wire.HEADER.size
+
+
+def test_worker_frame_reader_takes_frames_as_they_arrive() -> None:
+    """The worker reads whatever has arrived in one read: two frames in one write, a
+    frame split byte by byte across writes, a payload larger than one read, and the end
+    of the pipe in the middle of a frame all come out right."""
+    from threadbridge import _wire
+
+    big = bytes(range(256)) * 4096  # 1 MiB: more than one read of the reader's
+    frames = [(_wire.RUN, 1, b"first"), (_wire.RUN, 2, b""), (_wire.EXIT, 3, big)]
+    data = b"".join(_wire.HEADER.pack(len(p), k, j) + p for k, j, p in frames)
+    split = _wire.HEADER.pack(5, _wire.RUN, 4) + b"split"
+    r, w = os.pipe()
+    try:
+        reader = _wire.FrameReader(r)
+
+        def write_all() -> None:
+            os.write(w, data[:40])  # the first frame, and part of the second header
+            written = 40
+            while written < len(data):
+                written += os.write(w, data[written:])
+            for i in range(len(split)):
+                os.write(w, split[i : i + 1])
+            os.write(w, _wire.HEADER.pack(10, _wire.RUN, 5) + b"cut")  # then EOF
+            os.close(w)
+
+        writer = threading.Thread(target=write_all)
+        writer.start()
+        got = [reader.read() for _ in range(4)]
+        assert reader.read() is None
+        writer.join()
+    finally:
+        os.close(r)
+    assert got == [*frames, (_wire.RUN, 4, b"split")]
 
 
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")

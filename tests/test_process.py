@@ -59,6 +59,19 @@ async def test_result_and_warm_reuse() -> None:
     assert await tb.run_killable(targets.pid, backend=P) == first
 
 
+async def test_large_arguments_and_results_travel_whole() -> None:
+    """Arguments and results far larger than one read of the pipes (here 40 MB each
+    way, and a small call after each) arrive whole, in order, through the same worker."""
+    data = bytes(range(256)) * (40 * 2**20 // 256)
+    doubled = await tb.run_killable(bytes.__add__, data, data[:1000], backend=P)
+    assert len(doubled) == len(data) + 1000
+    assert doubled[: len(data)] == data
+    assert doubled[len(data) :] == data[:1000]
+    assert await tb.run_killable(targets.add, 1, 2, backend=P) == 3
+    assert await tb.run_killable(len, data, backend=P) == len(data)
+    assert await tb.run_killable(targets.add, 3, 4, backend=P) == 7
+
+
 async def test_worker_leads_its_own_process_group() -> None:
     """Each worker leads its own process group, so rungs 2 and 3 reach its children."""
     pid, pgid = await tb.run_killable(targets.pgid, backend=P)

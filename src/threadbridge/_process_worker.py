@@ -204,8 +204,12 @@ class WorkerProcess:
     def _on_readable(self) -> bool:
         if self.fds_closed:
             return False
+        # A small read for small answers: a large buffer is allocated with mmap and
+        # returned with munmap, system calls that cost more than the call itself (and
+        # interrupt the process's other threads). A large answer is read in big pieces.
+        size = min(max(self.parser.wanted(), 1 << 16), 1 << 24)
         try:
-            data = os.read(self.result_fd, 1 << 20)
+            data = os.read(self.result_fd, size)
         except BlockingIOError:
             return True
         except OSError:

@@ -1,9 +1,9 @@
 """Framing for the private pipes between the parent and its worker processes.
 
 A frame is a header (payload length, kind, job id) followed by the payload. The worker
-reads with blocking reads in threads of its own; the parent writes jobs from the event
-loop's thread (or a helper thread, for large ones) and parses answers from a
-non-blocking pipe with ``FrameParser``. Worker processes import this module: it stays
+reads with blocking reads (``FrameReader``) in threads of its own; the parent writes jobs
+from the event loop's thread (or a helper thread, for large ones) and parses answers from
+a non-blocking pipe with ``FrameParser``. Worker processes import this module: it stays
 light.
 """
 
@@ -35,27 +35,41 @@ def write_frame(fd: int, kind: int, job: int = 0, payload: bytes = b"") -> None:
         view = view[written:]
 
 
-def _read_exact(fd: int, size: int) -> bytes | None:
-    chunks = []
-    while size:
-        chunk = os.read(fd, min(size, 1 << 20))
-        if not chunk:
-            return None
-        chunks.append(chunk)
-        size -= len(chunk)
-    return b"".join(chunks)
+class FrameReader:
+    """Blocking reads of frames from a pipe (the worker's side). One read takes whatever
+    has arrived, so that a job's header and payload usually cost one system call."""
 
+    __slots__ = ("_buffer", "_fd")
 
-def read_frame(fd: int) -> tuple[int, int, bytes] | None:
-    """The next frame as (kind, job, payload), or None at end of file."""
-    header = _read_exact(fd, HEADER.size)
-    if header is None:
-        return None
-    size, kind, job = HEADER.unpack(header)
-    payload = _read_exact(fd, size) if size else b""
-    if payload is None:
-        return None
-    return kind, job, payload
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._buffer = bytearray()
+
+    def read(self) -> tuple[int, int, bytes] | None:
+        """The next frame as (kind, job, payload), or None at end of file."""
+        buffer = self._buffer
+        while len(buffer) < HEADER.size:
+            chunk = os.read(self._fd, 1 << 16)
+            if not chunk:
+                return None
+            buffer += chunk
+        size, kind, job = HEADER.unpack_from(buffer)
+        end = HEADER.size + size
+        if len(buffer) >= end:
+            payload = bytes(buffer[HEADER.size : end])
+            del buffer[:end]
+            return kind, job, payload
+        # A large payload: the rest is read in big pieces, straight into one list.
+        chunks = [bytes(buffer[HEADER.size :])]
+        missing = end - len(buffer)
+        buffer.clear()
+        while missing:
+            chunk = os.read(self._fd, min(missing, 1 << 20))
+            if not chunk:
+                return None
+            chunks.append(chunk)
+            missing -= len(chunk)
+        return kind, job, b"".join(chunks)
 
 
 class FrameParser:
@@ -65,6 +79,13 @@ class FrameParser:
 
     def __init__(self) -> None:
         self._buffer = bytearray()
+
+    def wanted(self) -> int:
+        """How many more bytes complete the frame begun (a header's worth if none is)."""
+        buffer = self._buffer
+        if len(buffer) < HEADER.size:
+            return HEADER.size - len(buffer)
+        return HEADER.size + HEADER.unpack_from(buffer)[0] - len(buffer)
 
     def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
         buffer = self._buffer

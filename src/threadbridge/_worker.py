@@ -63,9 +63,10 @@ def _control(fd: int) -> None:
     global _interrupt_for
     # SIGTERM must reach the main thread, where the target runs.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    reader = _wire.FrameReader(fd)
     while True:
         try:
-            frame = _wire.read_frame(fd)
+            frame = reader.read()
         except OSError:
             frame = None
         if frame is None:
@@ -187,8 +188,9 @@ def serve(job_fd: int, control_fd: int, result_fd: int) -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
     _save_signals()
     threading.Thread(target=_control, args=(control_fd,), name="control", daemon=True).start()
+    jobs = _wire.FrameReader(job_fd)
     while True:
-        frame = _wire.read_frame(job_fd)
+        frame = jobs.read()
         if frame is None or frame[0] == _wire.EXIT:
             break
         kind, job_id, payload = frame
