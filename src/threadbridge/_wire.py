@@ -85,7 +85,8 @@ class FrameParser:
         buffer = self._buffer
         if len(buffer) < HEADER.size:
             return HEADER.size - len(buffer)
-        return HEADER.size + HEADER.unpack_from(buffer)[0] - len(buffer)
+        size: int = HEADER.unpack_from(buffer)[0]
+        return HEADER.size + size - len(buffer)
 
     def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
         buffer = self._buffer
