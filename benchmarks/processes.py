@@ -11,9 +11,9 @@ script (``__main__``), and a lambda; and a function of this script that uses an 
 global. Measured for each library that can run them:
 
 * warm no-op call latency on a warm pool, side by side: the libraries that run on a loop
-  are all open in one event loop, and their calls alternate (kinds of target in turn,
-  the libraries in a new random order each time), so that each sees the same machine
-  at the same moments; the median per library and target;
+  are all open in one event loop, and their calls alternate (every library and kind
+  of target in a new random order each turn), so that each sees the same machine at
+  the same moments; the median per library and target;
 * likewise, a call of the script's function that reads the 8 MB global;
 * the first call after a worker was killed by a cancellation (each kind of target);
 * cancel -> await returns: straight to the kill (rung 3), and for threadbridge also rung
@@ -119,7 +119,7 @@ POOLS = {
     "trio-parallel": trio_parallel_pool,
     "pebble.ProcessPool": pebble_pool,
 }
-WARM = {**{f"warm no-op, {kind}": func for kind, func in KINDS.items()}}
+WARM = {f"warm no-op, {kind}": func for kind, func in KINDS.items()}
 WARM["8 MB global, __main__"] = uses_big
 
 
@@ -141,23 +141,24 @@ async def side_by_side(libraries: list[str], n: int) -> dict[tuple[str, str], fl
                     print(f"{name} cannot: {exc!r:.300}", file=sys.stderr)
                     samples[measure, name] = None  # a lambda that plain pickle cannot carry
         # A call pays for what the call before it left running (pebble's threads finish
-        # their work after its future is set): the order is shuffled for every round of
-        # calls, so that each library follows each other one equally often. (Rotating
-        # the order would not do: every library would always follow the same one.)
-        names = list(calls)
+        # their work after its future is set): every call (a library and a kind of
+        # target) takes its turn in a new random order each time, so that each follows
+        # each other one equally often. A fixed or rotating order would not do: some
+        # call would always follow the same one.
         shuffle = random.Random(0).shuffle
         for i in range(n):
-            for measure, func in WARM.items():
-                if measure.startswith("8 MB") and i % 10:
-                    continue  # a tenth as many: each call reads 8 MB
-                shuffle(names)
-                for name in names:
-                    values = samples[measure, name]
-                    if values is None:
-                        continue
-                    t0 = time.perf_counter()
-                    await calls[name](func)
-                    values.append(time.perf_counter() - t0)
+            turn = [
+                (measure, name)
+                for (measure, name), values in samples.items()
+                if values is not None and (i % 10 == 0 or not measure.startswith("8 MB"))
+            ]  # a tenth as many 8 MB calls: each reads 8 MB
+            shuffle(turn)
+            for measure, name in turn:
+                values = samples[measure, name]
+                assert values is not None
+                t0 = time.perf_counter()
+                await calls[name](WARM[measure])
+                values.append(time.perf_counter() - t0)
     return {k: None if v is None else statistics.median(v) for k, v in samples.items()}
 
 
