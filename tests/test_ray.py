@@ -43,10 +43,22 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     cli = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
     temp = tmp_path_factory.mktemp("ray")
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    subprocess.run(
+    started = subprocess.run(
         [cli, "start", "--head", f"--num-cpus={CPUS}", "--include-dashboard=false",
          f"--temp-dir={temp}", "--disable-usage-stats"],
-        check=True, capture_output=True, env=env, timeout=120,
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    if started.returncode != 0:
+        pytest.fail(
+            f"`ray start --head` failed (exit {started.returncode}). Is a Ray cluster already "
+            f"running on this machine? `ray stop --force` stops it.\n{started.stderr[-3000:]}"
+        )
+    # The cluster's processes are not the test run's children: if the run dies without
+    # its teardown (pytest-timeout ends a hung run with os._exit), this watchdog, which
+    # waits for the end of its stdin, stops the cluster all the same.
+    watchdog = subprocess.Popen(
+        [sys.executable, "-c", _WATCHDOG, cli, "stop", "--force"],
+        stdin=subprocess.PIPE, env=env, start_new_session=True,
     )  # fmt: skip
     try:
         ray.init(address="auto", log_to_driver=False)
@@ -54,7 +66,15 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
-        subprocess.run([cli, "stop", "--force"], capture_output=True, env=env, timeout=120)
+        assert watchdog.stdin is not None
+        watchdog.stdin.close()  # the watchdog stops the cluster now
+        watchdog.wait(timeout=150)
+
+
+_WATCHDOG = (
+    "import subprocess, sys; sys.stdin.buffer.read(); "
+    "subprocess.run(sys.argv[1:], capture_output=True, timeout=120)"
+)
 
 
 async def _warm_up() -> None:
@@ -137,6 +157,103 @@ async def test_rung3_kills_the_worker_and_the_targets_children(tmp_path: Path) -
         assert await handle.stop() is tb.Stage.KILLED
     assert gone(worker)  # Ray reported the end once the worker was dead
     await until_gone(child)
+
+
+async def test_rung3_right_after_rung1_still_kills(tmp_path: Path) -> None:
+    """Ray drops a cancel that comes while an earlier one for the same task is still in
+    flight: rung 3 straight after rung 1 (no graces at all) still kills the worker. The
+    end is polled for, so that a rung 3 lost would fail here rather than hang."""
+    path = tmp_path / "log"
+    policy = tb.Policy(grace=0, interrupt=False, interrupt_grace=0)
+    handle = tb.spawn(targets.children_then_spin, str(path), backend="ray", policy=policy)
+    (line,) = await lines_of(path, 1)
+    worker, child = (int(x) for x in line.split())
+    handle.cancel()
+    with anyio.fail_after(20):
+        while not handle.done():
+            await anyio.sleep(0.01)
+    assert handle.stage is tb.Stage.KILLED
+    assert gone(worker)
+    await until_gone(child)
+
+
+RUNG1_WHILE_LOCKED = """
+import signal, threading
+import threadbridge.ray as tr
+from threadbridge._target import TargetState
+from threadbridge._token import _EVENT_LOCK, Token
+
+tr._install_handlers()
+state = TargetState(Token(), threading.Lock())
+tr._current = tr._RemoteJob("control", 1, state)
+with _EVENT_LOCK:  # the task's thread is inside Token.wait() when Ray's SIGINT comes
+    signal.raise_signal(signal.SIGINT)
+assert state.token.wait(20), "rung 1 was lost"
+print("set")
+"""
+
+
+def test_ray_cancel_landing_inside_token_wait_sets_the_token() -> None:
+    """Ray's cancel arrives as SIGINT, whose handler runs in the task's thread between
+    any two bytecodes, perhaps while that thread holds the token's lock inside
+    Token.wait() (a target in sleep()): the handler takes no lock, so rung 1 is neither
+    lost nor a deadlock. (In a subprocess: a deadlock there fails this test.)"""
+    done = subprocess.run(
+        [sys.executable, "-c", RUNG1_WHILE_LOCKED], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "set"
+
+
+SHUTDOWN_AFTER_KILL = """
+import os, sys, threading, time
+import anyio, ray
+import threadbridge as tb
+
+def spin(path):
+    with open(path, "w") as f:
+        f.write("running")
+    while True:
+        pass
+
+async def main(path):
+    policy = tb.Policy(grace=0, interrupt=False, interrupt_grace=0)
+    handle = tb.spawn(spin, path, backend="ray", policy=policy)
+    with anyio.fail_after(60):
+        while not os.path.exists(path):
+            await anyio.sleep(0.01)
+    handle.cancel()
+    with anyio.fail_after(30):  # polled: a rung 3 lost fails here rather than hang
+        while not handle.done():
+            await anyio.sleep(0.01)
+    assert handle.stage is tb.Stage.KILLED
+
+if __name__ == "__main__":
+    ray.init(address=sys.argv[1], log_to_driver=False)
+    anyio.run(main, sys.argv[2], backend=sys.argv[3])
+    ray.shutdown()
+    deadline = time.monotonic() + 30
+    while any(t.name == "threadbridge-ladder" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "the ladder's timers never ran out"
+        time.sleep(0.05)
+    print("survived")
+"""
+
+
+async def test_ray_shutdown_right_after_a_kill_is_safe(
+    tmp_path: Path, anyio_backend_name: str
+) -> None:
+    """A program may call ray.shutdown() as soon as its calls have returned: nothing of
+    threadbridge's uses Ray after that, not even the ladder's timers as they run out (Ray
+    ends the whole process when it is used after ray.shutdown())."""
+    script = tmp_path / "prog.py"
+    script.write_text(SHUTDOWN_AFTER_KILL)
+    address = ray.get_runtime_context().gcs_address
+    args = [sys.executable, str(script), address, str(tmp_path / "mark"), anyio_backend_name]
+    with anyio.fail_after(90):
+        done = await anyio.run_process(args, check=False, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    assert done.stdout.decode().strip().endswith("survived")
 
 
 async def test_a_task_waiting_for_resources_never_starts(tmp_path: Path) -> None:

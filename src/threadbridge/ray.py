@@ -50,6 +50,7 @@ from . import _pickling, _stats
 from ._backend import Backend
 from ._errors import TargetCancelled, WorkerCrashed
 from ._ladder import Ending, Run
+from ._scheduler import SCHEDULER
 from ._target import Outcome, TargetState
 from ._token import Token
 
@@ -63,9 +64,11 @@ __all__ = ["RayBackend"]
 _RUNG2_SIGNAL = signal.SIGUSR2
 _STOP, _INTERRUPT, _GONE = 1, 2, -1
 _WAIT = 5.0  # seconds a watcher's wait on the control actor lasts before it asks again
-# A task's watcher first talks to the control actor after this long (or at once when Ray's
-# own cancel reaches the task): a short task costs no actor call at all. A target that
-# waits in sleep() within this time sees rung 1 at most this late.
+# A task's watcher tells the control actor where the task runs after _PLACE_DELAY, and
+# first waits on it after _QUIET_START (both at once when Ray's own cancel reaches the
+# task): a short task costs no actor call at all. A target that waits in sleep() within
+# _QUIET_START sees rung 1 at most this late.
+_PLACE_DELAY = 0.002
 _QUIET_START = 0.02
 
 
@@ -73,12 +76,14 @@ _QUIET_START = 0.02
 
 
 class _Control:
-    """One per driver: the rung each job has reached, awaited by the jobs' watchers."""
+    """One per driver: the rung each job has reached, awaited by the jobs' watchers, and
+    where each job's task runs, for rung 3."""
 
     def __init__(self) -> None:
         self.levels: dict[int, int] = {}
         self.changed: dict[int, asyncio.Event] = {}
         self.places: dict[int, tuple[int, str]] = {}
+        self.placed: dict[int, asyncio.Event] = {}
 
     def _event(self, job: int) -> asyncio.Event:
         event = self.changed.get(job)
@@ -86,13 +91,8 @@ class _Control:
             event = self.changed[job] = asyncio.Event()
         return event
 
-    async def wait(
-        self, job: int, seen: int, timeout: float, place: tuple[int, str] | None = None
-    ) -> int:
-        """The job's level once it differs from ``seen`` (or after ``timeout``). The first
-        wait of a job says where it runs (pid, node id), for rung 3."""
-        if place is not None:
-            self.places[job] = place
+    async def wait(self, job: int, seen: int, timeout: float) -> int:
+        """The job's level once it differs from ``seen`` (or after ``timeout``)."""
         event = self._event(job)
         if self.levels.get(job, 0) == seen:
             try:
@@ -109,17 +109,38 @@ class _Control:
         event.set()
         self.changed[job] = asyncio.Event()  # later waiters wait for the next change
         if level == _GONE:
-            # Forget it soon: a late rung for an ended job finds it gone, not new.
-            asyncio.get_running_loop().call_later(60, self._forget, job)
+            self._forget_later(job)
+
+    def started(self, job: int, place: tuple[int, str]) -> None:
+        """The job's task has started in this worker process (pid, node id)."""
+        self.places[job] = place
+        event = self.placed.pop(job, None)
+        if event is not None:
+            event.set()
+        if self.levels.get(job) == _GONE:
+            self._forget_later(job)  # word of the start came after word of the end
+
+    async def where(self, job: int, timeout: float) -> tuple[int, str] | None:
+        """The worker process (pid, node id) that runs or ran the job. Word of it is sent
+        as the task starts: it is waited for up to ``timeout``, as it may still be on
+        its way when the driver asks (a task killed as soon as it started)."""
+        if job not in self.places:
+            event = self.placed.setdefault(job, asyncio.Event())
+            try:
+                await asyncio.wait_for(event.wait(), timeout)
+            except asyncio.TimeoutError:
+                self.placed.pop(job, None)
+        return self.places.get(job)
+
+    def _forget_later(self, job: int) -> None:
+        # Soon, not now: a late rung for an ended job finds it gone, not new.
+        asyncio.get_running_loop().call_later(60, self._forget, job)
 
     def _forget(self, job: int) -> None:
         self.levels.pop(job, None)
         self.changed.pop(job, None)
         self.places.pop(job, None)
-
-    def where(self, job: int) -> tuple[int, str] | None:
-        """The worker process (pid, node id) that ran the job, if it started."""
-        return self.places.get(job)
+        self.placed.pop(job, None)
 
 
 _control_lock = threading.Lock()
@@ -184,8 +205,11 @@ def _on_sigint(signum: int, frame: FrameType | None) -> None:
     the SIGINT handler: for a threadbridge target that is rung 1, never an exception."""
     job = _current
     if job is not None:
-        job.state.token._set()
-        job.wake.set()
+        # The handler runs in the task's thread, between any two bytecodes: perhaps
+        # while that thread holds a lock that setting the token (or an Event) takes,
+        # inside Token.wait() or sleep(). So it takes none: SimpleQueue.put() is safe
+        # here, and the relay thread sets the token.
+        _relayed.put(job)
         return
     previous = _previous_sigint
     if callable(previous):
@@ -200,9 +224,21 @@ def _on_rung2(signum: int, frame: FrameType | None) -> None:
         job.state.interrupt_here("interrupted (rung 2, in a Ray task)")
 
 
+_relayed: queue.SimpleQueue[_RemoteJob] = queue.SimpleQueue()
+
+
+def _relay() -> None:
+    """Rung 1 from Ray's own cancel, set outside the signal handler (see _on_sigint)."""
+    while True:
+        job = _relayed.get()
+        job.state.token._set()
+        job.wake.set()  # its watcher starts now, if it has not yet
+
+
 def _install_handlers() -> None:
     global _installed, _previous_sigint
     if not _installed:
+        threading.Thread(target=_relay, name="threadbridge-ray-rung1", daemon=True).start()
         _previous_sigint = signal.getsignal(signal.SIGINT)
         signal.signal(signal.SIGINT, _on_sigint)
         signal.signal(_RUNG2_SIGNAL, _on_rung2)
@@ -238,19 +274,22 @@ def _watch_jobs() -> None:
 
 def _watch(name: str, job: _RemoteJob) -> None:
     """Listen for the job's rungs on the control actor (in the watcher thread)."""
-    job.wake.wait(_QUIET_START)
+    job.wake.wait(_PLACE_DELAY)
     if job.done:
-        return
+        return  # a short task: no actor call at all
     try:
         control = _find_control(name)
+        # Where the task runs, for rung 3 to wait until this process is gone. Sent
+        # early, without waiting for an answer: a task may be killed long before its
+        # watcher would first wait on the actor.
+        control.started.remote(job.id, (os.getpid(), ray.get_runtime_context().get_node_id()))
     except Exception:  # the driver is gone, and its actor
         return
+    job.wake.wait(_QUIET_START - _PLACE_DELAY)
     seen = 0
-    place: tuple[int, str] | None = (os.getpid(), ray.get_runtime_context().get_node_id())
     while not job.done:
         try:
-            level = ray.get(control.wait.remote(job.id, seen, _WAIT, place))
-            place = None
+            level = ray.get(control.wait.remote(job.id, seen, _WAIT))
         except Exception:  # the driver is gone, or the actor: the task will be too
             return
         if level == _GONE or job.done:
@@ -328,6 +367,8 @@ def _process_gone(pid: int) -> bool:
 # --- in the driver --------------------------------------------------------------------------
 
 REAP_TIMEOUT = 5.0  # how long a killed worker may take to be gone before it is logged
+FORCE_REPEAT = 0.1  # rung 3's cancel is repeated this often until Ray reports the end
+PLACE_TIMEOUT = 5.0  # how long rung 3 waits for word of where a task that just started runs
 
 _job_ids = itertools.count(1)
 
@@ -360,6 +401,8 @@ class RayWork:
         self.job_id = next(_job_ids)
         self.ref: Any = None
         self.forced = False
+        self.ended = False  # Ray has reported the task's end
+        self.lock = threading.Lock()
         self.control, self.control_name = _control()
 
     def submit(self, options: Mapping[str, Any], payload: bytes) -> None:
@@ -381,10 +424,7 @@ class RayWork:
         self.control.set.remote(self.job_id, _STOP)
         # A task still waiting for resources never starts; a running one gets its own
         # SIGINT handler called, which sets the token too.
-        try:
-            ray.cancel(self.ref, force=False)
-        except Exception:  # it has just ended, or the cluster is going: nothing to stop
-            logger.debug("ray.cancel for %s failed", self.run.name, exc_info=True)
+        self._cancel(force=False)
 
     def interrupt(self) -> bool:
         self.control.set.remote(self.job_id, _INTERRUPT)
@@ -392,14 +432,33 @@ class RayWork:
 
     def force(self) -> None:
         self.forced = True
-        try:
-            ray.cancel(self.ref, force=True)
-        except Exception:  # it has just ended
+        if not self._cancel(force=True):
             return
         logger.warning(
             "killed the Ray worker running %s (rung 3): it did not stop within its grace periods",
             self.run.name,
         )
+        # Ray drops a cancel that comes while an earlier one for the same task is still in
+        # flight (rung 1's, whose reply is slow on a busy machine), and does not retry it:
+        # rung 3's is repeated until Ray reports the task's end.
+        SCHEDULER.call_later(FORCE_REPEAT, self._force_again)
+
+    def _force_again(self) -> None:
+        if self._cancel(force=True):
+            SCHEDULER.call_later(FORCE_REPEAT, self._force_again)
+
+    def _cancel(self, *, force: bool) -> bool:
+        """ray.cancel() for the task, unless Ray has reported its end. Returns whether
+        it was asked."""
+        with self.lock:  # the end is not reported while this runs (see _ended)
+            if self.ended:
+                return False
+            try:
+                ray.cancel(self.ref, force=force)
+            except Exception:  # it has just ended, or the cluster is going
+                logger.debug("ray.cancel for %s failed", self.run.name, exc_info=True)
+                return False
+        return True
 
     def describe(self) -> str:
         return f"Ray task running {self.run.name}"
@@ -409,7 +468,8 @@ class RayWork:
     def _killed(self) -> None:
         """After rung 3: wait until the worker process is gone, then report KILLED."""
         try:
-            place = ray.get(self.control.where.remote(self.job_id), timeout=REAP_TIMEOUT)
+            ask = self.control.where.remote(self.job_id, PLACE_TIMEOUT)
+            place = ray.get(ask, timeout=PLACE_TIMEOUT + REAP_TIMEOUT)
             if place is not None:
                 pid, node = place
                 if node == ray.get_runtime_context().get_node_id():
@@ -436,13 +496,22 @@ class RayWork:
 
     def _ended(self, future: Future[bytes]) -> None:
         """Ray reports the task ended (in one of Ray's threads)."""
+        with self.lock:  # a cancel under way finishes first
+            self.ended = True
+            # The task's ObjectRef goes now, while Ray runs: the last reference to this
+            # work may be dropped anywhere later (a timer of the ladder's), perhaps after
+            # ray.shutdown(), and an ObjectRef freed then ends the whole process.
+            self.ref = None
         with _tasks.lock:
             _tasks.works.discard(self)
+        # Ends its watcher's wait, if one waits. Before the report, as everything that
+        # uses Ray: once the caller has its answer it may call ray.shutdown(), and Ray
+        # ends the whole process when it is used after that.
         try:
-            self._report(future)
-        finally:
-            # Ends its watcher's wait, if one waits; after the report, off the call's path.
             self.control.set.remote(self.job_id, _GONE)
+        except Exception:  # the cluster is going: so is the watcher
+            logger.debug("could not tell the watcher of %s", self.run.name, exc_info=True)
+        self._report(future)
 
     def _report(self, future: Future[bytes]) -> None:
         _stats.changed()
