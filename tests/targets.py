@@ -110,9 +110,10 @@ def tb_sleeper(path: str) -> None:
 
 
 def blocking_sleeper(path: str) -> None:
-    """Blocks in time.sleep (C); rung 2's SIGTERM interrupts it."""
-    mark(path, "started")
+    """Blocks in time.sleep (C); rung 2's SIGTERM interrupts it. "started" is written
+    inside the try: a rung 2 sent as soon as it shows may land before the sleep."""
     try:
+        mark(path, "started")
         with open(path + ".with", "w") as f:
             f.write("open")
             time.sleep(60)

@@ -9,6 +9,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +18,8 @@ import psutil
 import pytest
 
 import threadbridge as tb
+from threadbridge._backend import Backend, resolve
+from threadbridge._ladder import Run, Work
 
 from . import targets
 from .helpers import wait_for_pool_threads
@@ -225,6 +228,53 @@ def test_frame_parser_says_how_much_completes_a_frame() -> None:
     assert parser.wanted() == len(frame) - 1000
     assert parser.feed(frame[1000:]) == [(_wire.ANSWER, 1, b"a" * 100_000)]
     assert parser.wanted() == _wire.HEADER.size
+
+
+class _InterruptedAfterHandover(Backend):
+    """The process backend, with a KeyboardInterrupt landing right after it has handed
+    the target to a worker (on asyncio one can land between any two bytecodes)."""
+
+    name = "process, then Ctrl-C"
+
+    def __init__(self) -> None:
+        self.inner = resolve("process", "test")
+
+    def prepare(self, func: Callable[..., Any], args: tuple[Any, ...], name: str) -> object:
+        return self.inner.prepare(func, args, name)
+
+    def start(self, run: Run, job: Any) -> Work:
+        self.inner.start(run, job)
+        raise KeyboardInterrupt
+
+    def default_limit(self) -> int:
+        return 2
+
+
+@pytest.mark.anyio
+async def test_keyboard_interrupt_after_the_handover_leaves_the_target_to_the_ladder(
+    tmp_path: Path,
+) -> None:
+    """A KeyboardInterrupt that lands once the target is in a worker's hands leaves it
+    to the ladder: the target is stopped (not left running), its end is reported once,
+    and its limiter token comes back once (the conftest fails a test on a second)."""
+    path = tmp_path / "log"
+    limiter = anyio.CapacityLimiter(1)
+    policy = tb.Policy(grace=0.05, interrupt_grace=10)
+    with pytest.raises(KeyboardInterrupt):
+        await tb.run_killable(
+            targets.blocking_sleeper,
+            str(path),
+            backend=_InterruptedAfterHandover(),
+            limiter=limiter,
+            policy=policy,
+        )
+    with anyio.fail_after(20):
+        while tb.stats().busy_workers:  # the ladder stops it (the target sleeps 60 s)
+            await anyio.sleep(0.01)
+        async with limiter:
+            pass
+    if path.exists():  # it may have been stopped before it started
+        assert path.read_text().split() == ["started", "TargetCancelled", "finally"]
 
 
 def test_worker_frame_reader_takes_frames_as_they_arrive() -> None:

@@ -123,13 +123,21 @@ _LIMITER_METHODS = (
 
 
 def _start(run: Run, backend: Backend, job: object) -> None:
-    """Start the job; the run holds a limiter token, which goes back if starting fails."""
+    """Start the job; the run holds a limiter token, which goes back if starting fails
+    before the backend attached the run's work."""
     try:
         work = backend.start(run, job)
     except BaseException:
-        run.limiter.release_on_behalf_of(run)
+        if run.attached:
+            # Interrupted after the hand-over (on asyncio a KeyboardInterrupt can land
+            # between any two bytecodes): the target may run. The ladder stops it, and
+            # the backend reports its end and gives the token back.
+            run.cancel()
+        else:
+            run.limiter.release_on_behalf_of(run)
         raise
-    run.attach(work)
+    if not run.attached:
+        run.attach(work)  # a backend that leaves attaching to its caller
 
 
 async def run_killable(

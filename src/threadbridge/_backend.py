@@ -42,8 +42,13 @@ class Backend(abc.ABC):
     def start(self, run: Run, job: Any) -> Work:
         """Start the job (in the loop's thread, holding a limiter token); return its Work.
 
-        From here on the backend owns the run's ending: it calls ``run.report()`` exactly
-        once, whatever happens, and ``run.release()`` later if it reported ``release=False``.
+        Call ``run.attach(work)`` before the target can start: from then on the backend
+        owns the run's ending, even if something interrupts ``start()`` (on asyncio a
+        KeyboardInterrupt can land between any two bytecodes; the ladder then stops the
+        target). It calls ``run.report()`` exactly once, whatever happens, and
+        ``run.release()`` later if it reported ``release=False``. If ``start()`` raises
+        before attaching, nothing may have started: the caller gives the token back.
+        (A backend that returns without attaching is attached by its caller.)
         """
 
     @abc.abstractmethod

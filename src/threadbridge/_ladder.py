@@ -123,6 +123,7 @@ class Run:
         "_stage",
         "_timer",
         "_work",
+        "attached",
         "limiter",
         "link",
         "name",
@@ -149,6 +150,7 @@ class Run:
         self._rung = Rung.NONE
         self._outcome: Outcome | None = None
         self._work: Work | None = None
+        self.attached = False  # the backend has handed the target over: it reports the end
         self._timer: Timer | None = None
         self._release_error: BaseException | None = None
         self.settled = False  # loop thread only (see _loop.Waitable)
@@ -213,6 +215,7 @@ class Run:
         """The backend has started the target as ``work`` (or replaced what stood for it);
         a stop requested before this reaches it now."""
         with self._lock:
+            self.attached = True
             if self._stage is not Stage.RUNNING:
                 return
             self._work = work

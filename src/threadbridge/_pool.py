@@ -119,7 +119,9 @@ def _check_platform(what: str) -> None:
 def _start(pool: WorkerPool, run: Run, job: bytes) -> ProcessWork:
     worker = pool.acquire()
     work = ProcessWork(run, worker)
-    worker.run(work, job)
+    worker.take(work)
+    run.attach(work)  # before the job goes: from here the ladder can reach it
+    worker.send(work, job)
     return work
 
 

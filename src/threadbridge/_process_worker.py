@@ -97,11 +97,14 @@ class WorkerProcess:
 
     # --- talking to the worker ---------------------------------------------------------
 
-    def run(self, work: ProcessWork, payload: bytes) -> None:
+    def take(self, work: ProcessWork) -> None:
+        """``work`` is this worker's job now (sent next, by ``send()``)."""
         if not self.has_authkey and "multiprocessing" in sys.modules:
             self._send_settings({})
         with self.lock:
             self.current = work
+
+    def send(self, work: ProcessWork, payload: bytes) -> None:
         if len(payload) <= _INLINE_WRITE:
             self._write_job(work.job_id, payload)
         else:

@@ -411,11 +411,13 @@ class RayWork:
         try:
             task = _task().options(**options)
             self.ref = task.remote(self.control_name, self.job_id, payload)
-            future: Future[bytes] = self.ref.future()
         except BaseException:
             with _tasks.lock:
                 _tasks.works.discard(self)
+            # Nothing was submitted; the run is attached, so its end is ours to report.
+            self.run.report(Ending.NOT_STARTED)
             raise
+        future: Future[bytes] = self.ref.future()
         future.add_done_callback(self._ended)
 
     # --- the rungs ---------------------------------------------------------------------
@@ -661,6 +663,7 @@ class RayBackend(Backend):
     def start(self, run: Run, job: Any) -> RayWork:
         _guard_loop(run)
         work = RayWork(run)
+        run.attach(work)  # before the task is submitted: from here the ladder reaches it
         work.submit(self.options, job)
         return work
 
