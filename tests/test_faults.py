@@ -231,13 +231,13 @@ def test_frame_parser_says_how_much_completes_a_frame() -> None:
 
 
 class _InterruptedAfterHandover(Backend):
-    """The process backend, with a KeyboardInterrupt landing right after it has handed
-    the target to a worker (on asyncio one can land between any two bytecodes)."""
+    """A backend, with a KeyboardInterrupt landing right after it has handed the target
+    over (on asyncio one can land between any two bytecodes)."""
 
-    name = "process, then Ctrl-C"
+    name = "then Ctrl-C"
 
-    def __init__(self) -> None:
-        self.inner = resolve("process", "test")
+    def __init__(self, inner: str) -> None:
+        self.inner = resolve(inner, "test")
 
     def prepare(self, func: Callable[..., Any], args: tuple[Any, ...], name: str) -> object:
         return self.inner.prepare(func, args, name)
@@ -251,30 +251,65 @@ class _InterruptedAfterHandover(Backend):
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("backend", "target", "marks"),
+    [
+        ("thread", "tb_sleeper", ["started", "woke"]),
+        ("process", "blocking_sleeper", ["started", "TargetCancelled", "finally"]),
+    ],
+)
 async def test_keyboard_interrupt_after_the_handover_leaves_the_target_to_the_ladder(
-    tmp_path: Path,
+    tmp_path: Path, backend: str, target: str, marks: list[str]
 ) -> None:
-    """A KeyboardInterrupt that lands once the target is in a worker's hands leaves it
-    to the ladder: the target is stopped (not left running), its end is reported once,
-    and its limiter token comes back once (the conftest fails a test on a second)."""
+    """A KeyboardInterrupt that lands once the target is handed over leaves it to the
+    ladder: the target is stopped (not left running), its end is reported once, and its
+    limiter token comes back once (the conftest fails a test on a second)."""
     path = tmp_path / "log"
     limiter = anyio.CapacityLimiter(1)
     policy = tb.Policy(grace=0.05, interrupt_grace=10)
     with pytest.raises(KeyboardInterrupt):
         await tb.run_killable(
-            targets.blocking_sleeper,
+            getattr(targets, target),
             str(path),
-            backend=_InterruptedAfterHandover(),
+            backend=_InterruptedAfterHandover(backend),
             limiter=limiter,
             policy=policy,
         )
     with anyio.fail_after(20):
-        while tb.stats().busy_workers:  # the ladder stops it (the target sleeps 60 s)
+        # The ladder stops it (the targets sleep 60 s), then the token comes back.
+        while tb.stats().busy_workers or tb.stats().busy_threads:
             await anyio.sleep(0.01)
         async with limiter:
             pass
     if path.exists():  # it may have been stopped before it started
-        assert path.read_text().split() == ["started", "TargetCancelled", "finally"]
+        assert path.read_text().split() == marks
+
+
+@pytest.mark.anyio
+async def test_a_pool_thread_that_cannot_start_is_a_clear_error_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Out of threads: the call raises the error, the run is reported once (never run),
+    its limiter token comes back once, and the next call works."""
+    from threadbridge._thread import ThreadBackend
+
+    backend = ThreadBackend()  # its own pool: no idle thread to reuse
+    limiter = anyio.CapacityLimiter(1)
+    real_start = threading.Thread.start
+
+    def start(thread: threading.Thread) -> None:
+        if thread.name == "threadbridge-worker":
+            raise RuntimeError("can't start new thread")
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        await tb.run_killable(abs, -1, backend=backend, limiter=limiter)
+    monkeypatch.undo()
+    with anyio.fail_after(10):
+        async with limiter:
+            pass
+    assert await tb.run_killable(abs, -2, backend=backend, limiter=limiter) == 2
 
 
 def test_worker_frame_reader_takes_frames_as_they_arrive() -> None:

@@ -130,7 +130,7 @@ class ThreadPool:
 class ThreadWork:
     """One target on one pool thread; the ladder's Work for the thread backend."""
 
-    __slots__ = ("args", "context", "func", "pool", "run_", "state")
+    __slots__ = ("args", "context", "func", "pool", "run_", "state", "taken", "withdrawn")
 
     def __init__(
         self, pool: ThreadPool, run: Run, func: Callable[..., Any], args: tuple[Any, ...]
@@ -148,6 +148,10 @@ class ThreadWork:
             context.run(sniffio.current_async_library_cvar.set, None)
         self.state = TargetState(Token(), threading.Lock())
         self.state.portal = run.link
+        # Under state.lock: a pool thread took it, or start() withdrew it (submitting it
+        # was interrupted): whichever comes first reports its end, the other never does.
+        self.taken = False
+        self.withdrawn = False
 
     # --- the rungs, called by the ladder ---------------------------------------------
 
@@ -179,9 +183,24 @@ class ThreadWork:
 
     # --- in the pool thread ----------------------------------------------------------
 
+    def withdraw(self) -> None:
+        """Submitting it was interrupted (a KeyboardInterrupt, a thread that could not
+        start): unless a pool thread has taken it already, it never runs."""
+        with self.state.lock:
+            if self.taken:
+                return  # that thread reports
+            self.withdrawn = True
+        self.run_.report(Ending.NOT_STARTED)
+
     def run(self) -> bool:
         """Run the target and report how it ended; return whether the thread may be reused."""
         state = self.state
+        with state.lock:
+            withdrawn = self.withdrawn
+            self.taken = not withdrawn
+        if withdrawn:
+            self.pool.finished(self, abandoned=False)
+            return True
         outcome = state.run(self._call)
         run = self.run_
         if state.abandoned:
@@ -225,7 +244,12 @@ class ThreadBackend(Backend):
     def start(self, run: Run, job: Any) -> ThreadWork:
         func, args = job
         work = ThreadWork(self.pool, run, func, args)
-        self.pool.submit(work)
+        run.attach(work)  # before a thread can take it: from here the ladder reaches it
+        try:
+            self.pool.submit(work)
+        except BaseException:
+            work.withdraw()
+            raise
         return work
 
     def default_limit(self) -> int:
