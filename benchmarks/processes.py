@@ -42,7 +42,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -76,7 +76,7 @@ KINDS: dict[str, Callable[[], object]] = {
     "lambda": lambda: None,
 }
 
-Call = Callable[[Callable[..., object]], Awaitable[object]]
+Call = Callable[[Callable[..., object]], Coroutine[Any, Any, object]]
 Results = dict[str, float | None]  # None: the library cannot run it
 
 
@@ -107,7 +107,11 @@ async def pebble_pool() -> AsyncIterator[Call]:
 
     pool = pebble.ProcessPool(max_workers=2)
     try:
-        yield lambda func: asyncio.wrap_future(pool.schedule(func))
+
+        async def call(func: Callable[..., object]) -> object:
+            return await asyncio.wrap_future(pool.schedule(func))
+
+        yield call
     finally:
         pool.stop()
         pool.join()
@@ -201,13 +205,12 @@ async def suite(call: Call, kill: Callable[[], Coroutine[Any, Any, Any]]) -> Res
 
 
 async def threadbridge_suite() -> Results:
-    async def call(func: Callable[..., object]) -> object:
-        return await tb.run_killable(func, backend="process")
+    async with threadbridge_pool() as call:
 
-    async def kill() -> None:
-        await tb.run_killable(targets.sleep_long, backend="process", policy=KILL_NOW)
+        async def kill() -> None:
+            await tb.run_killable(targets.sleep_long, backend="process", policy=KILL_NOW)
 
-    out = await suite(call, kill)
+        out = await suite(call, kill)
     out["cancel, SIGTERM (rung 2)"] = await cancel_time(
         lambda: tb.run_killable(targets.sleep_long, backend="process", policy=SIGTERM_NOW)
     )
@@ -215,27 +218,13 @@ async def threadbridge_suite() -> Results:
 
 
 async def anyio_suite() -> Results:
-    async def call(func: Callable[..., object]) -> object:
-        return await anyio.to_process.run_sync(func, cancellable=True)
-
-    async def kill() -> None:
-        await anyio.to_process.run_sync(targets.sleep_long, cancellable=True)
-
-    return await suite(call, kill)
+    async with anyio_pool() as call:
+        return await suite(call, lambda: call(targets.sleep_long))
 
 
 async def trio_parallel_suite() -> Results:
-    import trio_parallel
-
-    async with trio_parallel.open_worker_context() as ctx:
-
-        async def call(func: Callable[..., object]) -> object:
-            return await ctx.run_sync(func, kill_on_cancel=True)
-
-        async def kill() -> None:
-            await ctx.run_sync(targets.sleep_long, kill_on_cancel=True)
-
-        return await suite(call, kill)
+    async with trio_parallel_pool() as call:
+        return await suite(call, lambda: call(targets.sleep_long))
 
 
 async def pebble_suite() -> Results:

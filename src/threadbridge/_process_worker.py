@@ -207,12 +207,8 @@ class WorkerProcess:
     def _on_readable(self) -> bool:
         if self.fds_closed:
             return False
-        # A small read for small answers: a large buffer is allocated with mmap and
-        # returned with munmap, system calls that cost more than the call itself (and
-        # interrupt the process's other threads). A large answer is read in big pieces.
-        size = min(max(self.parser.wanted(), 1 << 16), 1 << 24)
         try:
-            data = os.read(self.result_fd, size)
+            data = os.read(self.result_fd, self.parser.read_size())
         except BlockingIOError:
             return True
         except OSError:

@@ -35,43 +35,6 @@ def write_frame(fd: int, kind: int, job: int = 0, payload: bytes = b"") -> None:
         view = view[written:]
 
 
-class FrameReader:
-    """Blocking reads of frames from a pipe (the worker's side). One read takes whatever
-    has arrived, so that a job's header and payload usually cost one system call."""
-
-    __slots__ = ("_buffer", "_fd")
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-        self._buffer = bytearray()
-
-    def read(self) -> tuple[int, int, bytes] | None:
-        """The next frame as (kind, job, payload), or None at end of file."""
-        buffer = self._buffer
-        while len(buffer) < HEADER.size:
-            chunk = os.read(self._fd, 1 << 16)
-            if not chunk:
-                return None
-            buffer += chunk
-        size, kind, job = HEADER.unpack_from(buffer)
-        end = HEADER.size + size
-        if len(buffer) >= end:
-            payload = bytes(buffer[HEADER.size : end])
-            del buffer[:end]
-            return kind, job, payload
-        # A large payload: the rest is read in big pieces, straight into one list.
-        chunks = [bytes(buffer[HEADER.size :])]
-        missing = end - len(buffer)
-        buffer.clear()
-        while missing:
-            chunk = os.read(self._fd, min(missing, 1 << 20))
-            if not chunk:
-                return None
-            chunks.append(chunk)
-            missing -= len(chunk)
-        return kind, job, b"".join(chunks)
-
-
 class FrameParser:
     """Splits a non-blocking byte stream into frames."""
 
@@ -88,6 +51,13 @@ class FrameParser:
         size: int = HEADER.unpack_from(buffer)[0]
         return HEADER.size + size - len(buffer)
 
+    def read_size(self) -> int:
+        """How much the next read should ask for: 64 KiB for small frames (a larger
+        buffer is allocated with mmap and freed with munmap, system calls that cost more
+        than a call, and munmap interrupts the process's other threads), or what the
+        frame under way still needs, in pieces of at most 16 MiB."""
+        return min(max(self.wanted(), 1 << 16), 1 << 24)
+
     def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
         buffer = self._buffer
         buffer += data
@@ -100,3 +70,24 @@ class FrameParser:
             frames.append((kind, job, bytes(buffer[HEADER.size : end])))
             del buffer[:end]
         return frames
+
+
+class FrameReader:
+    """Blocking reads of frames from a pipe (the worker's side). One read takes whatever
+    has arrived, so that a job's header and payload usually cost one system call."""
+
+    __slots__ = ("_fd", "_parser", "_ready")
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._parser = FrameParser()
+        self._ready: list[tuple[int, int, bytes]] = []
+
+    def read(self) -> tuple[int, int, bytes] | None:
+        """The next frame as (kind, job, payload), or None at end of file."""
+        while not self._ready:
+            chunk = os.read(self._fd, self._parser.read_size())
+            if not chunk:
+                return None
+            self._ready = self._parser.feed(chunk)
+        return self._ready.pop(0)
