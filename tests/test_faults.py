@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import anyio
+import anyio.lowlevel
 import psutil
 import pytest
 
@@ -509,3 +510,42 @@ async def test_a_tour_of_hostile_targets_leaves_nothing_behind(tmp_path: Path) -
     assert len(children) == stats.idle_workers
     if fds_before:  # each idle worker: three pipes and a pidfd, at most
         assert len(os.listdir("/proc/self/fd")) <= fds_before + 4 * stats.idle_workers
+
+
+@pytest.mark.anyio
+async def test_a_watcher_that_raises_is_reported_and_stops() -> None:
+    """A descriptor watcher that raises (a bug of threadbridge's) is reported as an
+    internal error and stops watching: never called again and again (asyncio), never a
+    crashed run (trio)."""
+    from threadbridge import _ladder
+    from threadbridge._loop import current_link
+
+    link = current_link("test")
+    read_fd, write_fd = os.pipe()
+    calls = []
+    called = anyio.Event()
+
+    def watcher() -> bool:
+        calls.append(1)
+        called.set()
+        raise ValueError("a bug")
+
+    start = len(_ladder.violations)
+    try:
+        assert link.watch_readable(read_fd, watcher, "test watcher")
+        os.write(write_fd, b"x")  # stays readable: a watcher still watching would be called again
+        with anyio.fail_after(10):
+            await called.wait()
+        # The loop goes round a few times; a watcher still registered would run on each.
+        for _ in range(20):
+            await anyio.lowlevel.checkpoint()
+        assert calls == [1]
+        found = _ladder.violations[start:]
+        assert len(found) == 1
+        assert "test watcher raised" in found[0]
+        assert "ValueError: a bug" in found[0]
+    finally:
+        del _ladder.violations[start:]
+        link.unwatch(read_fd)
+        os.close(read_fd)
+        os.close(write_fd)

@@ -727,3 +727,39 @@ async def test_out_of_descriptors_while_starting_a_worker(
         await tb.run_killable(targets.add, 1, 1, backend=P)
     monkeypatch.setattr(os, "pipe", real_pipe)
     assert await tb.run_killable(targets.add, 1, 1, backend=P) == 2
+
+
+async def test_descriptors_numbered_past_select_limit(tmp_path: Path) -> None:
+    """In a service with over a thousand open descriptors, a worker's pipes are numbered
+    past 1024, out of select()'s reach: calls, a worker that exits on its own and a kill
+    at rung 3 all still work."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 1400
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        pytest.skip(f"the hard descriptor limit ({hard}) is below {wanted}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
+    held: list[int] = []
+    try:
+        while len(held) < 1100:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+        async with tb.ProcessPool(1) as pool:
+            assert await tb.run_killable(targets.add, 1, 1, backend=pool) == 2
+            with pytest.raises(tb.WorkerCrashed) as info:
+                await tb.run_killable(targets.exit_with, 3, backend=pool)
+            assert info.value.exitcode == 3
+            path = tmp_path / "pid"
+            policy = tb.Policy(grace=0, interrupt=False)
+            handle = tb.spawn(
+                targets.write_pid_then_sleep, str(path), 60, backend=pool, policy=policy
+            )
+            (worker,) = await lines_of(path, 1)
+            assert int(worker) > 0
+            assert await handle.stop() is tb.Stage.KILLED
+            assert gone(int(worker))
+            assert await tb.run_killable(targets.add, 2, 2, backend=pool) == 4
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

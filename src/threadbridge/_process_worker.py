@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import select
 import signal
 import subprocess
 import sys
@@ -185,7 +186,7 @@ class WorkerProcess:
         if self.fds_closed:
             return False
         # What it wrote before exiting is read first, so that an answer is never lost.
-        while _readable(self.result_fd) and self._on_readable():
+        while _ready(self.result_fd) and self._on_readable():
             pass
         self.finish_soon()
         return False
@@ -263,6 +264,13 @@ class WorkerProcess:
     # --- the end ------------------------------------------------------------------------
 
     def _reap(self, timeout: float | None) -> int | None:
+        # Woken the moment the process exits: a wait with a timeout would otherwise poll
+        # (subprocess sleeps 1, 2, 4... ms between looks), and every cancel that ends in a
+        # kill would wait for the next look. A fork server's worker is not our child: its
+        # server tells when it exits.
+        pidfd = None if isinstance(self.proc, ForkServed) else self.pidfd
+        if timeout is not None and pidfd is not None and not _ready(pidfd, timeout):
+            return None
         try:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -366,10 +374,14 @@ def write_frame(fd: int, kind: int, job: int = 0, payload: bytes = b"") -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def _readable(fd: int) -> bool:
-    import select
-
-    return bool(select.select([fd], [], [], 0)[0])
+def _ready(fd: int, timeout: float = 0.0) -> bool:
+    """Whether reading ``fd`` would not block (data, end of file, or a process descriptor
+    whose process has exited), waiting up to ``timeout`` seconds. poll(), not select():
+    select() cannot take a descriptor numbered 1024 or more, and a busy service's pipes
+    may well be numbered so."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
 
 
 def _close(fd: int) -> None:

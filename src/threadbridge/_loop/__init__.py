@@ -82,6 +82,21 @@ class Link(Protocol):
         ...
 
 
+def keep_watching(on_readable: Callable[[], bool], name: str) -> bool:
+    """Call a watcher; whether to go on watching. A watcher that raises is a bug of
+    threadbridge's: it is reported (and stops watching) rather than raised into the loop,
+    where asyncio would call it again at once, for ever, and trio would crash the run."""
+    try:
+        return on_readable()
+    except Exception:
+        import traceback
+
+        from .._ladder import violation
+
+        violation(f"{name} raised:\n{traceback.format_exc()}")
+        return False
+
+
 class LinkBase:
     """What the Links of both loops share."""
 

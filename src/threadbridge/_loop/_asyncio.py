@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import anyio
 
-from . import LinkBase, Waitable
+from . import LinkBase, Waitable, keep_watching
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -128,7 +128,7 @@ class AsyncioLink(LinkBase):
 
     def watch_readable(self, fd: int, on_readable: Callable[[], bool], name: str) -> bool:
         def ready() -> None:
-            if not on_readable():
+            if not keep_watching(on_readable, name):
                 self.loop.remove_reader(fd)
 
         try:

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 import anyio
 import trio
 
-from . import LinkBase, Waitable
+from . import LinkBase, Waitable, keep_watching
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -92,7 +92,7 @@ class TrioLink(LinkBase):
             try:
                 while True:
                     await trio.lowlevel.wait_readable(fd)
-                    if not on_readable():
+                    if not keep_watching(on_readable, name):
                         return
             except (trio.ClosedResourceError, OSError):
                 return  # unwatched, or the descriptor was closed under us
