@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ import psutil
 import pytest
 
 import threadbridge as tb
+from threadbridge import _spawn
 
 from . import targets
 from .helpers import wait_for_pool_threads
@@ -763,3 +765,78 @@ async def test_descriptors_numbered_past_select_limit(tmp_path: Path) -> None:
         for fd in held:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+SIGCHLD_IGNORED = """
+import json, os, signal, subprocess, sys, time
+import anyio
+import threadbridge as tb
+
+
+def crash():
+    os._exit(3)
+
+
+def child_exit_code():
+    return subprocess.run([sys.executable, "-c", "raise SystemExit(5)"]).returncode
+
+
+def sleep_after_writing(path):
+    with open(path, "w") as f:
+        f.write("started")
+    time.sleep(60)
+
+
+async def main():
+    tb.set_start_method(sys.argv[2])
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    out = {}
+    with anyio.fail_after(60):
+        out["add"] = await tb.run_killable(int.__add__, 1, 2, backend="process")
+        out["child"] = await tb.run_killable(child_exit_code, backend="process")
+        try:
+            await tb.run_killable(crash, backend="process")
+        except tb.WorkerCrashed as exc:
+            out["crash"] = [exc.exitcode, exc.signal, str(exc)]
+        policy = tb.Policy(grace=0, interrupt=False)
+        handle = tb.spawn(sleep_after_writing, sys.argv[3], backend="process", policy=policy)
+        while not os.path.exists(sys.argv[3]):
+            await anyio.sleep(0.01)
+        out["stage"] = (await handle.stop()).value
+        out["after"] = await tb.run_killable(int.__add__, 2, 2, backend="process")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    anyio.run(main, backend=sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("method", _spawn.START_METHODS)
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+def test_parent_that_ignores_sigchld(tmp_path: Path, loop: str, method: str) -> None:
+    """A program that ignores SIGCHLD (so that the system reaps its children, keeping no
+    exit status): calls, a crash, a kill and the next call all work; a crash of a worker
+    of its own says that its exit status is unknown, and why; targets' own children keep
+    their exit codes (workers do not inherit the ignored SIGCHLD)."""
+    script = tmp_path / "ignores_sigchld.py"
+    script.write_text(SIGCHLD_IGNORED)
+    done = subprocess.run(
+        [sys.executable, str(script), loop, method, str(tmp_path / "started")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["add"] == 3
+    assert out["child"] == 5
+    exitcode, signum, message = out["crash"]
+    assert signum is None
+    if method == "forkserver":  # its workers are the server's children: it reads the code
+        assert exitcode == 3
+    else:
+        assert exitcode is None
+        assert "SIGCHLD is ignored" in message
+    assert out["stage"] == "killed"
+    assert out["after"] == 4

@@ -20,6 +20,7 @@ import anyio
 from . import _jobs, _pickling, _spawn, _wire, _worker
 from ._backend import Backend
 from ._errors import WorkerCrashed
+from ._forkserver import ForkServed
 from ._ladder import Ending, Run
 from ._loop import current_link
 from ._process import WorkerPool, pool_for
@@ -83,6 +84,14 @@ class ProcessWork:
         worker = f"the worker process (pid {self.worker.pid}) running {self.run.name}"
         if returncode is None:
             error = WorkerCrashed(f"{worker} died without answering", pid=self.worker.pid)
+        elif returncode == 0 and _exit_status_discarded(self.worker):
+            error = WorkerCrashed(
+                f"{worker} exited without answering; how it ended is unknown: SIGCHLD is "
+                "ignored in this process, so the system discards its children's exit "
+                "statuses (restore it with signal.signal(signal.SIGCHLD, signal.SIG_DFL) "
+                "to learn the exit code or signal)",
+                pid=self.worker.pid,
+            )
         elif returncode < 0:
             signum = -returncode
             try:
@@ -99,6 +108,14 @@ class ProcessWork:
                 pid=self.worker.pid,
             )
         self.run.report(Ending.ENDED, (False, error), interrupted=self.interrupt_sent)
+
+
+def _exit_status_discarded(worker: WorkerProcess) -> bool:
+    """Whether the system reaps this worker itself, keeping no exit status: a child of a
+    process that ignores SIGCHLD (a fork server's workers are its children, not ours)."""
+    if isinstance(worker.proc, ForkServed):
+        return False
+    return signal.getsignal(signal.SIGCHLD) == signal.SIG_IGN
 
 
 def _check_platform(what: str) -> None:

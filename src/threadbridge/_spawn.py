@@ -73,7 +73,13 @@ class Forked:
                 if self.returncode is not None:
                     return self.returncode
                 flags = 0 if deadline is None else os.WNOHANG
-                pid, status = os.waitpid(self.pid, flags)
+                try:
+                    pid, status = os.waitpid(self.pid, flags)
+                except ChildProcessError:
+                    # Reaped by someone else, or by the system itself (SIGCHLD ignored):
+                    # it is gone, and how it ended is lost. Popen says 0 then; so do we.
+                    self.returncode = 0
+                    return 0
                 if pid:
                     self.returncode = os.waitstatus_to_exitcode(status)
                     return self.returncode

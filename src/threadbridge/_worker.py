@@ -182,6 +182,10 @@ def serve(job_fd: int, control_fd: int, result_fd: int) -> None:
         # with close_fds=False, gets none of them.
         os.set_inheritable(fd, False)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    # A parent that ignores SIGCHLD passes that on, even through exec; the system would
+    # then discard the exit status of every process a target starts (subprocess would
+    # report 0 for each).
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     # The control thread needs the GIL to set a token while a pure-Python target holds
     # it; the default 5 ms switch interval would add up to 5 ms to every rung 1.
     sys.setswitchinterval(0.0005)
