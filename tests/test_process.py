@@ -840,3 +840,25 @@ def test_parent_that_ignores_sigchld(tmp_path: Path, loop: str, method: str) -> 
         assert "SIGCHLD is ignored" in message
     assert out["stage"] == "killed"
     assert out["after"] == 4
+
+
+async def test_targets_follow_the_parents_directory_and_import_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker started before the parent changed directory or added to sys.path runs its
+    next target with the parent's new ones, as a thread would: a module the parent
+    imported from the new path is found, and relative paths mean the same thing."""
+    async with tb.ProcessPool(1) as pool:
+        assert await tb.run_killable(os.getcwd, backend=pool) == os.getcwd()
+        folder = tmp_path / "added"
+        folder.mkdir()
+        name = f"added_later_{os.getpid()}_{id(pool)}"
+        (folder / f"{name}.py").write_text("import os\n\ndef where():\n    return os.getcwd()\n")
+        monkeypatch.syspath_prepend(str(folder))
+        monkeypatch.chdir(tmp_path)
+        module = __import__(name)
+        try:
+            assert await tb.run_killable(module.where, backend=pool) == str(tmp_path)
+            assert await tb.run_killable(os.path.exists, "added", backend=pool)
+        finally:
+            sys.modules.pop(name, None)

@@ -80,6 +80,9 @@ class WorkerProcess:
         os.set_blocking(self.result_fd, False)
         self.has_authkey = False
         settings = worker_settings(warm=standby)
+        # The parent's import path and directory as this worker last heard them.
+        self.sys_path: object = settings["sys_path"]
+        self.cwd: object = settings.get("cwd")
         if pool.initializer is not None:
             settings["initializer"] = pool.initializer
         self._send_settings(settings)
@@ -100,10 +103,23 @@ class WorkerProcess:
 
     def take(self, work: ProcessWork) -> None:
         """``work`` is this worker's job now (sent next, by ``send()``)."""
-        if not self.has_authkey and "multiprocessing" in sys.modules:
-            self._send_settings({})
+        changed = self._changed_settings()
+        if changed or (not self.has_authkey and "multiprocessing" in sys.modules):
+            self._send_settings(changed)
         with self.lock:
             self.current = work
+
+    def _changed_settings(self) -> dict[str, object]:
+        """The parent's import path and working directory, where they have changed since
+        this worker last heard: a target runs with the parent's, as it would in a thread,
+        whether its worker started before or after the change."""
+        changed: dict[str, object] = {}
+        if sys.path != self.sys_path:
+            changed["sys_path"] = self.sys_path = list(sys.path)
+        cwd = _cwd()
+        if cwd is not None and cwd != self.cwd:
+            changed["cwd"] = self.cwd = cwd
+        return changed
 
     def send(self, work: ProcessWork, payload: bytes) -> None:
         if len(payload) <= _INLINE_WRITE:
@@ -352,6 +368,9 @@ def worker_settings(*, warm: bool) -> dict[str, object]:
         "argv": list(sys.argv),
         "main": _jobs.main_source(),
     }
+    cwd = _cwd()
+    if cwd is not None:
+        settings["cwd"] = cwd
     if warm:
         settings["warm"] = ["tblib", "threadbridge._jobs", *_jobs.modules_used]
     return settings
@@ -372,6 +391,13 @@ def write_frame(fd: int, kind: int, job: int = 0, payload: bytes = b"") -> None:
         raise
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _cwd() -> str | None:
+    try:
+        return os.getcwd()
+    except OSError:  # the directory was removed: there is nothing to follow
+        return None
 
 
 def _ready(fd: int, timeout: float = 0.0) -> bool:

@@ -238,6 +238,11 @@ def _apply(settings: dict[str, Any]) -> bool:
         sys.path[:] = settings["sys_path"]
     if "argv" in settings:
         sys.argv[:] = settings["argv"]
+    if "cwd" in settings:
+        try:
+            os.chdir(settings["cwd"])
+        except OSError:
+            pass  # gone meanwhile, or out of this process's reach: the target runs where it is
     if "authkey" in settings:
         from multiprocessing import process
 
