@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 
@@ -11,3 +12,25 @@ def noop() -> None:
 
 def sleep_long() -> None:
     time.sleep(60)
+
+
+def sleep_long_telling(path: str) -> None:
+    """Sleep, having written this worker's pid to ``path``."""
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(60)
+
+
+def running(pid: int) -> bool:
+    """Whether the process still runs (a zombie has stopped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc (macOS)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True

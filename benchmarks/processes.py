@@ -17,9 +17,12 @@ global. Measured for each library that can run them:
 * likewise, a call of the script's function that reads the 8 MB global;
 * the first call after a worker was killed by a cancellation (each kind of target);
 * cancel -> await returns: straight to the kill (rung 3), and for threadbridge also rung
-  2 (SIGTERM interrupting a sleeping target), with the worker reaped when it returns;
+  2 (SIGTERM interrupting a sleeping target), with the worker reaped when it returns
+  (pebble's future is cancelled before its worker is stopped: for pebble, the time
+  until the worker has stopped);
 * the first call of a fresh script (a new interpreter running a small script whose
-  target is its own function; the call's own time, the script's imports excluded).
+  target is its own function), timed from the library's import to the first result:
+  threadbridge imports its parts at the first call, the peers at their import.
 
 Measure an installed (compiled) threadbridge: from a checkout where PYTHONDONTWRITEBYTECODE
 is set, run `python -m compileall src` first, or every worker compiles it anew.
@@ -236,14 +239,20 @@ async def pebble_suite() -> Results:
         async def call(func: Callable[..., object]) -> object:
             return await asyncio.wrap_future(pool.schedule(func))
 
+        told = Path(__import__("tempfile").mkdtemp()) / "pid"
+
         async def kill() -> None:
-            future = pool.schedule(targets.sleep_long)
+            told.unlink(missing_ok=True)
+            future = pool.schedule(targets.sleep_long_telling, args=(str(told),))
             try:
                 await asyncio.shield(asyncio.wrap_future(future))
             except BaseException:
-                future.cancel()  # pebble terminates the worker
-                while future.running():  # wait until pebble has dealt with it
-                    await asyncio.sleep(0.001)
+                # Cancelling the future only marks it; pebble's manager thread stops the
+                # worker later. Like the others, this returns once the worker has stopped.
+                future.cancel()
+                pid = int(told.read_text())  # written well before the cancel
+                while targets.running(pid):
+                    await asyncio.sleep(0.0002)
                 raise
 
         return await suite(call, kill)
@@ -263,14 +272,15 @@ FRESH = {
 
 FRESH_SCRIPT = """
 import asyncio, sys, time
-import anyio, anyio.to_process
+import anyio
+
+t0 = time.perf_counter()  # from the library's import: threadbridge's waits for the call
 {imports}
 
 def noop():
     return None
 
 async def main():
-    t0 = time.perf_counter()
     {call}
     print(time.perf_counter() - t0)
 
@@ -282,7 +292,7 @@ if __name__ == "__main__":
 
 
 def fresh_script(library: str, loop: str, folder: Path) -> float | None:
-    imports, setup, teardown = "", "", ""
+    imports, setup, teardown = "import anyio.to_process", "", ""
     if library == "threadbridge":
         imports = "import threadbridge as tb"
     elif library == "trio-parallel":

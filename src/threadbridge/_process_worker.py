@@ -97,7 +97,10 @@ class WorkerProcess:
 
             settings["authkey"] = bytes(process.current_process().authkey)
             self.has_authkey = True
-        write_frame(self.job_fd, _wire.INIT, 0, pickle.dumps(settings))
+        try:
+            write_frame(self.job_fd, _wire.INIT, 0, pickle.dumps(settings))
+        except OSError:
+            pass  # the worker has died; end of file on its answers reports it
 
     # --- talking to the worker ---------------------------------------------------------
 
