@@ -862,3 +862,41 @@ async def test_targets_follow_the_parents_directory_and_import_path(
             assert await tb.run_killable(os.path.exists, "added", backend=pool)
         finally:
             sys.modules.pop(name, None)
+
+
+FLAGS_SCRIPT = """
+import json, sys
+import anyio
+import threadbridge as tb
+
+
+def flags():
+    return [sys.flags.optimize, list(sys.warnoptions), sys.flags.ignore_environment]
+
+
+async def main():
+    tb.set_start_method(sys.argv[2])
+    async with tb.ProcessPool(1) as pool:
+        worker = await tb.run_killable(flags, backend=pool)
+    print(json.dumps({"parent": flags(), "worker": worker}))
+
+
+if __name__ == "__main__":
+    anyio.run(main, backend=sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("method", _spawn.START_METHODS)
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+def test_workers_take_the_interpreters_flags(tmp_path: Path, loop: str, method: str) -> None:
+    """A program run with -O, -W or -E has workers run with them too, as multiprocessing's
+    children do: asserts are off there as well, and warnings filtered the same way."""
+    script = tmp_path / "flags.py"
+    script.write_text(FLAGS_SCRIPT)
+    command = [sys.executable, "-O", "-W", "error::UserWarning", str(script), loop, method]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["parent"][0] == 1
+    assert "error::UserWarning" in out["parent"][1]
+    assert out["worker"] == out["parent"]

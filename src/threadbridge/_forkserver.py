@@ -90,10 +90,12 @@ class ForkServer:
     """A fork server, seen from the pool that owns it."""
 
     def __init__(self, settings: dict[str, Any]) -> None:
+        from ._spawn import python_command
+
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", _BOOT, str(theirs.fileno())],
+                python_command(_BOOT, str(theirs.fileno())),
                 pass_fds=(theirs.fileno(),),
                 start_new_session=True,  # Ctrl-C and the parent's group signals pass it by
                 stdin=subprocess.DEVNULL,

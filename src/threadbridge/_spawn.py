@@ -18,6 +18,15 @@ _start_method = "spawn"
 _BOOT = "from threadbridge._worker import main; main()"
 
 
+def python_command(code: str, *args: str) -> list[str]:
+    """The command line of a new interpreter that runs ``code``: this interpreter, with the
+    flags it was started with (``-O``, ``-W ...``, ``-X ...``, ``-E``...), as
+    multiprocessing gives its children, so that workers run targets the way the parent
+    would."""
+    flags: list[str] = getattr(subprocess, "_args_from_interpreter_flags", list)()
+    return [sys.executable, *flags, "-c", code, *args]
+
+
 def current_method() -> str:
     return _start_method
 
@@ -101,7 +110,7 @@ def start_worker(
             _worker.after_fork(job_r, control_r, result_w)
         return Forked(pid)
     return subprocess.Popen(
-        [sys.executable, "-c", _BOOT, str(job_r), str(control_r), str(result_w)],
+        python_command(_BOOT, str(job_r), str(control_r), str(result_w)),
         pass_fds=(job_r, control_r, result_w),
         start_new_session=True,  # leads its own process group
         stdin=subprocess.DEVNULL,
