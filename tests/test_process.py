@@ -842,14 +842,24 @@ def test_parent_that_ignores_sigchld(tmp_path: Path, loop: str, method: str) -> 
     assert out["after"] == 4
 
 
-async def test_targets_follow_the_parents_directory_and_import_path(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("method", _spawn.START_METHODS)
+async def test_targets_follow_the_parents_directory_path_and_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
 ) -> None:
-    """A worker started before the parent changed directory or added to sys.path runs its
-    next target with the parent's new ones, as a thread would: a module the parent
-    imported from the new path is found, and relative paths mean the same thing."""
-    async with tb.ProcessPool(1) as pool:
+    """A worker started before the parent changed directory, added to sys.path or changed
+    its environment runs its next target with the parent's new ones, as a thread would: a
+    module the parent imported from the new path is found, relative paths mean the same
+    thing, and os.environ says what the parent's says."""
+    monkeypatch.setenv("THREADBRIDGE_TEST_GONE", "set before the worker started")
+    async with tb.ProcessPool(1, start_method=method) as pool:
         assert await tb.run_killable(os.getcwd, backend=pool) == os.getcwd()
+        assert await tb.run_killable(os.getenv, "THREADBRIDGE_TEST_GONE", backend=pool)
+        monkeypatch.setenv("THREADBRIDGE_TEST_NEW", "set later")
+        monkeypatch.delenv("THREADBRIDGE_TEST_GONE")
+        assert await tb.run_killable(os.getenv, "THREADBRIDGE_TEST_NEW", backend=pool) == (
+            "set later"
+        )
+        assert await tb.run_killable(os.getenv, "THREADBRIDGE_TEST_GONE", backend=pool) is None
         folder = tmp_path / "added"
         folder.mkdir()
         name = f"added_later_{os.getpid()}_{id(pool)}"

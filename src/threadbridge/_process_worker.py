@@ -80,9 +80,13 @@ class WorkerProcess:
         os.set_blocking(self.result_fd, False)
         self.has_authkey = False
         settings = worker_settings(warm=standby)
-        # The parent's import path and directory as this worker last heard them.
+        # The parent's import path, directory and environment as this worker last heard
+        # them. It inherited the environment as it started, unless a fork server (which
+        # has the parent's of when it started) made it: that one hears with its first job.
         self.sys_path: object = settings["sys_path"]
         self.cwd: object = settings.get("cwd")
+        forked_by_server = isinstance(self.proc, ForkServed)
+        self.environ = None if forked_by_server else _environ_snapshot()
         if pool.initializer is not None:
             settings["initializer"] = pool.initializer
         self._send_settings(settings)
@@ -122,6 +126,10 @@ class WorkerProcess:
         cwd = _cwd()
         if cwd is not None and cwd != self.cwd:
             changed["cwd"] = self.cwd = cwd
+        raw = getattr(os.environ, "_data", None)  # compared raw: 0.2 µs, not 20
+        if raw is not None and raw != self.environ:
+            changed["environ"] = dict(os.environ)
+            self.environ = _environ_snapshot()
         return changed
 
     def send(self, work: ProcessWork, payload: bytes) -> None:
@@ -394,6 +402,11 @@ def write_frame(fd: int, kind: int, job: int = 0, payload: bytes = b"") -> None:
         raise
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _environ_snapshot() -> object:
+    raw = getattr(os.environ, "_data", None)
+    return None if raw is None else dict(raw)
 
 
 def _cwd() -> str | None:

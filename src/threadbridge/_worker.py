@@ -238,6 +238,11 @@ def _apply(settings: dict[str, Any]) -> bool:
         sys.path[:] = settings["sys_path"]
     if "argv" in settings:
         sys.argv[:] = settings["argv"]
+    if "environ" in settings:
+        environ = settings["environ"]
+        for name in [name for name in os.environ if name not in environ]:
+            del os.environ[name]
+        os.environ.update(environ)
     if "cwd" in settings:
         try:
             os.chdir(settings["cwd"])
