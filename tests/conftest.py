@@ -2,11 +2,14 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from threadbridge import _ladder, _stats
+
+from .helpers import join_soon_started
 
 pytest_plugins = ["anyio", "pytester"]
 
@@ -69,9 +72,10 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     assert _ladder.violations[violations:] == [], "threadbridge broke its internal contract"
     _stats.wait_quiet(timeout=10)  # the plugin reports what is still running
     strays = [t for t in threading.enumerate() if t not in before_threads and not _pooled(t)]
+    deadline = time.monotonic() + 5
     for thread in strays:
-        thread.join(timeout=5)
-    alive = [t.name for t in strays if t.is_alive()]
+        join_soon_started(thread, max(0.0, deadline - time.monotonic()))
+    alive = [t.name for t in strays if t.is_alive() or t.ident is None]
     assert not alive, f"threads left running by the test: {alive}"
     after_fds = _fd_count(sockets)
     assert after_fds <= before_fds, f"file descriptors leaked: {before_fds} -> {after_fds}"

@@ -152,13 +152,18 @@ def traced_call_returns() -> bool:
     return done.wait(10)
 
 
-def join_soon_started(thread: threading.Thread) -> None:
-    """Join a thread that threading.enumerate() may list a moment before it has started."""
+def join_soon_started(thread: threading.Thread, timeout: float = 30) -> None:
+    """Join a thread, for at most ``timeout`` seconds. threading.enumerate() lists a
+    thread from the moment start() is called, a moment before join() accepts it ("cannot
+    join thread before it is started"): such a thread is waited for, not failed on."""
+    deadline = time.monotonic() + timeout
     while True:
         try:
-            thread.join(30)
+            thread.join(max(0.0, deadline - time.monotonic()))
             return
         except RuntimeError:  # listed, but not started yet: it will be in a moment
+            if time.monotonic() >= deadline:
+                return
             time.sleep(0.001)
 
 

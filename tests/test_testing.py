@@ -10,7 +10,7 @@ import pytest
 import threadbridge as tb
 from threadbridge import testing
 
-from .helpers import RungWatcher, Signal, block_in_c, spin_forever
+from .helpers import RungWatcher, Signal, block_in_c, join_soon_started, spin_forever
 
 pytestmark = pytest.mark.anyio
 
@@ -182,3 +182,19 @@ def test_plugin_baseline_is_taken_after_fixtures(pytester: pytest.Pytester) -> N
     result.stdout.fnmatch_lines(["*LeakError*", "*child process*"])
     result.assert_outcomes(passed=4, errors=1)
     assert "test_leaves_its_own_child" in result.stdout.str().split("short test summary")[-1]
+
+
+def test_the_suites_leak_check_waits_for_a_thread_listed_before_it_started() -> None:
+    """threading.enumerate() lists a thread from the moment another thread calls start(),
+    a moment before join() accepts it; the suite's leak check joined such a thread and
+    failed a test with "cannot join thread before it is started". Its join waits."""
+    for _ in range(300):
+        thread = threading.Thread(target=lambda: None)
+        starter = threading.Thread(target=thread.start)
+        starter.start()
+        while thread not in threading.enumerate() and starter.is_alive():
+            pass  # catch it as early as enumerate() shows it
+        join_soon_started(thread, 10)
+        assert not thread.is_alive()
+        assert thread.ident is not None
+        starter.join()
