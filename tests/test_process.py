@@ -910,3 +910,52 @@ def test_workers_take_the_interpreters_flags(tmp_path: Path, loop: str, method: 
     assert out["parent"][0] == 1
     assert "error::UserWarning" in out["parent"][1]
     assert out["worker"] == out["parent"]
+
+
+MASKED_SCRIPT = """
+import json, os, signal, sys, time
+import anyio
+import threadbridge as tb
+
+
+def sleep_after_writing(path):
+    with open(path, "w") as f:
+        f.write("started")
+    time.sleep(60)
+
+
+async def main():
+    tb.set_start_method(sys.argv[2])
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGCHLD})
+    policy = tb.Policy(grace=0, interrupt_grace=30)
+    out = []
+    with anyio.fail_after(60):
+        for round in range(2):  # a fresh worker, then the standby started beside it
+            path = f"{sys.argv[3]}-{round}"
+            handle = tb.spawn(sleep_after_writing, path, backend="process", policy=policy)
+            while not os.path.exists(path):
+                await anyio.sleep(0.01)
+            stage = await handle.stop()
+            out.append([stage.value, tb.stats().unreaped_workers])
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    anyio.run(main, backend=sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("method", _spawn.START_METHODS)
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+def test_parent_that_blocks_signals(tmp_path: Path, loop: str, method: str) -> None:
+    """A program that blocks SIGTERM and SIGCHLD in its threads (a service that takes its
+    signals with sigwait) passes its mask on to what it starts, even through exec. Rung 2
+    still lands in its workers (they unblock SIGTERM), and a fork server still hears of its
+    workers' exits (it unblocks SIGCHLD): no stop waits out a reaping bound."""
+    script = tmp_path / "blocks_signals.py"
+    script.write_text(MASKED_SCRIPT)
+    command = [sys.executable, str(script), loop, method, str(tmp_path / "started")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [["interrupted", 0], ["interrupted", 0]]
+    assert "did not end within" not in done.stderr

@@ -197,6 +197,9 @@ def serve() -> None:
     os.set_blocking(wake_r, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    # A parent that blocks SIGCHLD passes its mask on, even through exec: the server would
+    # never hear of its workers' exits (each reap would wait out its bound).
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
     children: set[int] = set()
     reported: set[int] = set()
     fds: list[int] = []

@@ -184,8 +184,10 @@ def serve(job_fd: int, control_fd: int, result_fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     # A parent that ignores SIGCHLD passes that on, even through exec; the system would
     # then discard the exit status of every process a target starts (subprocess would
-    # report 0 for each).
+    # report 0 for each). Its blocked signals pass on too: SIGTERM blocked here would
+    # leave rung 2 undelivered, and every stop would go on to rung 3.
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGCHLD})
     # The control thread needs the GIL to set a token while a pure-Python target holds
     # it; the default 5 ms switch interval would add up to 5 ms to every rung 1.
     sys.setswitchinterval(0.0005)
