@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import math
 import subprocess
 import sys
@@ -300,3 +301,84 @@ def test_ray_backend_without_ray_names_the_extra(loop: str) -> None:
     assert done.stdout.strip() == (
         'threadbridge.ray needs Ray: install it with pip install "threadbridge[ray]"'
     )
+
+
+WITHOUT_POSIX_SIGNALS = """
+import json, sys, time
+
+# What Windows' signal, os and select modules lack, taken away once the event loops (which
+# need them on Linux) are loaded: threadbridge must import whole, run threads, and refuse
+# its process and Ray backends clearly.
+import asyncio, anyio, trio, subprocess, socket, selectors
+import anyio._backends._asyncio, anyio._backends._trio
+import _signal, os, select, signal
+
+for name in ["SIGPIPE", "SIGCHLD", "SIGKILL", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2",
+             "SIGALRM", "pthread_sigmask", "pthread_kill", "sigwait", "sigtimedwait",
+             "siginterrupt", "setitimer", "alarm"]:
+    for module in (signal, _signal):
+        if hasattr(module, name):
+            delattr(module, name)
+for name in ["fork", "killpg", "getpgrp", "setsid", "pidfd_open", "register_at_fork", "waitid"]:
+    if hasattr(os, name):
+        delattr(os, name)
+if hasattr(select, "poll"):
+    delattr(select, "poll")
+
+import threadbridge as tb
+from threadbridge import *  # every public name loads
+import threadbridge.testing
+
+
+import threading
+
+started = threading.Event()
+
+
+def spin():
+    started.set()
+    while True:
+        pass
+
+
+async def main():
+    out = {}
+    policy = tb.Policy(grace=0.05, interrupt_grace=30)
+    handle = tb.spawn(spin, policy=policy)
+    while not started.is_set():
+        await anyio.sleep(0.01)
+    out["thread"] = (await handle.stop()).value
+    for backend in ("process", "ray"):
+        try:
+            await tb.run_killable(time.sleep, 0, backend=backend)
+        except NotImplementedError as exc:
+            out[backend] = str(exc)
+    try:
+        async with tb.ProcessPool(1):
+            pass
+    except NotImplementedError as exc:
+        out["ProcessPool"] = str(exc)
+    threadbridge.testing.check_leaks()
+    print(json.dumps(out))
+
+
+anyio.run(main, backend=sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+def test_a_platform_without_posix_signals(tmp_path: Path, loop: str) -> None:
+    """Where the signal module has no SIGPIPE, SIGKILL or pthread_sigmask and os has no
+    fork or killpg (Windows), threadbridge imports whole, the thread backend climbs its
+    ladder, and the process and Ray backends refuse with a clear error."""
+    script = tmp_path / "without_posix_signals.py"
+    script.write_text(WITHOUT_POSIX_SIGNALS)
+    done = subprocess.run(
+        [sys.executable, str(script), loop], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["thread"] == "interrupted"
+    assert 'use backend="thread" there' in out["process"]
+    assert 'use backend="thread" there' in out["ProcessPool"]
+    assert "run the driver and the cluster on Linux or macOS" in out["ray"]

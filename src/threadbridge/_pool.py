@@ -119,10 +119,10 @@ def _exit_status_discarded(worker: WorkerProcess) -> bool:
 
 
 def _check_platform(what: str) -> None:
-    if sys.platform == "win32":
+    if sys.platform == "win32" or not hasattr(os, "killpg"):
         raise NotImplementedError(
             f'{what}: backend="process" needs process groups and POSIX signals, which '
-            'Windows lacks; use backend="thread" there'
+            'this platform lacks (Windows has neither); use backend="thread" there'
         )
     if _worker.importing_main:
         raise RuntimeError(

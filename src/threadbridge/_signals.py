@@ -16,5 +16,13 @@ try:
 except ImportError:  # pragma: no cover - not CPython: the wrappers do the same, slower
     _c = signal
 
+
+def _no_sigmask(how: int, mask: Iterable[int]) -> set[int]:
+    raise NotImplementedError("signal masks are POSIX only")
+
+
 getsignal: Callable[[int], Any] = _c.getsignal
-pthread_sigmask: Callable[[int, Iterable[int]], set[int]] = _c.pthread_sigmask
+# Absent on Windows, where nothing that needs it runs: importing this module stays safe.
+pthread_sigmask: Callable[[int, Iterable[int]], set[int]] = getattr(
+    _c, "pthread_sigmask", _no_sigmask
+)

@@ -214,7 +214,11 @@ def serve(job_fd: int, control_fd: int, result_fd: int) -> None:
 # SIGTERM or installs a handler must not disable rung 2 (or the worker's own SIGINT and
 # SIGPIPE settings) for the jobs after it. Only the signals the worker relies on are
 # checked, and read through _signals: this runs on every job's path.
-_OWN_SIGNALS = (int(signal.SIGTERM), int(signal.SIGINT), int(signal.SIGPIPE))
+_OWN_SIGNALS = tuple(
+    int(getattr(signal, name))
+    for name in ("SIGTERM", "SIGINT", "SIGPIPE")
+    if hasattr(signal, name)  # no SIGPIPE on Windows, where this module is only imported
+)
 _base_mask: set[int] = set()
 _base_handlers: dict[int, Any] = {}
 

@@ -61,7 +61,8 @@ __all__ = ["RayBackend"]
 # The signal that carries rung 2 to the task's thread. Ray leaves it alone; its default
 # action would end the worker, so the handler, once installed, stays (it does nothing
 # when no threadbridge target runs).
-_RUNG2_SIGNAL = signal.SIGUSR2
+# Windows has none; check_platform() refuses it before anything would use it.
+_RUNG2_SIGNAL: int = getattr(signal, "SIGUSR2", 0)
 _STOP, _INTERRUPT, _GONE = 1, 2, -1
 _WAIT = 5.0  # seconds a watcher's wait on the control actor lasts before it asks again
 # A task's watcher tells the control actor where the task runs after _PLACE_DELAY, and
@@ -637,10 +638,11 @@ class RayBackend(Backend):
         return hash(("RayBackend", self.num_cpus, repr(sorted(self.options.items()))))
 
     def check_platform(self, what: str) -> None:
-        if sys.platform == "win32":
+        if sys.platform == "win32" or not hasattr(signal, "pthread_kill"):
             raise NotImplementedError(
-                f'{what}: backend="ray" delivers rung 2 with POSIX signals, which Windows '
-                "lacks; run the driver and the cluster on Linux or macOS"
+                f'{what}: backend="ray" delivers rung 2 with POSIX signals, which this '
+                "platform lacks (Windows has none); run the driver and the cluster on "
+                "Linux or macOS"
             )
         _ensure_ray()
 
