@@ -549,3 +549,35 @@ async def test_a_watcher_that_raises_is_reported_and_stops() -> None:
         link.unwatch(read_fd)
         os.close(read_fd)
         os.close(write_fd)
+
+
+def test_a_forked_worker_lists_its_descriptors_without_proc(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where there is no /proc (macOS), a forked worker lists its open descriptors from
+    /dev/fd, which names the same ones (it tried every number up to the limit, which may
+    be "unlimited")."""
+    from threadbridge import _worker
+
+    with_proc = set(_worker._open_fds())
+    real_listdir = os.listdir
+
+    def listdir(path: str) -> list[str]:
+        if path.startswith("/proc"):
+            raise FileNotFoundError(path)
+        return real_listdir(path)
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    without_proc = set(_worker._open_fds())
+    # Each listing also saw the descriptor it read the folder through, closed since.
+    assert {fd for fd in with_proc ^ without_proc if _is_open(fd)} == set()
+    assert len([fd for fd in without_proc if not _is_open(fd)]) <= 1
+    assert {0, 1, 2} <= without_proc
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True

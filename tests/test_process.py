@@ -600,12 +600,16 @@ async def test_signal_state_does_not_leak_to_the_next_job(tmp_path: Path) -> Non
         assert await handle.stop() is tb.Stage.INTERRUPTED
 
 
-def test_no_sigpipe_when_writing_to_a_dead_worker() -> None:
+@pytest.mark.parametrize("sigtimedwait", [True, False], ids=["linux", "without-sigtimedwait"])
+def test_no_sigpipe_when_writing_to_a_dead_worker(sigtimedwait: bool) -> None:
     """In a program that restored SIGPIPE's default action, a write to a dead worker is a
-    BrokenPipeError, handled, never a SIGPIPE that kills the program."""
+    BrokenPipeError, handled, never a SIGPIPE that kills the program (also where the
+    signal module has no sigtimedwait, as on macOS)."""
+    take_away = "" if sigtimedwait else "del signal.sigtimedwait, _signal.sigtimedwait"
     code = textwrap.dedent(
-        """
-        import os, signal
+        f"""
+        import os, signal, _signal
+        {take_away}
         from threadbridge import _process_worker, _wire
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         r, w = os.pipe()
@@ -959,3 +963,69 @@ def test_parent_that_blocks_signals(tmp_path: Path, loop: str, method: str) -> N
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == [["interrupted", 0], ["interrupted", 0]]
     assert "did not end within" not in done.stderr
+
+
+LIKE_OLD_MACOS = """
+import json, os, signal, sys, time
+import _signal
+
+# What macOS lacks before Python 3.13 (os.waitid), and always (sigtimedwait, pidfd_open).
+for module, names in ((os, ["waitid", "pidfd_open"]), (signal, ["sigtimedwait"]),
+                      (_signal, ["sigtimedwait"])):
+    for name in names:
+        if hasattr(module, name):
+            delattr(module, name)
+
+import anyio
+import threadbridge as tb
+
+
+def sleep_after_writing(path):
+    with open(path, "w") as f:
+        f.write("started")
+    time.sleep(60)
+
+
+async def main():
+    out = {}
+    with anyio.fail_after(60):
+        out["calls"] = [await tb.run_killable(int.__add__, i, 1, backend="process")
+                        for i in range(3)]
+        try:
+            await tb.run_killable(os._exit, 3, backend="process")
+        except tb.WorkerCrashed as exc:
+            out["crash"] = exc.exitcode
+        policy = tb.Policy(grace=0, interrupt=False)
+        handle = tb.spawn(sleep_after_writing, sys.argv[2], backend="process", policy=policy)
+        while not os.path.exists(sys.argv[2]):
+            await anyio.sleep(0.01)
+        out["stop"] = (await handle.stop()).value
+        out["after"] = await tb.run_killable(int.__add__, 2, 2, backend="process")
+    try:
+        tb.set_start_method("forkserver")
+    except ValueError as exc:
+        out["forkserver"] = str(exc)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    anyio.run(main, backend=sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+def test_a_platform_like_macos_before_313(tmp_path: Path, loop: str) -> None:
+    """Without os.waitid (macOS before Python 3.13), sigtimedwait or pidfds: warm workers
+    serve call after call (the second call failed), a crash and a kill are reported, and
+    the "forkserver" start method, which needs waitid, is refused with the reason."""
+    script = tmp_path / "like_old_macos.py"
+    script.write_text(LIKE_OLD_MACOS)
+    command = [sys.executable, str(script), loop, str(tmp_path / "started")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["calls"] == [1, 2, 3]
+    assert out["crash"] == 3
+    assert out["stop"] == "killed"
+    assert out["after"] == 4
+    assert "os.waitid" in out["forkserver"]

@@ -33,7 +33,15 @@ _SHORT = struct.Struct("!cq")  # S 0, R pid, P pid
 _EXIT = struct.Struct("!cqq")  # X pid code
 _BOOT = "from threadbridge._forkserver import serve; serve()"
 
-AVAILABLE = hasattr(socket, "send_fds") and hasattr(os, "fork") and sys.platform != "win32"
+# The server reports its workers' exits without reaping them (os.waitid with WNOWAIT, on
+# macOS only from Python 3.13), so that a process group id cannot be reused before the
+# parent has killed what is left in it.
+AVAILABLE = (
+    hasattr(socket, "send_fds")
+    and hasattr(os, "fork")
+    and hasattr(os, "waitid")
+    and sys.platform != "win32"
+)
 
 
 # --- the parent's side -------------------------------------------------------------------

@@ -177,6 +177,10 @@ class WorkerProcess:
         """Whether the worker process has ended, without reaping it (lock-free)."""
         if isinstance(self.proc, ForkServed):
             return self.proc.exited()  # not our child: its server tells
+        if not hasattr(os, "waitid"):
+            # macOS before Python 3.13 cannot look without reaping: a worker that died
+            # while idle is found out by the call it is given (WorkerCrashed).
+            return False
         try:
             flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
             return os.waitid(os.P_PID, self.pid, flags) is not None
@@ -398,7 +402,12 @@ def write_frame(fd: int, kind: int, job: int = 0, payload: bytes = b"") -> None:
     try:
         _wire.write_frame(fd, kind, job, payload)
     except BrokenPipeError:
-        signal.sigtimedwait(pipe, 0)  # the SIGPIPE now pending for this thread: drop it
+        # The SIGPIPE now pending for this thread: drop it (macOS has no sigtimedwait,
+        # and sigwait returns at once for a signal that is pending).
+        if hasattr(signal, "sigtimedwait"):
+            signal.sigtimedwait(pipe, 0)
+        elif signal.SIGPIPE in signal.sigpending():
+            signal.sigwait(pipe)
         raise
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)

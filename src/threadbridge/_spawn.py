@@ -32,6 +32,12 @@ def current_method() -> str:
 
 
 def check_start_method(method: str) -> None:
+    if method == "forkserver" and not _FORKSERVER:
+        raise ValueError(
+            'start method "forkserver" is not available here: it needs os.fork, '
+            "os.waitid and socket.send_fds (Linux; macOS from Python 3.13); use "
+            f"one of {START_METHODS}"
+        )
     if method not in START_METHODS:
         raise ValueError(f"start method must be one of {START_METHODS}, got {method!r}")
 
@@ -45,7 +51,7 @@ def set_start_method(method: str) -> None:
       a few milliseconds, but forking a process that has threads can deadlock the child
       if another thread held a lock at that moment (Python 3.12+ warns about it). Use it
       only in a parent that runs no other threads of its own.
-    * ``"forkserver"`` (Linux and macOS): each pool starts a small server process (a
+    * ``"forkserver"`` (Linux; macOS from Python 3.13): each pool starts a small server process (a
       fresh interpreter that imports the main script and what jobs have needed), and
       workers are forks of it: safe in a parent with threads, and a worker starts in a
       few milliseconds once the server is up.

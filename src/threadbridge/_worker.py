@@ -166,12 +166,15 @@ def after_fork(job_fd: int, control_fd: int, result_fd: int) -> None:
 
 
 def _open_fds() -> list[int]:
-    try:
-        return [int(name) for name in os.listdir("/proc/self/fd")]
-    except OSError:  # pragma: no cover - no /proc (macOS): try them all
-        import resource
+    for folder in ("/proc/self/fd", "/dev/fd"):  # Linux; macOS and the BSDs
+        try:
+            return [int(name) for name in os.listdir(folder)]
+        except OSError:
+            continue
+    import resource  # pragma: no cover - neither: try them all, up to a sane bound
 
-        return list(range(3, resource.getrlimit(resource.RLIMIT_NOFILE)[0]))
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]  # may be "unlimited"
+    return list(range(3, limit if 0 < limit <= 65536 else 65536))
 
 
 def serve(job_fd: int, control_fd: int, result_fd: int) -> None:
