@@ -362,7 +362,13 @@ async def main():
     print(json.dumps(out))
 
 
-anyio.run(main, backend=sys.argv[1])
+if sys.argv[1] == "demo":
+    import runpy
+
+    sys.argv[1:] = ["demo"]
+    runpy.run_module("threadbridge", run_name="__main__")
+else:
+    anyio.run(main, backend=sys.argv[1])
 """
 
 
@@ -382,3 +388,17 @@ def test_a_platform_without_posix_signals(tmp_path: Path, loop: str) -> None:
     assert 'use backend="thread" there' in out["process"]
     assert 'use backend="thread" there' in out["ProcessPool"]
     assert "run the driver and the cluster on Linux or macOS" in out["ray"]
+
+
+def test_the_demo_without_posix_signals(tmp_path: Path) -> None:
+    """Where worker processes are unavailable (Windows), the demo shows the thread rows on
+    both loops and says why there are no process rows, instead of failing on them."""
+    script = tmp_path / "without_posix_signals.py"
+    script.write_text(WITHOUT_POSIX_SIGNALS)
+    done = subprocess.run(
+        [sys.executable, str(script), "demo"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "no worker processes" in done.stdout
+    assert "/proc" not in done.stdout
+    assert done.stdout.count("INTERRUPTED") == 2  # the pure-Python loop, on each loop

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -223,10 +222,14 @@ def demo() -> int:
     backends = ["asyncio"]
     if importlib.util.find_spec("trio") is not None:
         backends.append("trio")
-    processes = sys.platform != "win32"
+    from ._pool import available
+
+    processes = available()
     for backend in backends:
         anyio.run(_run_all, backend, rows, processes, backend=backend)
     print(_table(rows))
+    if not processes:
+        print("\n(this platform has no process groups or POSIX signals: no worker processes)")
     if "trio" not in backends:
         print("\n(trio is not installed: pip install 'threadbridge[trio]' to see it too)")
     print(

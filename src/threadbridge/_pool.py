@@ -118,8 +118,13 @@ def _exit_status_discarded(worker: WorkerProcess) -> bool:
     return signal.getsignal(signal.SIGCHLD) == signal.SIG_IGN
 
 
+def available() -> bool:
+    """Whether this platform has what the process backend needs (Windows has not)."""
+    return sys.platform != "win32" and hasattr(os, "killpg")
+
+
 def _check_platform(what: str) -> None:
-    if sys.platform == "win32" or not hasattr(os, "killpg"):
+    if not available():
         raise NotImplementedError(
             f'{what}: backend="process" needs process groups and POSIX signals, which '
             'this platform lacks (Windows has neither); use backend="thread" there'
