@@ -19,6 +19,24 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
     return request.param  # type: ignore[no-any-return]
 
 
+def _warm_uvloop() -> None:
+    """libuv opens a pipe of its own, for good, the first time a uvloop loop runs: opened
+    here, it is not the first uvloop test's leak."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return
+    import anyio
+
+    async def nothing() -> None:
+        pass
+
+    anyio.run(nothing, backend="asyncio", backend_options={"use_uvloop": True})
+
+
+_warm_uvloop()
+
+
 def _fd_count(sockets: bool = True) -> int:
     if not os.path.isdir("/proc/self/fd"):
         return 0  # pragma: no cover - elsewhere only threads and targets are checked

@@ -9,6 +9,7 @@ import time
 from types import CodeType
 
 import anyio
+import pytest
 
 from threadbridge import TargetCancelled, uninterruptible
 from threadbridge._loop import Link, current_link
@@ -172,3 +173,14 @@ async def wait_for_pool_threads() -> None:
     for thread in threading.enumerate():
         if thread.name in ("threadbridge-reap", "threadbridge-standby"):
             await anyio.to_thread.run_sync(join_soon_started, thread)
+
+
+# The loops of the modules most sensitive to how a loop delivers cancellation, watches
+# descriptors and ends: asyncio, trio, and asyncio on uvloop (libuv underneath, Cython
+# tasks and handles), which many asyncio services run.
+UVLOOP = pytest.param(
+    ("asyncio", {"use_uvloop": True}),
+    id="uvloop",
+    marks=pytest.mark.skipif(sys.platform == "win32", reason="uvloop does not run on Windows"),
+)
+ALL_LOOPS = ["asyncio", "trio", UVLOOP]

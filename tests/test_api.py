@@ -311,6 +311,10 @@ import json, sys, time
 # its process and Ray backends clearly.
 import asyncio, anyio, trio, subprocess, socket, selectors
 import anyio._backends._asyncio, anyio._backends._trio
+try:
+    import ray  # and what it imports (uvloop, where installed)
+except ImportError:
+    pass
 import _signal, os, select, signal
 
 for name in ["SIGPIPE", "SIGCHLD", "SIGKILL", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2",

@@ -10,9 +10,15 @@ import pytest
 
 import threadbridge as tb
 
-from .helpers import Signal
+from .helpers import ALL_LOOPS, Signal
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=ALL_LOOPS)
+def anyio_backend(request: pytest.FixtureRequest) -> object:
+    """asyncio, trio, and asyncio on uvloop."""
+    return request.param
 
 
 class Recorder:

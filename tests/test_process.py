@@ -24,12 +24,19 @@ import threadbridge as tb
 from threadbridge import _spawn
 
 from . import targets
-from .helpers import wait_for_pool_threads
+from .helpers import ALL_LOOPS, wait_for_pool_threads
 
 pytestmark = [
     pytest.mark.anyio,
     pytest.mark.skipif(sys.platform == "win32", reason="the process backend is POSIX only"),
 ]
+
+
+@pytest.fixture(params=ALL_LOOPS)
+def anyio_backend(request: pytest.FixtureRequest) -> object:
+    """asyncio, trio, and asyncio on uvloop."""
+    return request.param
+
 
 P: Literal["process"] = "process"
 
