@@ -36,16 +36,6 @@ from concurrent.futures import Future
 from types import FrameType
 from typing import Any
 
-try:
-    # Through importlib: Ray's own type hints are partial; here it is typed as Any.
-    ray: Any = importlib.import_module("ray")
-    importlib.import_module("ray.exceptions")
-    importlib.import_module("ray.util.scheduling_strategies")
-except ImportError as exc:  # pragma: no cover - tested by a subprocess without Ray
-    raise ImportError(
-        'threadbridge.ray needs Ray: install it with pip install "threadbridge[ray]"'
-    ) from exc
-
 from . import _pickling, _stats
 from ._backend import Backend
 from ._errors import TargetCancelled, WorkerCrashed
@@ -53,6 +43,32 @@ from ._ladder import Ending, Run
 from ._scheduler import SCHEDULER
 from ._target import Outcome, TargetState
 from ._token import Token
+
+
+def _unavailable(what: str) -> NotImplementedError | None:
+    if sys.platform == "win32" or not hasattr(signal, "pthread_kill"):
+        return NotImplementedError(
+            f'{what}: backend="ray" delivers rung 2 with POSIX signals, which this '
+            "platform lacks (Windows has none); run the driver and the cluster on "
+            "Linux or macOS"
+        )
+    return None
+
+
+try:
+    # Through importlib: Ray's own type hints are partial; here it is typed as Any.
+    ray: Any = importlib.import_module("ray")
+    importlib.import_module("ray.exceptions")
+    importlib.import_module("ray.util.scheduling_strategies")
+except ImportError as exc:  # pragma: no cover - tested by a subprocess without Ray
+    # Where the backend could not work anyway, that is what to say, not "install Ray".
+    refusal = _unavailable("threadbridge.ray")
+    if refusal is not None:
+        raise refusal from None
+    raise ImportError(
+        'threadbridge.ray needs Ray: install it with pip install "threadbridge[ray]"'
+    ) from exc
+
 
 logger = logging.getLogger("threadbridge")
 
@@ -638,12 +654,9 @@ class RayBackend(Backend):
         return hash(("RayBackend", self.num_cpus, repr(sorted(self.options.items()))))
 
     def check_platform(self, what: str) -> None:
-        if sys.platform == "win32" or not hasattr(signal, "pthread_kill"):
-            raise NotImplementedError(
-                f'{what}: backend="ray" delivers rung 2 with POSIX signals, which this '
-                "platform lacks (Windows has none); run the driver and the cluster on "
-                "Linux or macOS"
-            )
+        refusal = _unavailable(what)
+        if refusal is not None:
+            raise refusal
         _ensure_ray()
 
     def prepare(self, func: Callable[..., Any], args: tuple[Any, ...], name: str) -> bytes:
