@@ -1036,3 +1036,47 @@ def test_a_platform_like_macos_before_313(tmp_path: Path, loop: str) -> None:
     assert out["stop"] == "killed"
     assert out["after"] == 4
     assert "os.waitid" in out["forkserver"]
+
+
+PATHS_OF_ITS_OWN = """
+import json, sys
+
+# A program that finds its libraries itself (vendored, embedded): run with -S, no
+# site-packages is on sys.path until it puts them there.
+sys.path[:0] = json.loads(sys.argv[3])
+import anyio
+import threadbridge as tb
+
+
+def where():
+    return tb.__name__
+
+
+async def main():
+    tb.set_start_method(sys.argv[2])
+    async with tb.ProcessPool(1) as pool:
+        print(json.dumps(await tb.run_killable(where, backend=pool)))
+
+
+if __name__ == "__main__":
+    anyio.run(main, backend=sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("method", _spawn.START_METHODS)
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+def test_a_program_that_finds_threadbridge_on_a_path_of_its_own(
+    tmp_path: Path, loop: str, method: str
+) -> None:
+    """A worker boots from the folder the parent imported threadbridge from, even where
+    a new interpreter would not find it (there, every call failed with WorkerCrashed and
+    "No module named 'threadbridge'" on stderr)."""
+    # threadbridge's folder, and the one of its dependencies (anyio, trio, sniffio...).
+    files = [m.__file__ for m in (tb, anyio) if m.__file__]
+    folders = sorted({str(Path(file).resolve().parent.parent) for file in files})
+    script = tmp_path / "paths_of_its_own.py"
+    script.write_text(PATHS_OF_ITS_OWN)
+    command = [sys.executable, "-S", str(script), loop, method, json.dumps(folders)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == "threadbridge"

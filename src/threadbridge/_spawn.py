@@ -18,13 +18,20 @@ _start_method = "spawn"
 _BOOT = "from threadbridge._worker import main; main()"
 
 
+# The folder threadbridge was imported from. A program may have found it on a path of its
+# own making (vendored, embedded, sys.path changed at run time), which a new interpreter
+# does not have until the parent's sys.path reaches it: the boot code looks there too.
+_HOME = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def python_command(code: str, *args: str) -> list[str]:
-    """The command line of a new interpreter that runs ``code``: this interpreter, with the
-    flags it was started with (``-O``, ``-W ...``, ``-X ...``, ``-E``...), as
-    multiprocessing gives its children, so that workers run targets the way the parent
-    would."""
+    """The command line of a new interpreter that runs ``code`` (which imports
+    threadbridge): this interpreter, with the flags it was started with (``-O``,
+    ``-W ...``, ``-X ...``, ``-E``...), as multiprocessing gives its children, so that
+    workers run targets the way the parent would."""
     flags: list[str] = getattr(subprocess, "_args_from_interpreter_flags", list)()
-    return [sys.executable, *flags, "-c", code, *args]
+    boot = f"import sys; sys.path.append({_HOME!r}); {code}"
+    return [sys.executable, *flags, "-c", boot, *args]
 
 
 def current_method() -> str:
