@@ -778,10 +778,30 @@ async def test_descriptors_numbered_past_select_limit(tmp_path: Path) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+# For the scripts below: a target that says when it runs, and a stop that waits for that.
+STOP_ONCE_STARTED = """
+
+def sleep_after_writing(path):
+    with open(path, "w") as f:
+        f.write("started")
+    time.sleep(60)
+
+
+async def stop_once_started(path, policy):
+    handle = tb.spawn(sleep_after_writing, path, backend="process", policy=policy)
+    while not os.path.exists(path):
+        await anyio.sleep(0.01)
+    return (await handle.stop()).value
+"""
+
+
 SIGCHLD_IGNORED = """
 import json, os, signal, subprocess, sys, time
 import anyio
 import threadbridge as tb
+"""
+SIGCHLD_IGNORED += STOP_ONCE_STARTED
+SIGCHLD_IGNORED += """
 
 
 def crash():
@@ -790,12 +810,6 @@ def crash():
 
 def child_exit_code():
     return subprocess.run([sys.executable, "-c", "raise SystemExit(5)"]).returncode
-
-
-def sleep_after_writing(path):
-    with open(path, "w") as f:
-        f.write("started")
-    time.sleep(60)
 
 
 async def main():
@@ -810,10 +824,7 @@ async def main():
         except tb.WorkerCrashed as exc:
             out["crash"] = [exc.exitcode, exc.signal, str(exc)]
         policy = tb.Policy(grace=0, interrupt=False)
-        handle = tb.spawn(sleep_after_writing, sys.argv[3], backend="process", policy=policy)
-        while not os.path.exists(sys.argv[3]):
-            await anyio.sleep(0.01)
-        out["stage"] = (await handle.stop()).value
+        out["stage"] = await stop_once_started(sys.argv[3], policy)
         out["after"] = await tb.run_killable(int.__add__, 2, 2, backend="process")
     print(json.dumps(out))
 
@@ -927,12 +938,9 @@ MASKED_SCRIPT = """
 import json, os, signal, sys, time
 import anyio
 import threadbridge as tb
-
-
-def sleep_after_writing(path):
-    with open(path, "w") as f:
-        f.write("started")
-    time.sleep(60)
+"""
+MASKED_SCRIPT += STOP_ONCE_STARTED
+MASKED_SCRIPT += """
 
 
 async def main():
@@ -942,12 +950,8 @@ async def main():
     out = []
     with anyio.fail_after(60):
         for round in range(2):  # a fresh worker, then the standby started beside it
-            path = f"{sys.argv[3]}-{round}"
-            handle = tb.spawn(sleep_after_writing, path, backend="process", policy=policy)
-            while not os.path.exists(path):
-                await anyio.sleep(0.01)
-            stage = await handle.stop()
-            out.append([stage.value, tb.stats().unreaped_workers])
+            stage = await stop_once_started(f"{sys.argv[3]}-{round}", policy)
+            out.append([stage, tb.stats().unreaped_workers])
     print(json.dumps(out))
 
 
@@ -985,13 +989,9 @@ for module, names in ((os, ["waitid", "pidfd_open"]), (signal, ["sigtimedwait"])
 
 import anyio
 import threadbridge as tb
-
-
-def sleep_after_writing(path):
-    with open(path, "w") as f:
-        f.write("started")
-    time.sleep(60)
-
+"""
+LIKE_OLD_MACOS += STOP_ONCE_STARTED
+LIKE_OLD_MACOS += """
 
 async def main():
     out = {}
@@ -1003,10 +1003,7 @@ async def main():
         except tb.WorkerCrashed as exc:
             out["crash"] = exc.exitcode
         policy = tb.Policy(grace=0, interrupt=False)
-        handle = tb.spawn(sleep_after_writing, sys.argv[2], backend="process", policy=policy)
-        while not os.path.exists(sys.argv[2]):
-            await anyio.sleep(0.01)
-        out["stop"] = (await handle.stop()).value
+        out["stop"] = await stop_once_started(sys.argv[2], policy)
         out["after"] = await tb.run_killable(int.__add__, 2, 2, backend="process")
     try:
         tb.set_start_method("forkserver")
