@@ -1077,3 +1077,16 @@ def test_a_program_that_finds_threadbridge_on_a_path_of_its_own(
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == "threadbridge"
+
+
+async def test_empty_sys_executable_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An embedded interpreter may have no sys.executable: starting a worker says so and
+    what to do (it was "Permission denied: ''"), and leaves the pool able to serve once it
+    is set."""
+    real = sys.executable
+    async with tb.ProcessPool(1, start_method="spawn") as pool:
+        monkeypatch.setattr(sys, "executable", "")
+        with pytest.raises(RuntimeError, match=r"sys\.executable, which is empty"):
+            await tb.run_killable(int.__add__, 1, 2, backend=pool)
+        monkeypatch.setattr(sys, "executable", real)
+        assert await tb.run_killable(int.__add__, 1, 2, backend=pool) == 3

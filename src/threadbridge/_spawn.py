@@ -29,6 +29,12 @@ def python_command(code: str, *args: str) -> list[str]:
     threadbridge): this interpreter, with the flags it was started with (``-O``,
     ``-W ...``, ``-X ...``, ``-E``...), as multiprocessing gives its children, so that
     workers run targets the way the parent would."""
+    if not sys.executable:
+        raise RuntimeError(
+            "worker processes are started with sys.executable, which is empty here (an "
+            "embedded interpreter?): set it to the path of a Python interpreter, use "
+            'threadbridge.set_start_method("fork"), or backend="thread"'
+        )
     flags: list[str] = getattr(subprocess, "_args_from_interpreter_flags", list)()
     boot = f"import sys; sys.path.append({_HOME!r}); {code}"
     return [sys.executable, *flags, "-c", boot, *args]
