@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -209,3 +211,52 @@ async def _cancel_then_unblock() -> list[bool]:
             await handle
     assert handle.stage is tb.Stage.COOPERATIVE
     return seen
+
+
+def test_trio_guest_run_on_an_asyncio_loop() -> None:
+    """trio.lowlevel.start_guest_run runs trio's tasks inside an asyncio loop's callbacks,
+    in its thread. A trio task there gets trio's handling and an asyncio task beside it
+    gets asyncio's (the trio task's await failed: "trio.run received unrecognized yield
+    message"); cancelling each climbs its ladder."""
+    import asyncio
+
+    import trio
+
+    policy = tb.Policy(grace=0.05, interrupt_grace=5)
+
+    def spin(seconds: float, started: Callable[[], object] | None = None) -> str:
+        if started is not None:
+            started()
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            pass
+        return "done"
+
+    async def trio_side() -> list[str]:
+        seen = [await tb.run_killable(spin, 0.01)]
+        started = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+        handle = tb.spawn(spin, 60, lambda: token.run_sync_soon(started.set), policy=policy)
+        await started.wait()
+        seen.append((await handle.stop()).value)
+        seen.append(str(await tb.run_killable(int.__add__, 2, 3, backend="process")))
+        return seen
+
+    async def host() -> tuple[list[str], list[str]]:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Any] = loop.create_future()
+        trio.lowlevel.start_guest_run(
+            trio_side,
+            run_sync_soon_threadsafe=loop.call_soon_threadsafe,
+            done_callback=done.set_result,
+        )
+        asyncio_side = [await tb.run_killable(spin, 0.01)]
+        running = asyncio.Event()
+        handle = tb.spawn(spin, 60, lambda: loop.call_soon_threadsafe(running.set), policy=policy)
+        await running.wait()
+        asyncio_side.append((await handle.stop()).value)
+        return (await done).unwrap(), asyncio_side
+
+    trio_seen, asyncio_seen = asyncio.run(asyncio.wait_for(host(), 60))
+    assert trio_seen == ["done", "interrupted", "5"]
+    assert asyncio_seen == ["done", "interrupted"]

@@ -134,19 +134,31 @@ _asyncio_link: Callable[[Any], Link] | None = None
 _trio_link: Callable[[Any], Link] | None = None
 
 
+def _in_trio_task() -> bool:
+    import sniffio
+
+    try:
+        return sniffio.current_async_library() == "trio"
+    except sniffio.AsyncLibraryNotFoundError:
+        return False
+
+
 def current_link(what: str) -> Link:
     """The Link of the running event loop, or a RuntimeError that says what to do."""
     global _asyncio_link, _trio_link
     asyncio = sys.modules.get("asyncio")
+    trio = sys.modules.get("trio")
     if asyncio is not None:
         loop = asyncio._get_running_loop()  # None, not an exception, outside a loop
-        if loop is not None:
+        # A trio run can be a guest on an asyncio loop (trio.lowlevel.start_guest_run):
+        # its tasks then run in the loop's thread, in the loop's callbacks. sniffio tells
+        # whose task this is (trio-asyncio relies on it too).
+        if loop is not None and (trio is None or not _in_trio_task()):
             if _asyncio_link is None:
                 from ._asyncio import AsyncioLink
 
                 _asyncio_link = AsyncioLink
             return _asyncio_link(loop)
-    trio = sys.modules.get("trio")
     if trio is not None:
         try:
             token = trio.lowlevel.current_trio_token()
