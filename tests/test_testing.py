@@ -198,3 +198,53 @@ def test_the_suites_leak_check_waits_for_a_thread_listed_before_it_started() -> 
         assert not thread.is_alive()
         assert thread.ident is not None
         starter.join()
+
+
+SESSION_LOOP_TEST = """
+import asyncio, time, pytest, threadbridge as tb
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+def sleep_long(path):
+    open(path, "w").close()
+    time.sleep(60)
+
+
+async def test_one():
+    assert await tb.run_killable(int.__add__, 1, 2, backend="process") == 3
+
+
+async def test_two():
+    assert await tb.run_killable(int.__add__, 2, 2, backend="process") == 4
+
+
+async def test_leaves_a_busy_worker(tmp_path):
+    global handle
+    path = tmp_path / "started"
+    handle = tb.spawn(sleep_long, str(path), backend="process")
+    while not path.exists():
+        await asyncio.sleep(0.01)
+
+
+async def test_zz_cleanup():
+    await handle.stop()
+"""
+
+
+def test_plugin_keeps_the_idle_workers_of_a_loop_that_outlives_the_test(
+    pytester: pytest.Pytester,
+) -> None:
+    """With one event loop for the whole session (pytest-asyncio's loop_scope="session",
+    or an async fixture of wider scope), the pool's idle workers stay between tests: they
+    are kept for the next call, not leaks (every test after the first process call failed
+    after a 5 s wait). A worker still busy after its test is one."""
+    pytester.makeini(
+        "[pytest]\nthreadbridge_leak_check = true\nasyncio_mode = strict\n"
+        "asyncio_default_fixture_loop_scope = session\n"
+    )
+    pytester.makepyfile(SESSION_LOOP_TEST)
+    result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider", "-p", "no:anyio")
+    result.stdout.fnmatch_lines(["*LeakError*", "*worker process*running sleep_long*"])
+    result.assert_outcomes(passed=4, errors=1)
+    assert "test_leaves_a_busy_worker" in result.stdout.str().split("short test summary")[-1]

@@ -270,6 +270,15 @@ class WorkerPool:
             "unreaped_workers": states.count("unreaped"),
         }
 
+    def kept_processes(self) -> set[int]:
+        """Its idle workers and its fork server, which it keeps for the next call."""
+        with self.lock:
+            kept = {w.pid for w in self.idle}
+            server = self.forkserver
+        if server is not None and server.alive:
+            kept.add(server.proc.pid)
+        return kept
+
     def running(self) -> list[Run]:
         """The runs its busy workers have."""
         with self.lock:

@@ -197,6 +197,17 @@ def describe_running() -> list[str]:
     return [line for source in list(_sources) for line in source.describe_running()]
 
 
+def kept_processes() -> set[int]:
+    """Processes that pools keep on purpose while their event loop lives (idle workers,
+    fork servers): reuse, not leaks, as idle pool threads are."""
+    found: set[int] = set()
+    for source in list(_sources):
+        kept = getattr(source, "kept_processes", None)
+        if kept is not None:
+            found |= kept()
+    return found
+
+
 def stats() -> Stats:
     """A snapshot of live threads, abandoned threads, workers and runs ended by stage.
 

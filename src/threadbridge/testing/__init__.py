@@ -179,7 +179,8 @@ def check_leaks(timeout: float = 5.0, *, ignore_children: set[int] | None = None
 
     Waits first: targets that are ending (a cancelled cooperative target) get
     ``timeout`` seconds to finish. Worker processes of a loop that has ended are gone by
-    the time ``asyncio.run``/``trio.run`` returns.
+    the time ``asyncio.run``/``trio.run`` returns; the idle workers and fork servers of a
+    loop still running are kept for its next call, and are not leaks.
 
     Args:
         timeout: seconds to wait for targets that are ending.
@@ -198,9 +199,10 @@ def check_leaks(timeout: float = 5.0, *, ignore_children: set[int] | None = None
         problems += _stats.describe_running()
     deadline = time.monotonic() + timeout
     while True:
-        children = {
-            pid: what for pid, what in _children().items() if pid not in (ignore_children or set())
-        }
+        # The idle workers (and fork servers) of a loop that outlives the test (a session-
+        # scoped loop, an async fixture of wider scope) are kept for the next call.
+        ignored = (ignore_children or set()) | _stats.kept_processes()
+        children = {pid: what for pid, what in _children().items() if pid not in ignored}
         if not children or time.monotonic() >= deadline:
             break
         time.sleep(0.01)
