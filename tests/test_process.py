@@ -283,9 +283,18 @@ async def test_stats_report_workers() -> None:
     assert stats.standby_workers <= stats.idle_workers
 
 
-async def test_default_process_limiter_is_cpu_count() -> None:
-    """By default one busy worker per CPU."""
-    assert tb.default_limiter("process").total_tokens == (os.cpu_count() or 1)
+async def test_default_process_limiter_is_one_per_usable_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """By default one busy worker per CPU this process may use (its affinity: a
+    container's cpuset, taskset), not per CPU of the machine; a ProcessPool's default
+    size too."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    if hasattr(os, "process_cpu_count"):
+        monkeypatch.setattr(os, "process_cpu_count", lambda: 1)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert tb.default_limiter("process").total_tokens == 1
+    assert "workers=1 " in repr(tb.ProcessPool())
 
 
 @pytest.mark.parametrize("method", ["spawn", "forkserver"])

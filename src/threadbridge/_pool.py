@@ -162,6 +162,18 @@ class ProcessBackend(Backend):
         return _start(pool_for(run.link), run, job)
 
     def default_limit(self) -> int:
+        return usable_cpus()
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: a container's cpuset, taskset),
+    not every CPU of the machine, which os.cpu_count() gives."""
+    count = getattr(os, "process_cpu_count", None)  # Python 3.13+
+    if count is not None:
+        return int(count() or 1)
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # macOS has no affinity
         return os.cpu_count() or 1
 
 
@@ -225,7 +237,7 @@ class ProcessPool(Backend):
         idle_timeout: float | None = 60.0,
         start_method: str | None = None,
     ) -> None:
-        self._workers = _positive_int_or_none(workers, "workers") or os.cpu_count() or 1
+        self._workers = _positive_int_or_none(workers, "workers") or usable_cpus()
         self._max_tasks = _positive_int_or_none(max_tasks_per_worker, "max_tasks_per_worker")
         if idle_timeout is None:
             idle_timeout = math.inf
