@@ -117,9 +117,9 @@ class WorkerProcess:
             self.current = work
 
     def _changed_settings(self) -> dict[str, object]:
-        """The parent's import path and working directory, where they have changed since
-        this worker last heard: a target runs with the parent's, as it would in a thread,
-        whether its worker started before or after the change."""
+        """The parent's import path, working directory and environment, where they have
+        changed since this worker last heard: a target runs with the parent's, as it would
+        in a thread, whether its worker started before or after the change."""
         changed: dict[str, object] = {}
         if sys.path != self.sys_path:
             changed["sys_path"] = self.sys_path = list(sys.path)
