@@ -281,3 +281,47 @@ async def test_trio_capacity_limiter_under_trio() -> None:
     assert await second == 5
     assert await tb.run_killable(abs, -6, limiter=limiter) == 6
     assert limiter.borrowed_tokens == 0
+
+
+def test_idle_threads_retire_after_a_busy_spell(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many pool threads racing for many short calls, then silence: every one of them
+    retires. (CPython's SimpleQueue.get() can wait for ever once its timeout has run out
+    while another thread took the item it was woken for; the pool must not rely on it.)"""
+    from threadbridge import _stats
+
+    monkeypatch.setattr(_thread, "IDLE_TIMEOUT", 0.001)
+    backend = _thread.ThreadBackend()  # its own pool and threads
+    before = set(threading.enumerate())
+    done = threading.Semaphore(0)
+
+    class Run:  # just enough of one for ThreadBackend.start()
+        name = "abs()"
+        link = None
+        attached = False
+
+        def attach(self, work: object) -> None:
+            self.attached = True
+
+        def report(self, *args: object, **kwargs: object) -> None:
+            done.release()
+
+    try:
+        started = 0
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            backend.start(Run(), (time.sleep, (0.0002,)))  # type: ignore[arg-type]
+            started += 1
+            if started % 50 == 0:
+                time.sleep(0.0005)  # threads whose timeout runs out now and then
+        for _ in range(started):
+            assert done.acquire(timeout=30)
+        workers = [
+            t for t in set(threading.enumerate()) - before if t.name == "threadbridge-worker"
+        ]
+        give_up = time.monotonic() + 10
+        for thread in workers:
+            thread.join(timeout=max(0.0, give_up - time.monotonic()))
+        assert [t for t in workers if t.is_alive()] == []
+        assert backend.pool.counts()["idle_threads"] == 0
+    finally:
+        _stats.unregister(backend.pool)

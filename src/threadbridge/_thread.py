@@ -3,8 +3,10 @@ thread (rung 2 injects ``TargetCancelled``; rung 3 abandons the thread)."""
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import inspect
+import itertools
 import logging
 import os
 import queue
@@ -31,14 +33,36 @@ DEFAULT_THREAD_LIMIT = 40
 IDLE_TIMEOUT = 10.0
 
 
+_WAKE = -1  # not the number of any work: wakes a waiting pool thread, nothing more
+
+
+class _Ticket:
+    """A new pool thread's place in ``starting``, until the thread takes it up (or the
+    submit that made it is interrupted and gives it up: then the thread, if it runs at
+    all, simply joins the idle ones)."""
+
+    __slots__ = ("live",)
+
+    def __init__(self) -> None:
+        self.live = False
+
+
 class ThreadPool:
     """Daemon threads shared by every event loop in the process.
 
-    Work waits in one queue. Idle threads block on it; a thread that finishes a run takes
+    Work waits in one queue, as numbers: a pool thread looks the number up in
+    ``pending`` and runs that work, so neither the queue nor a thread started for a work
+    holds on to it. Idle threads block on the queue; a thread that finishes a run takes
     the next piece of work without going to sleep, which keeps throughput up when many
-    callers hammer the pool. Work always goes through the queue, even to a new thread,
-    so that no thread holds on to the work it was started for. The counts below, under
-    ``lock``, are what ``stats()`` reports for threads.
+    callers hammer the pool.
+
+    Under ``lock``, the pool keeps one promise: every pending work has a thread coming
+    for it, ``len(pending) <= idle + starting``. Pool threads, where a Ctrl-C never
+    lands, move work from ``pending`` to ``busy`` and count themselves idle or not; a
+    submitting thread only adds its work to ``pending`` and, if the promise needs it,
+    starts a thread. A signal handler that raises in the middle of that (the main thread
+    runs them between any two steps) is taken back by ``withdraw()``: the counts stay
+    right, and ``stats()`` with them.
     """
 
     def __init__(self) -> None:
@@ -50,41 +74,87 @@ class ThreadPool:
     def _reset(self) -> None:
         """Empty; also in a forked child, which has none of the parent's threads."""
         self.lock = threading.Lock()
-        self.queue: queue.SimpleQueue[ThreadWork] = queue.SimpleQueue()
-        self.idle = 0  # threads waiting on the queue, not yet claimed by a submit()
-        self.busy: dict[int, ThreadWork] = {}  # id(work) -> work, queued or running
+        self.queue: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self.numbers = itertools.count()
+        self.idle = 0  # pool threads not running a target (waiting, or about to wait)
+        self.starting = 0  # threads started for pending work, not yet among the idle
+        self.pending: dict[int, ThreadWork] = {}  # submitted, no thread has taken it yet
+        self.busy: dict[int, ThreadWork] = {}  # running on a pool thread
         self.abandoned: dict[int, ThreadWork] = {}  # given up on at rung 3, still running
 
     def submit(self, work: ThreadWork) -> None:
-        """Run ``work`` on an idle pool thread, or on a new one."""
-        key = id(work)
+        """Hand ``work`` to an idle pool thread, or to a new one. If this raises, the
+        caller calls ``withdraw(work)``."""
+        ticket = work.ticket
         with self.lock:
-            reuse = self.idle > 0
-            if reuse:
-                self.idle -= 1  # claimed: it will not retire while the work waits
-            self.busy[key] = work
-        if not reuse:
-            try:
-                threading.Thread(target=self._main, name="threadbridge-worker", daemon=True).start()
-            except BaseException:
-                with self.lock:
-                    del self.busy[key]
-                _stats.changed()
-                raise
-        self.queue.put(work)
+            self.pending[work.key] = work
+            work.submitted = True
+            if len(self.pending) > self.idle + self.starting:
+                self.starting += 1
+                ticket.live = True
+        self.queue.put(work.key)
+        if ticket.live:  # only the thread below, or withdraw(), can change it now
+            self._start(ticket)
 
-    def _main(self) -> None:
+    def _start(self, ticket: _Ticket) -> None:
+        threading.Thread(
+            target=self._main, args=(ticket,), name="threadbridge-worker", daemon=True
+        ).start()
+
+    def withdraw(self, work: ThreadWork) -> bool:
+        """Take back a submit that raised (a thread that could not start, a signal
+        handler's exception). Whether the work will never run: no thread took it."""
+        with self.lock:
+            key = work.key
+            never = key in self.pending or not work.submitted
+            if key in self.pending:
+                del self.pending[key]  # its number may still be queued: it finds nothing
+            ticket = work.ticket
+            if ticket.live:
+                # Its thread may never start; if it does, it joins the idle ones.
+                ticket.live = False
+                self.starting -= 1
+        _stats.changed()
+        with contextlib.suppress(Exception):  # what start() raised is what the caller sees
+            while True:  # other pending work may have counted on that thread
+                ticket = _Ticket()
+                with self.lock:
+                    if len(self.pending) <= self.idle + self.starting:
+                        break
+                    self.starting += 1
+                    ticket.live = True
+                self._start(ticket)
+        return never
+
+    def _main(self, ticket: _Ticket) -> None:
+        with self.lock:
+            if ticket.live:
+                ticket.live = False
+                self.starting -= 1
+            self.idle += 1
+        del ticket
         get = self.queue.get
         while True:
             try:
-                work = get(timeout=IDLE_TIMEOUT)
+                key = get(timeout=IDLE_TIMEOUT)
             except queue.Empty:
                 with self.lock:
-                    # Retire only if no submit() has claimed this thread meanwhile.
-                    if self.idle > 0 and self.queue.empty():
+                    retire = self.idle > len(self.pending)  # no pending work counts on us
+                    if retire:
                         self.idle -= 1
-                        return
+                if retire:
+                    # SimpleQueue.get() can miss its timeout for good: woken once its time
+                    # is up for an item another thread took, it waits with no timeout.
+                    # Such a thread is idle and counted, and would never retire: this
+                    # wakes one waiting thread to start its wait afresh.
+                    self.queue.put(_WAKE)
+                    return
                 continue
+            with self.lock:
+                if key not in self.pending:
+                    continue  # withdrawn
+                work = self.busy[key] = self.pending.pop(key)
+                self.idle -= 1
             reusable = work.run()
             del work  # nothing of a finished call stays reachable from an idle thread
             if not reusable:
@@ -94,9 +164,9 @@ class ThreadPool:
         """Count out a work whose thread is done with it (and free, unless abandoned)."""
         with self.lock:
             if abandoned:
-                del self.abandoned[id(work)]
+                del self.abandoned[work.key]
             else:
-                del self.busy[id(work)]
+                del self.busy[work.key]
                 self.idle += 1
         _stats.changed()
 
@@ -105,22 +175,23 @@ class ThreadPool:
         with self.lock:
             if not work.state.abandon():
                 return False
-            self.abandoned[id(work)] = self.busy.pop(id(work))
+            self.abandoned[work.key] = self.busy.pop(work.key)
             return True
 
     # --- stats ------------------------------------------------------------------------
 
     def counts(self) -> dict[str, int]:
         with self.lock:
+            pending = len(self.pending)  # each has a thread coming: counted busy
             return {
-                "idle_threads": self.idle,
-                "busy_threads": len(self.busy),
+                "idle_threads": max(0, self.idle - pending),
+                "busy_threads": len(self.busy) + pending,
                 "abandoned_threads": len(self.abandoned),
             }
 
     def describe_running(self) -> list[str]:
         with self.lock:
-            busy = list(self.busy.values())
+            busy = [*self.pending.values(), *self.busy.values()]
             abandoned = list(self.abandoned.values())
         return [w.describe() for w in busy] + [
             f"abandoned thread still running {w.run_.name}" for w in abandoned
@@ -130,7 +201,7 @@ class ThreadPool:
 class ThreadWork:
     """One target on one pool thread; the ladder's Work for the thread backend."""
 
-    __slots__ = ("args", "context", "func", "pool", "run_", "state", "taken", "withdrawn")
+    __slots__ = ("args", "context", "func", "key", "pool", "run_", "state", "submitted", "ticket")
 
     def __init__(
         self, pool: ThreadPool, run: Run, func: Callable[..., Any], args: tuple[Any, ...]
@@ -148,10 +219,9 @@ class ThreadWork:
             context.run(sniffio.current_async_library_cvar.set, None)
         self.state = TargetState(Token(), threading.Lock())
         self.state.portal = run.link
-        # Under state.lock: a pool thread took it, or start() withdrew it (submitting it
-        # was interrupted): whichever comes first reports its end, the other never does.
-        self.taken = False
-        self.withdrawn = False
+        self.key = next(pool.numbers)  # its number in the pool's queue
+        self.ticket = _Ticket()  # for the thread that submitting it may start
+        self.submitted = False  # under the pool's lock: it went into ``pending``
 
     # --- the rungs, called by the ladder ---------------------------------------------
 
@@ -183,24 +253,9 @@ class ThreadWork:
 
     # --- in the pool thread ----------------------------------------------------------
 
-    def withdraw(self) -> None:
-        """Submitting it was interrupted (a KeyboardInterrupt, a thread that could not
-        start): unless a pool thread has taken it already, it never runs."""
-        with self.state.lock:
-            if self.taken:
-                return  # that thread reports
-            self.withdrawn = True
-        self.run_.report(Ending.NOT_STARTED)
-
     def run(self) -> bool:
         """Run the target and report how it ended; return whether the thread may be reused."""
         state = self.state
-        with state.lock:
-            withdrawn = self.withdrawn
-            self.taken = not withdrawn
-        if withdrawn:
-            self.pool.finished(self, abandoned=False)
-            return True
         outcome = state.run(self._call)
         run = self.run_
         if state.abandoned:
@@ -244,11 +299,16 @@ class ThreadBackend(Backend):
     def start(self, run: Run, job: Any) -> ThreadWork:
         func, args = job
         work = ThreadWork(self.pool, run, func, args)
-        run.attach(work)  # before a thread can take it: from here the ladder reaches it
         try:
+            run.attach(work)  # before a thread can take it: from here the ladder reaches it
             self.pool.submit(work)
         except BaseException:
-            work.withdraw()
+            # A thread that could not start, or a Ctrl-C in the middle (the main thread
+            # runs signal handlers between any two steps): unless a pool thread has
+            # taken it already (that thread reports), the target never runs. Its end is
+            # ours to report once the run is attached; before, the caller's.
+            if self.pool.withdraw(work) and run.attached:
+                run.report(Ending.NOT_STARTED)
             raise
         return work
 
