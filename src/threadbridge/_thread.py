@@ -142,12 +142,14 @@ class ThreadPool:
                     retire = self.idle > len(self.pending)  # no pending work counts on us
                     if retire:
                         self.idle -= 1
+                    others = self.idle > 0
                 if retire:
-                    # SimpleQueue.get() can miss its timeout for good: woken once its time
-                    # is up for an item another thread took, it waits with no timeout.
-                    # Such a thread is idle and counted, and would never retire: this
-                    # wakes one waiting thread to start its wait afresh.
-                    self.queue.put(_WAKE)
+                    if others:
+                        # SimpleQueue.get() can miss its timeout for good: woken once its
+                        # time is up for an item another thread took, it waits with no
+                        # timeout. Such a thread is idle and counted, and would never
+                        # retire: this wakes one waiting thread to start its wait afresh.
+                        self.queue.put(_WAKE)
                     return
                 continue
             with self.lock:
