@@ -254,14 +254,22 @@ class _InterruptedAfterHandover(Backend):
 
 @pytest.mark.anyio
 @pytest.mark.parametrize(
-    ("backend", "target", "marks"),
+    ("backend", "target", "logs"),
     [
-        ("thread", "tb_sleeper", ["started", "woke"]),
-        ("process", "blocking_sleeper", ["started", "TargetCancelled", "finally"]),
+        # Rung 1 wakes tb.sleep(); rung 2, 50 ms later on a machine too busy to run the
+        # thread meanwhile, can land inside either mark() (outside the try for the first).
+        ("thread", "tb_sleeper", [["started", "woke"], ["started"], []]),
+        # Rung 2's SIGTERM, 50 ms after the cancel, lands wherever the worker is: in the
+        # sleep, or (a worker that started the target late) inside its first mark().
+        (
+            "process",
+            "blocking_sleeper",
+            [["started", "TargetCancelled", "finally"], ["TargetCancelled", "finally"]],
+        ),
     ],
 )
 async def test_keyboard_interrupt_after_the_handover_leaves_the_target_to_the_ladder(
-    tmp_path: Path, backend: str, target: str, marks: list[str]
+    tmp_path: Path, backend: str, target: str, logs: list[list[str]]
 ) -> None:
     """A KeyboardInterrupt that lands once the target is handed over leaves it to the
     ladder: the target is stopped (not left running), its end is reported once, and its
@@ -284,7 +292,7 @@ async def test_keyboard_interrupt_after_the_handover_leaves_the_target_to_the_la
         async with limiter:
             pass
     if path.exists():  # it may have been stopped before it started
-        assert path.read_text().split() == marks
+        assert path.read_text().split() in logs
 
 
 @pytest.mark.anyio
