@@ -706,3 +706,39 @@ def test_interrupts_while_submitting_leave_the_pool_counts_right(
         thread.join(timeout=10)
     assert not [t for t in workers if t.is_alive()]
     assert (pool.idle, pool.starting, pool.pending) == (0, 0, {})
+
+
+def test_a_thread_that_cannot_start_while_withdrawing_is_not_counted_as_coming(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Withdrawing a submit starts a thread for pending work that counted on the one
+    withdrawn. If that thread cannot start either, it is not counted as coming: the next
+    submit starts one, and every pending work runs."""
+    from threadbridge import _stats, _thread
+
+    backend = _thread.ThreadBackend()  # its own pool and threads
+    pool = backend.pool
+    ends: list[object] = []
+    try:
+        # Work submitted by another caller, queued, whose thread was the one withdrawn.
+        waiting = _thread.ThreadWork(pool, _QuietRun(ends), abs, (-1,))  # type: ignore[arg-type]
+        with pool.lock:
+            pool.pending[waiting.key] = waiting
+            waiting.submitted = True
+        pool.queue.put(waiting.key)
+        never_submitted = _thread.ThreadWork(pool, _QuietRun(ends), abs, (-2,))  # type: ignore[arg-type]
+
+        def cannot_start(ticket: object) -> None:
+            raise RuntimeError("can't start new thread")
+
+        monkeypatch.setattr(pool, "_start", cannot_start)
+        assert pool.withdraw(never_submitted) is True
+        assert pool.starting == 0
+        monkeypatch.undo()
+        backend.start(_QuietRun(ends), (abs, (-3,)))  # type: ignore[arg-type]
+        deadline = time.monotonic() + 10
+        while len(ends) < 2 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert len(ends) == 2  # the waiting work and the new one both ran
+    finally:
+        _stats.unregister(pool)

@@ -123,7 +123,14 @@ class ThreadPool:
                         break
                     self.starting += 1
                     ticket.live = True
-                self._start(ticket)
+                try:
+                    self._start(ticket)
+                except BaseException:
+                    with self.lock:  # no thread is coming after all
+                        if ticket.live:
+                            ticket.live = False
+                            self.starting -= 1
+                    raise
         return never
 
     def _main(self, ticket: _Ticket) -> None:
