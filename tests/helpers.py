@@ -184,3 +184,26 @@ UVLOOP = pytest.param(
     marks=pytest.mark.skipif(sys.platform == "win32", reason="uvloop does not run on Windows"),
 )
 ALL_LOOPS = ["asyncio", "trio", UVLOOP]
+
+
+class QuietRun:
+    """Just enough of a Run for ThreadBackend.start(), for tests of the pool itself: it
+    adds how each run ended to ``ends``, and releases ``reported`` once for each."""
+
+    def __init__(self, ends: list[object], reported: threading.Semaphore | None = None) -> None:
+        self.name = "abs()"
+        self.link = None
+        self.attached = False
+        self.ends = ends
+        self.reported = reported
+
+    def attach(self, work: object) -> None:
+        self.attached = True
+
+    def report(self, ending: object, outcome: object = None, **_: object) -> None:
+        self.ends.append(ending)
+        if self.reported is not None:
+            self.reported.release()
+
+    def release(self) -> None:
+        pass

@@ -24,7 +24,7 @@ from threadbridge._backend import Backend, resolve
 from threadbridge._ladder import Run, Work
 
 from . import targets
-from .helpers import wait_for_pool_threads
+from .helpers import QuietRun, wait_for_pool_threads
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -609,25 +609,6 @@ class _Interrupt(BaseException):
     """What the timer's handler raises, wherever the main thread happens to be."""
 
 
-class _QuietRun:
-    """Just enough of a Run for ThreadBackend.start(): it counts how each run ended."""
-
-    def __init__(self, ends: list[object]) -> None:
-        self.name = "abs()"
-        self.link = None
-        self.attached = False
-        self.ends = ends
-
-    def attach(self, work: object) -> None:
-        self.attached = True
-
-    def report(self, ending: object, outcome: object = None, **_: object) -> None:
-        self.ends.append(ending)
-
-    def release(self) -> None:
-        pass
-
-
 def test_interrupts_while_submitting_leave_the_pool_counts_right(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -667,10 +648,10 @@ def test_interrupts_while_submitting_leave_the_pool_counts_right(
     before = set(threading.enumerate())
     old = signal.signal(signal.SIGALRM, handler)
     signal.setitimer(signal.ITIMER_REAL, 0.0001, 0.0001)
-    runs: list[_QuietRun] = []
+    runs: list[QuietRun] = []
     try:
         while hits < 1000 and len(runs) < 1_000_000:
-            run = _QuietRun(ends)
+            run = QuietRun(ends)
             runs.append(run)
             try:
                 armed = True
@@ -721,21 +702,25 @@ def test_a_thread_that_cannot_start_while_withdrawing_is_not_counted_as_coming(
     ends: list[object] = []
     try:
         # Work submitted by another caller, queued, whose thread was the one withdrawn.
-        waiting = _thread.ThreadWork(pool, _QuietRun(ends), abs, (-1,))  # type: ignore[arg-type]
+        waiting = _thread.ThreadWork(pool, QuietRun(ends), abs, (-1,))  # type: ignore[arg-type]
         with pool.lock:
             pool.pending[waiting.key] = waiting
             waiting.submitted = True
         pool.queue.put(waiting.key)
-        never_submitted = _thread.ThreadWork(pool, _QuietRun(ends), abs, (-2,))  # type: ignore[arg-type]
+        never_submitted = _thread.ThreadWork(pool, QuietRun(ends), abs, (-2,))  # type: ignore[arg-type]
 
-        def cannot_start(ticket: object) -> None:
-            raise RuntimeError("can't start new thread")
+        real_start = threading.Thread.start
 
-        monkeypatch.setattr(pool, "_start", cannot_start)
+        def cannot_start(thread: threading.Thread) -> None:
+            if thread.name == "threadbridge-worker":
+                raise RuntimeError("can't start new thread")
+            real_start(thread)
+
+        monkeypatch.setattr(threading.Thread, "start", cannot_start)
         assert pool.withdraw(never_submitted) is True
         assert pool.starting == 0
         monkeypatch.undo()
-        backend.start(_QuietRun(ends), (abs, (-3,)))  # type: ignore[arg-type]
+        backend.start(QuietRun(ends), (abs, (-3,)))  # type: ignore[arg-type]
         deadline = time.monotonic() + 10
         while len(ends) < 2 and time.monotonic() < deadline:
             time.sleep(0.001)

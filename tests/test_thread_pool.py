@@ -15,7 +15,7 @@ import pytest
 import threadbridge as tb
 from threadbridge import _thread
 
-from .helpers import Signal, block_in_c
+from .helpers import QuietRun, Signal, block_in_c
 
 pytestmark = pytest.mark.anyio
 
@@ -293,23 +293,12 @@ def test_idle_threads_retire_after_a_busy_spell(monkeypatch: pytest.MonkeyPatch)
     backend = _thread.ThreadBackend()  # its own pool and threads
     before = set(threading.enumerate())
     done = threading.Semaphore(0)
-
-    class Run:  # just enough of one for ThreadBackend.start()
-        name = "abs()"
-        link = None
-        attached = False
-
-        def attach(self, work: object) -> None:
-            self.attached = True
-
-        def report(self, *args: object, **kwargs: object) -> None:
-            done.release()
-
+    ends: list[object] = []
     try:
         started = 0
         deadline = time.monotonic() + 2
         while time.monotonic() < deadline:
-            backend.start(Run(), (time.sleep, (0.0002,)))  # type: ignore[arg-type]
+            backend.start(QuietRun(ends, done), (time.sleep, (0.0002,)))  # type: ignore[arg-type]
             started += 1
             if started % 50 == 0:
                 time.sleep(0.0005)  # threads whose timeout runs out now and then

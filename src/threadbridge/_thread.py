@@ -85,59 +85,64 @@ class ThreadPool:
     def submit(self, work: ThreadWork) -> None:
         """Hand ``work`` to an idle pool thread, or to a new one. If this raises, the
         caller calls ``withdraw(work)``."""
-        ticket = work.ticket
         with self.lock:
             self.pending[work.key] = work
             work.submitted = True
-            if len(self.pending) > self.idle + self.starting:
-                self.starting += 1
-                ticket.live = True
+            ticket = self._reserve(work)
         self.queue.put(work.key)
-        if ticket.live:  # only the thread below, or withdraw(), can change it now
+        if ticket is not None:
             self._start(ticket)
 
+    def _reserve(self, work: ThreadWork | None = None) -> _Ticket | None:
+        """Under ``lock``: a place in ``starting`` if the promise needs another thread,
+        kept on ``work`` (before it counts) for ``withdraw()`` to find."""
+        if len(self.pending) <= self.idle + self.starting:
+            return None
+        ticket = _Ticket()
+        if work is not None:
+            work.ticket = ticket
+        self.starting += 1
+        ticket.live = True
+        return ticket
+
+    def _give_up(self, ticket: _Ticket | None) -> None:
+        """Under ``lock``: that thread is not coming (or, if it runs, it is idle)."""
+        if ticket is not None and ticket.live:
+            ticket.live = False
+            self.starting -= 1
+
     def _start(self, ticket: _Ticket) -> None:
-        threading.Thread(
-            target=self._main, args=(ticket,), name="threadbridge-worker", daemon=True
-        ).start()
+        """Start a thread for ``ticket``; if it cannot start, it is not counted as coming."""
+        try:
+            threading.Thread(
+                target=self._main, args=(ticket,), name="threadbridge-worker", daemon=True
+            ).start()
+        except BaseException:
+            with self.lock:
+                self._give_up(ticket)
+            raise
 
     def withdraw(self, work: ThreadWork) -> bool:
         """Take back a submit that raised (a thread that could not start, a signal
         handler's exception). Whether the work will never run: no thread took it."""
         with self.lock:
-            key = work.key
-            never = key in self.pending or not work.submitted
-            if key in self.pending:
-                del self.pending[key]  # its number may still be queued: it finds nothing
-            ticket = work.ticket
-            if ticket.live:
-                # Its thread may never start; if it does, it joins the idle ones.
-                ticket.live = False
-                self.starting -= 1
+            waiting = work.key in self.pending
+            if waiting:
+                del self.pending[work.key]  # its number may still be queued: it finds nothing
+            self._give_up(work.ticket)  # its thread may never start
         _stats.changed()
         with contextlib.suppress(Exception):  # what start() raised is what the caller sees
             while True:  # other pending work may have counted on that thread
-                ticket = _Ticket()
                 with self.lock:
-                    if len(self.pending) <= self.idle + self.starting:
-                        break
-                    self.starting += 1
-                    ticket.live = True
-                try:
-                    self._start(ticket)
-                except BaseException:
-                    with self.lock:  # no thread is coming after all
-                        if ticket.live:
-                            ticket.live = False
-                            self.starting -= 1
-                    raise
-        return never
+                    ticket = self._reserve()
+                if ticket is None:
+                    break
+                self._start(ticket)
+        return waiting or not work.submitted
 
     def _main(self, ticket: _Ticket) -> None:
         with self.lock:
-            if ticket.live:
-                ticket.live = False
-                self.starting -= 1
+            self._give_up(ticket)  # taken up: from here this thread counts as idle
             self.idle += 1
         del ticket
         get = self.queue.get
@@ -229,7 +234,7 @@ class ThreadWork:
         self.state = TargetState(Token(), threading.Lock())
         self.state.portal = run.link
         self.key = next(pool.numbers)  # its number in the pool's queue
-        self.ticket = _Ticket()  # for the thread that submitting it may start
+        self.ticket: _Ticket | None = None  # for the thread that submitting it started
         self.submitted = False  # under the pool's lock: it went into ``pending``
 
     # --- the rungs, called by the ladder ---------------------------------------------
