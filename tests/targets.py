@@ -109,6 +109,30 @@ def tb_sleeper(path: str) -> None:
         raise
 
 
+class _SleepsInDel:
+    """Its __del__ blocks in time.sleep: a rung 2 sent then fires inside it, where CPython
+    drops exceptions (it reports them as "Exception ignored in" and goes on)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __del__(self) -> None:
+        mark(self.path, "in __del__")
+        time.sleep(60)
+
+
+def rung2_lands_in_del(path: str) -> None:
+    try:
+        _SleepsInDel(path)  # dropped at once: its __del__ runs here
+        mark(path, "after __del__")
+        time.sleep(60)
+    except tb.TargetCancelled:
+        mark(path, "TargetCancelled")
+        raise
+    finally:
+        mark(path, "finally")
+
+
 def blocking_sleeper(path: str) -> None:
     """Blocks in time.sleep (C); rung 2's SIGTERM interrupts it. "started" is written
     inside the try: a rung 2 sent as soon as it shows may land before the sleep."""

@@ -221,6 +221,24 @@ async def test_rung2_sigterm_interrupts_blocking_sleep(tmp_path: Path) -> None:
     assert await tb.run_killable(targets.add, 1, 1, backend=P) == 2
 
 
+async def test_rung2_dropped_in_a_del_is_delivered_again(tmp_path: Path) -> None:
+    """Rung 2's SIGTERM handled inside a __del__, where CPython drops the exception it
+    raises, is delivered again: the target is interrupted, not left to rung 3."""
+    path = tmp_path / "log"
+    policy = tb.Policy(grace=0, interrupt_grace=30)
+    handle = tb.spawn(targets.rung2_lands_in_del, str(path), backend=P, policy=policy)
+    await lines_of(path, 1)  # "in __del__": it sleeps there
+    with anyio.fail_after(20):
+        assert await handle.stop() is tb.Stage.INTERRUPTED
+    log = path.read_text().splitlines()
+    # Delivered again once __del__ has ended: in the sleep, or in the mark() before it.
+    assert log in (
+        ["in __del__", "after __del__", "TargetCancelled", "finally"],
+        ["in __del__", "TargetCancelled", "finally"],
+    )
+    assert await tb.run_killable(targets.add, 1, 1, backend=P) == 2
+
+
 async def test_uninterruptible_holds_off_sigterm(tmp_path: Path) -> None:
     """In a worker, rung 2 inside uninterruptible() fires when the block exits."""
     path = tmp_path / "log"

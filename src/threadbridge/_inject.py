@@ -89,14 +89,14 @@ def _reset_shared_flag() -> None:
 
 def inject(thread_id: int) -> None:
     """Schedule TargetCancelled in another thread, at its next bytecode boundary."""
-    if not isinstance(sys.unraisablehook, _Redeliver):
-        sys.unraisablehook = _Redeliver(sys.unraisablehook)
+    catch_dropped()
     _async_exc_setters()[0](thread_id, Interrupted)  # type: ignore[operator]
     _reset_shared_flag()
 
 
-# Where the injected exception fires inside a __del__ method, a gc callback or a weakref
-# callback, CPython cannot raise it: it reports it as "unraisable" and drops it, and the
+# Where the injected exception (or, in a worker process, the one raised by the SIGTERM
+# handler) fires inside a __del__ method, a gc callback or a weakref callback, CPython
+# cannot raise it: it reports it as "unraisable" and drops it, and the
 # target runs on. threadbridge's hook (wrapped around whatever hook is installed when rung
 # 2 is first used, pytest's included) silences that report for its own exception and has
 # the exception delivered again. Not from inside the hook: an exception injected there
@@ -115,6 +115,12 @@ class _Redeliver:
                 _redeliver(state)
             return
         self.previous(unraisable)
+
+
+def catch_dropped() -> None:
+    """Have rung 2 delivered again wherever CPython drops it (called before each one)."""
+    if not isinstance(sys.unraisablehook, _Redeliver):
+        sys.unraisablehook = _Redeliver(sys.unraisablehook)
 
 
 _queue: queue.SimpleQueue[Any] = queue.SimpleQueue()

@@ -31,12 +31,14 @@ class TargetState:
 
     __slots__ = (
         "abandoned",
+        "again",
         "deferred",
         "depth",
         "interrupted",
         "lock",
         "pending",
         "portal",
+        "resend",
         "running",
         "started",
         "thread_id",
@@ -55,6 +57,10 @@ class TargetState:
         self.deferred = False  # delivered inside uninterruptible(); raised when it exits
         self.abandoned = False  # rung 3 gave up on it: its thread must never be reused
         self.portal: object = None  # thread targets: the caller's Link, for from_thread
+        # Worker processes: sends rung 2's signal to the target's thread once more (rung 2
+        # comes as a signal there, and only a signal ends a blocking call such as a sleep).
+        self.resend: Callable[[int], None] | None = None
+        self.again = False  # resent: the next interrupt_here() raises once more
 
     # --- from the ladder (other threads) -----------------------------------------------
 
@@ -73,12 +79,15 @@ class TargetState:
 
     def deliver_again(self) -> None:
         """Rung 2 fired where CPython drops exceptions (a __del__, a gc or weakref callback):
-        inject it once more, if the target still runs (from a helper thread)."""
+        deliver it once more, if the target still runs (from a helper thread)."""
         with self.lock:
-            if not self.running or self.pending or self.deferred:
+            if not self.running or self.pending or self.deferred or self.again:
                 return
             if self.depth:
                 self.deferred = True
+            elif self.resend is not None:
+                self.again = True
+                self.resend(self.thread_id)
             else:
                 self.pending = True
                 _inject.inject(self.thread_id)
@@ -96,9 +105,11 @@ class TargetState:
 
     def interrupt_here(self, message: str) -> None:
         """Rung 2 delivered in the target's own thread (a worker's SIGTERM handler)."""
-        if not self.running or self.interrupted:
+        if not self.running or (self.interrupted and not self.again):
             return
         self.interrupted = True
+        self.again = False
+        _inject.catch_dropped()
         if self.depth:
             self.deferred = True  # raised when the outermost uninterruptible() exits
             return

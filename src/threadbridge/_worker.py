@@ -59,6 +59,11 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     job.state.interrupt_here("interrupted by SIGTERM (rung 2)")
 
 
+def _resend(thread_id: int) -> None:
+    # To the target's thread itself: only a signal delivered to it ends a blocking call.
+    signal.pthread_kill(thread_id, signal.SIGTERM)
+
+
 def _control(fd: int) -> None:
     global _interrupt_for
     # SIGTERM must reach the main thread, where the target runs.
@@ -92,6 +97,7 @@ def _run(job_id: int, payload: bytes) -> bytes:
     """Run one job; return the answer for the parent."""
     global _current, _last_started
     state = TargetState(Token(), threading.Lock())
+    state.resend = _resend
     with _lock:
         _last_started = job_id
         if job_id in _early:
