@@ -150,8 +150,10 @@ async def run_case(case: Case, backend: str) -> None:
             if marks.early.is_set():
                 allowed.add(tb.Stage.INTERRUPTED)  # landed before it blocked in C
             rung3_after = p.grace + (p.interrupt_grace if p.interrupt else 0)
-            if backend == "thread" and rung3_after == 0:
-                # Rung 3 comes at once: the target may not have had time to react.
+            if backend == "thread" and rung3_after < 1.0:
+                # Rung 3 comes soon: a loaded machine may not have run the woken thread by
+                # then (tens of milliseconds without the CPU happen with three suites on
+                # two cores). Abandoning is then right: it was still running.
                 allowed.add(tb.Stage.ABANDONED)
             if backend == "process" and rung3_after < 1.0:
                 # A worker may still be starting (tens of milliseconds) when rung 3 comes.
