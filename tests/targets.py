@@ -122,15 +122,8 @@ class _SleepsInDel:
 
 
 def rung2_lands_in_del(path: str) -> None:
-    try:
-        _SleepsInDel(path)  # dropped at once: its __del__ runs here
-        mark(path, "after __del__")
-        time.sleep(60)
-    except tb.TargetCancelled:
-        mark(path, "TargetCancelled")
-        raise
-    finally:
-        mark(path, "finally")
+    _SleepsInDel(path)  # dropped at once: its __del__ runs here
+    blocking_sleeper(path)
 
 
 def blocking_sleeper(path: str) -> None:
