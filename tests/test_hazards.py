@@ -18,7 +18,14 @@ import pytest
 
 import threadbridge as tb
 
-from .helpers import RungWatcher, Signal, spin_until, traced_call_returns, until_running
+from .helpers import (
+    RungWatcher,
+    Signal,
+    spin_forever,
+    spin_until,
+    traced_call_returns,
+    until_running,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -345,11 +352,52 @@ def _churn_gc_callback(started: Signal) -> None:
         gc.callbacks.remove(callback)
 
 
+class _OwnUnraisable(Exception):
+    """What the target's own __del__ raises: CPython hands it to sys.unraisablehook."""
+
+
+class _RaisesInDel:
+    def __del__(self) -> None:
+        raise _OwnUnraisable
+
+
+def _raises_one_unraisable() -> None:
+    _RaisesInDel()  # its exception goes to the unraisable hook
+    spin_forever()
+
+
 @pytest.mark.parametrize("shape", [_churn_dels, _churn_gc_callback])
 async def test_rung2_is_delivered_again_when_dropped(shape: Any) -> None:
     """Rung 2 landing in a __del__ or a gc callback (where CPython drops exceptions) is
     delivered again: INTERRUPTED every time, and no "Exception ignored" report (which this
     suite turns into an error)."""
+    await _stopped_by_rung2_every_time(shape)
+
+
+async def test_rung2_landing_in_an_unraisable_hook_is_delivered_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The target's own unraisable exception goes to a hook written in Python (pytest's,
+    or the user's), set before the target ran: rung 2 landing inside that hook, where
+    CPython drops exceptions too, is delivered again once the hook has returned."""
+    previous = sys.unraisablehook
+    in_hook = Signal()
+
+    def hook(unraisable: Any) -> None:
+        if unraisable.exc_type is not _OwnUnraisable:
+            previous(unraisable)
+            return
+        in_hook.set()
+        spin_forever()  # until rung 2 lands here
+
+    monkeypatch.setattr(sys, "unraisablehook", hook)
+    handle = tb.spawn(_raises_one_unraisable, policy=POLICY)
+    await in_hook.wait()
+    with anyio.fail_after(20):
+        assert await handle.stop() is tb.Stage.INTERRUPTED
+
+
+async def _stopped_by_rung2_every_time(shape: Callable[[Signal], None]) -> None:
     for _ in range(10):
         started = Signal()
         handle = tb.spawn(shape, started, policy=tb.Policy(grace=0, interrupt_grace=30))

@@ -102,7 +102,8 @@ def inject(thread_id: int) -> None:
 # the exception delivered again. Not from inside the hook: an exception injected there
 # would fire in the hook itself, and taking a lock there could deadlock (the target may
 # hold it). A helper thread does it, fed through a SimpleQueue, which is safe to use from
-# __del__, and only once the target's thread has left the hook.
+# __del__, and only once the target's thread has left the hook. The same goes for rung 2
+# landing inside the hook this one wraps, when that is written in Python.
 class _Redeliver:
     def __init__(self, previous: Callable[[Any], object]) -> None:
         self.previous = previous
@@ -114,7 +115,14 @@ class _Redeliver:
             if state is not None:
                 _redeliver(state)
             return
-        self.previous(unraisable)
+        try:
+            self.previous(unraisable)
+        except Interrupted:
+            # Rung 2 landed inside that hook (the target's own unraisable exception, passed
+            # to a hook written in Python): CPython would drop it there too.
+            state = _local.state
+            if state is not None:
+                _redeliver(state)
 
 
 def catch_dropped() -> None:

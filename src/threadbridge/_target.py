@@ -147,6 +147,7 @@ class TargetState:
         Once this returns, no rung 2 can reach the calling thread any more.
         """
         self.thread_id = threading.get_ident()
+        _inject.catch_dropped()  # wrapped before the target runs, not as rung 2 comes
         _local.state = self
         _local.token = self.token
         started = False
