@@ -366,6 +366,39 @@ def _raises_one_unraisable() -> None:
     spin_forever()
 
 
+class _HoldsOffInDel:
+    """Its __del__ runs an uninterruptible() block that waits for ``go``: rung 2 is held
+    off until the block ends, and then raised inside the __del__."""
+
+    def __init__(self, inside: Signal, go: threading.Event) -> None:
+        self.inside = inside
+        self.go = go
+
+    def __del__(self) -> None:
+        with tb.uninterruptible():
+            self.inside.set()
+            self.go.wait()
+
+
+def _held_off_in_del(inside: Signal, go: threading.Event) -> None:
+    _HoldsOffInDel(inside, go)  # dropped at once: its __del__ runs here
+    spin_forever()
+
+
+async def test_rung2_held_off_then_raised_in_a_del_is_delivered_again() -> None:
+    """Rung 2 held off by uninterruptible() fires as the block ends: inside a __del__
+    CPython drops it, and it is delivered again."""
+    inside, go = Signal(), threading.Event()
+    with RungWatcher() as watcher:
+        handle = tb.spawn(_held_off_in_del, inside, go, policy=POLICY)
+        await inside.wait()
+        handle.cancel()
+        await watcher.wait_rung2()
+    go.set()
+    with anyio.fail_after(20):
+        assert await handle.stop() is tb.Stage.INTERRUPTED
+
+
 @pytest.mark.parametrize("shape", [_churn_dels, _churn_gc_callback])
 async def test_rung2_is_delivered_again_when_dropped(shape: Any) -> None:
     """Rung 2 landing in a __del__ or a gc callback (where CPython drops exceptions) is

@@ -124,7 +124,7 @@ class TargetState:
                     # before the block, rather than somewhere inside it.
                     self.pending = False
                     _inject.clear_injection(self.thread_id)
-                    raise TargetCancelled("interrupted (rung 2)")
+                    raise _inject.Interrupted("interrupted (rung 2)")
                 self.depth += 1
         except TargetCancelled:
             self.pending = False
@@ -138,7 +138,10 @@ class TargetState:
             if fire:
                 self.deferred = False
         if fire:
-            raise TargetCancelled("interrupted (rung 2, held off until uninterruptible() ended)")
+            # Interrupted, as any rung 2: delivered again if CPython drops it (a __del__).
+            raise _inject.Interrupted(
+                "interrupted (rung 2, held off until uninterruptible() ended)"
+            )
 
     def run(self, call: Callable[[], Outcome]) -> Outcome | None:
         """Run ``call`` (which returns the target's outcome) as this state's target.
