@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -320,6 +321,50 @@ async def test_a_pool_thread_that_cannot_start_is_a_clear_error_once(
         async with limiter:
             pass
     assert await tb.run_killable(abs, -2, backend=backend, limiter=limiter) == 2
+
+
+def test_rung2_to_deliver_again_while_the_helper_thread_retires_is_delivered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rung 2 dropped by CPython just as the idle helper thread that delivers it again
+    decides to end: it is still delivered (a helper serves it, this one or a new one)."""
+    from threadbridge import _inject
+
+    delivered = threading.Event()
+
+    class State:  # what the helper needs of a TargetState
+        thread_id = -1  # no such thread: never inside the hook
+
+        def deliver_again(self) -> None:
+            delivered.set()
+
+    class RacingQueue(queue.SimpleQueue):  # type: ignore[type-arg]
+        raced = False
+
+        def empty(self) -> bool:
+            # The helper, idle, has found no work: the target's thread hands some over
+            # right now, between that look and the helper's end.
+            was_empty = super().empty()
+            if not self.raced:
+                self.raced = True
+                _inject._redeliver(State())
+            return was_empty
+
+    def join_helpers() -> None:
+        for thread in threading.enumerate():
+            if thread.name == "threadbridge-redeliver":
+                thread.join(10)
+                assert not thread.is_alive()
+
+    monkeypatch.setattr(_inject, "HELPER_IDLE", 0.01)
+    join_helpers()  # one left idle by another test ends within its 5 s
+    monkeypatch.setattr(_inject, "_queue", RacingQueue())
+    _inject._redeliver(State())  # starts the helper thread, which delivers it
+    assert delivered.wait(10)
+    delivered.clear()
+    assert delivered.wait(10), "the work handed over as the helper retired was lost"
+    join_helpers()
+    assert not _inject._helper_running
 
 
 def test_worker_frame_reader_takes_frames_as_they_arrive() -> None:

@@ -159,16 +159,25 @@ def _redeliver(state: Any) -> None:
                 ).start()
 
 
+HELPER_IDLE = 5.0  # seconds the helper thread waits for work before it ends
+
+
 def _helper_main() -> None:
     global _helper_running
     while True:
         try:
-            state = _queue.get(timeout=5.0)
+            state = _queue.get(timeout=HELPER_IDLE)
         except queue.Empty:
             with _helper_lock:
-                if _queue.empty():
-                    _helper_running = False
-                    return
+                _helper_running = False
+            # _redeliver() puts, then looks at the flag without the lock: work put just
+            # before the flag went down finds it up and starts no thread. Look again.
+            if _queue.empty():
+                return
+            with _helper_lock:
+                if _helper_running:
+                    return  # _redeliver() started another helper, which serves it
+                _helper_running = True
             continue
         while _in_hook(state.thread_id):
             time.sleep(0)  # let the target's thread finish the hook
