@@ -97,8 +97,8 @@ def inject(thread_id: int) -> None:
 # Where the injected exception (or, in a worker process, the one raised by the SIGTERM
 # handler) fires inside a __del__ method, a gc callback or a weakref callback, CPython
 # cannot raise it: it reports it as "unraisable" and drops it, and the
-# target runs on. threadbridge's hook (wrapped around whatever hook is installed when rung
-# 2 is first used, pytest's included) silences that report for its own exception and has
+# target runs on. threadbridge's hook (wrapped around whatever hook is installed when a
+# target first runs, pytest's included) silences that report for its own exception and has
 # the exception delivered again. Not from inside the hook: an exception injected there
 # would fire in the hook itself, and taking a lock there could deadlock (the target may
 # hold it). A helper thread does it, fed through a SimpleQueue, which is safe to use from
@@ -126,7 +126,8 @@ class _Redeliver:
 
 
 def catch_dropped() -> None:
-    """Have rung 2 delivered again wherever CPython drops it (called before each one)."""
+    """Have rung 2 delivered again wherever CPython drops it (called as each target
+    starts, and before each rung 2: the hook may have been replaced meanwhile)."""
     if not isinstance(sys.unraisablehook, _Redeliver):
         sys.unraisablehook = _Redeliver(sys.unraisablehook)
 
