@@ -207,3 +207,16 @@ class QuietRun:
 
     def release(self) -> None:
         pass
+
+
+def pool_threads_cannot_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make starting a pool thread fail as it does when the system is out of threads;
+    other threads start as usual. Undone with the monkeypatch."""
+    real_start = threading.Thread.start
+
+    def start(thread: threading.Thread) -> None:
+        if thread.name == "threadbridge-worker":
+            raise RuntimeError("can't start new thread")
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)

@@ -25,7 +25,7 @@ from threadbridge._backend import Backend, resolve
 from threadbridge._ladder import Run, Work
 
 from . import targets
-from .helpers import QuietRun, wait_for_pool_threads
+from .helpers import QuietRun, pool_threads_cannot_start, wait_for_pool_threads
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -306,14 +306,7 @@ async def test_a_pool_thread_that_cannot_start_is_a_clear_error_once(
 
     backend = ThreadBackend()  # its own pool: no idle thread to reuse
     limiter = anyio.CapacityLimiter(1)
-    real_start = threading.Thread.start
-
-    def start(thread: threading.Thread) -> None:
-        if thread.name == "threadbridge-worker":
-            raise RuntimeError("can't start new thread")
-        real_start(thread)
-
-    monkeypatch.setattr(threading.Thread, "start", start)
+    pool_threads_cannot_start(monkeypatch)
     with pytest.raises(RuntimeError, match="can't start new thread"):
         await tb.run_killable(abs, -1, backend=backend, limiter=limiter)
     monkeypatch.undo()
@@ -767,15 +760,7 @@ def test_a_thread_that_cannot_start_while_withdrawing_is_not_counted_as_coming(
             waiting.submitted = True
         pool.queue.put(waiting.key)
         never_submitted = _thread.ThreadWork(pool, QuietRun(ends), abs, (-2,))  # type: ignore[arg-type]
-
-        real_start = threading.Thread.start
-
-        def cannot_start(thread: threading.Thread) -> None:
-            if thread.name == "threadbridge-worker":
-                raise RuntimeError("can't start new thread")
-            real_start(thread)
-
-        monkeypatch.setattr(threading.Thread, "start", cannot_start)
+        pool_threads_cannot_start(monkeypatch)
         assert pool.withdraw(never_submitted) is True
         assert pool.starting == 0
         monkeypatch.undo()
