@@ -19,6 +19,7 @@ import anyio
 
 from . import _jobs, _pickling, _spawn, _wire, _worker
 from ._backend import Backend
+from ._cpus import usable_cpus
 from ._errors import WorkerCrashed
 from ._forkserver import ForkServed
 from ._ladder import Ending, Run
@@ -163,18 +164,6 @@ class ProcessBackend(Backend):
 
     def default_limit(self) -> int:
         return usable_cpus()
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity: a container's cpuset, taskset),
-    not every CPU of the machine, which os.cpu_count() gives."""
-    count = getattr(os, "process_cpu_count", None)  # Python 3.13+
-    if count is not None:
-        return int(count() or 1)
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except (AttributeError, OSError):  # macOS has no affinity
-        return os.cpu_count() or 1
 
 
 def default_backend() -> ProcessBackend:

@@ -1,0 +1,173 @@
+"""The default number of busy workers: the CPUs of the process's affinity, lowered to its
+cgroup's CPU quota. The cgroup files are laid out under a temporary root here, as Linux
+lays them out in a container (cgroup v2, and v1 as Docker without a cgroup namespace
+shows it) and on a host with nested groups (systemd slices)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from threadbridge import _cpus
+
+
+def _write(root: Path, path: str, text: str) -> None:
+    file = root / path.lstrip("/")
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text(text)
+
+
+V2_MOUNT = "30 23 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n"
+
+
+def test_cgroup_v2_quota_of_a_container(tmp_path: Path) -> None:
+    _write(tmp_path, "/proc/self/cgroup", "0::/\n")
+    _write(tmp_path, "/proc/self/mountinfo", V2_MOUNT)
+    _write(tmp_path, "/sys/fs/cgroup/cpu.max", "200000 100000\n")
+    assert _cpus.cgroup_cpu_quota(tmp_path) == 2.0
+
+
+def test_cgroup_v2_without_a_quota(tmp_path: Path) -> None:
+    _write(tmp_path, "/proc/self/cgroup", "0::/\n")
+    _write(tmp_path, "/proc/self/mountinfo", V2_MOUNT)
+    _write(tmp_path, "/sys/fs/cgroup/cpu.max", "max 100000\n")
+    assert _cpus.cgroup_cpu_quota(tmp_path) is None
+
+
+@pytest.mark.parametrize(
+    ("parent", "own", "expected"),
+    [
+        ("150000 100000", "max 100000", 1.5),  # systemd CPUQuota= on the slice
+        ("400000 100000", "50000 100000", 0.5),  # the tighter one holds
+        ("max 100000", "max 100000", None),
+    ],
+)
+def test_cgroup_v2_quota_of_a_parent_group_holds(
+    tmp_path: Path, parent: str, own: str, expected: float | None
+) -> None:
+    _write(tmp_path, "/proc/self/cgroup", "0::/work.slice/job.service\n")
+    _write(tmp_path, "/proc/self/mountinfo", V2_MOUNT)
+    _write(tmp_path, "/sys/fs/cgroup/work.slice/cpu.max", parent)
+    _write(tmp_path, "/sys/fs/cgroup/work.slice/job.service/cpu.max", own)
+    assert _cpus.cgroup_cpu_quota(tmp_path) == expected
+
+
+def test_cgroup_v1_quota_seen_without_a_cgroup_namespace(tmp_path: Path) -> None:
+    """Docker on cgroup v1: /proc/self/cgroup names the container's group, and the mount
+    shows that same group at the mount point."""
+    group = "/docker/0123abcd"
+    _write(
+        tmp_path,
+        "/proc/self/cgroup",
+        f"12:memory:{group}\n4:cpu,cpuacct:{group}\n3:cpuset:{group}\n1:name=systemd:{group}\n",
+    )
+    _write(
+        tmp_path,
+        "/proc/self/mountinfo",
+        f"40 31 0:37 {group} /sys/fs/cgroup/cpu,cpuacct ro,nosuid - cgroup cgroup rw,cpu,cpuacct\n"
+        f"41 31 0:38 {group} /sys/fs/cgroup/cpuset ro,nosuid - cgroup cgroup rw,cpuset\n",
+    )
+    _write(tmp_path, "/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us", "250000\n")
+    _write(tmp_path, "/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_period_us", "100000\n")
+    assert _cpus.cgroup_cpu_quota(tmp_path) == 2.5
+
+
+def test_cgroup_v1_without_a_quota(tmp_path: Path) -> None:
+    _write(tmp_path, "/proc/self/cgroup", "1:cpu:/\n0::/\n")
+    _write(
+        tmp_path,
+        "/proc/self/mountinfo",
+        "32 31 0:29 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n"
+        "41 31 0:38 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n",
+    )
+    _write(tmp_path, "/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "-1\n")
+    _write(tmp_path, "/sys/fs/cgroup/cpu/cpu.cfs_period_us", "100000\n")
+    # The unified (v2) hierarchy of a hybrid host has no cpu controller: no cpu.max.
+    assert _cpus.cgroup_cpu_quota(tmp_path) is None
+
+
+def test_hybrid_host_counts_the_v1_cpu_quota(tmp_path: Path) -> None:
+    _write(tmp_path, "/proc/self/cgroup", "1:cpu:/batch\n0::/batch\n")
+    _write(
+        tmp_path,
+        "/proc/self/mountinfo",
+        "32 31 0:29 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n"
+        "33 31 0:30 / /sys/fs/cgroup/cpuacct rw - cgroup cgroup rw,cpuacct\n"
+        "41 31 0:38 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n",
+    )
+    _write(tmp_path, "/sys/fs/cgroup/cpu/batch/cpu.cfs_quota_us", "100000\n")
+    _write(tmp_path, "/sys/fs/cgroup/cpu/batch/cpu.cfs_period_us", "100000\n")
+    _write(tmp_path, "/sys/fs/cgroup/cpuacct/batch/cpu.cfs_quota_us", "1000\n")  # not cpu's
+    _write(tmp_path, "/sys/fs/cgroup/cpuacct/batch/cpu.cfs_period_us", "100000\n")
+    assert _cpus.cgroup_cpu_quota(tmp_path) == 1.0
+
+
+def test_mount_of_another_part_of_the_hierarchy_is_not_read(tmp_path: Path) -> None:
+    _write(tmp_path, "/proc/self/cgroup", "0::/elsewhere/job\n")
+    _write(tmp_path, "/proc/self/mountinfo", V2_MOUNT.replace(" / /sys", " /mine /sys"))
+    _write(tmp_path, "/sys/fs/cgroup/cpu.max", "100000 100000\n")
+    assert _cpus.cgroup_cpu_quota(tmp_path) is None
+
+
+def test_escaped_mount_point(tmp_path: Path) -> None:
+    _write(tmp_path, "/proc/self/cgroup", "0::/\n")
+    _write(
+        tmp_path,
+        "/proc/self/mountinfo",
+        "30 23 0:26 / /cg\\040roups rw - cgroup2 cgroup2 rw\n",
+    )
+    _write(tmp_path, "/cg roups/cpu.max", "300000 100000\n")
+    assert _cpus.cgroup_cpu_quota(tmp_path) == 3.0
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "garbage\n", "0::/\n1:cpu\n"],
+)
+def test_unreadable_or_odd_cgroup_files_count_as_no_quota(tmp_path: Path, text: str) -> None:
+    assert _cpus.cgroup_cpu_quota(tmp_path) is None  # no files at all (not Linux)
+    _write(tmp_path, "/proc/self/cgroup", text)
+    _write(tmp_path, "/proc/self/mountinfo", V2_MOUNT + "no dash here\n")
+    _write(tmp_path, "/sys/fs/cgroup/cpu.max", "not numbers\n")
+    assert _cpus.cgroup_cpu_quota(tmp_path) is None
+
+
+@pytest.mark.parametrize(
+    ("affinity", "quota", "expected"),
+    [
+        (8, None, 8),
+        (8, 0.3, 1),  # never 0
+        (8, 1.5, 2),  # a fraction counts up
+        (8, 2.0, 2),
+        (2, 16.0, 2),  # a quota above the affinity does not raise it
+        (1, None, 1),
+    ],
+)
+def test_usable_cpus_is_the_affinity_lowered_to_the_quota(
+    monkeypatch: pytest.MonkeyPatch, affinity: int, quota: float | None, expected: int
+) -> None:
+    monkeypatch.setattr(_cpus, "affinity_cpus", lambda: affinity)
+    monkeypatch.setattr(_cpus, "cgroup_cpu_quota", lambda: quota)
+    assert _cpus.usable_cpus() == expected
+
+
+def test_affinity_counts_the_cpus_this_process_may_run_on() -> None:
+    cpus = _cpus.affinity_cpus()
+    if hasattr(os, "process_cpu_count"):  # 3.13: PYTHON_CPU_COUNT can set it
+        assert cpus == os.process_cpu_count()
+    elif hasattr(os, "sched_getaffinity"):
+        assert cpus == len(os.sched_getaffinity(0))
+    else:
+        assert cpus == os.cpu_count()
+
+
+def test_default_process_limiter_and_pool_size_follow_the_quota(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from threadbridge import _pool
+
+    monkeypatch.setattr(_cpus, "cgroup_cpu_quota", lambda: 0.5)
+    assert _pool.ProcessBackend().default_limit() == 1
+    assert _pool.ProcessPool()._workers == 1
