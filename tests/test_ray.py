@@ -1,14 +1,17 @@
 """backend="ray": the ladder on a real local Ray cluster, on both loops.
 
-The cluster is started once for the session with ``ray start --head`` (its processes are
-not children of the test run, so the leak checks see only what the tests themselves
-leave) and stopped at the end.
+The session starts a cluster of its own with ``ray start --head``: its processes are not
+children of the test run (the leak checks see only what the tests themselves leave), it
+listens on ports that are free (a cluster already running on the machine is no
+obstacle), and its processes form a session of their own, which is what stops it at the
+end: exactly that cluster, never another one of this machine.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +26,7 @@ import pytest
 
 import threadbridge as tb
 
-from . import targets
+from . import ray_watchdog, targets
 from .test_process import lines_of
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
@@ -40,41 +43,68 @@ CPUS = 2
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    global _cluster_session
     cli = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
     temp = tmp_path_factory.mktemp("ray")
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    started = subprocess.run(
-        [cli, "start", "--head", f"--num-cpus={CPUS}", "--include-dashboard=false",
-         f"--temp-dir={temp}", "--disable-usage-stats"],
-        capture_output=True, text=True, env=env, timeout=120,
+    env.pop("RAY_ADDRESS", None)
+    # `ray start` turns token authentication on by itself when ~/.ray/auth_token exists;
+    # a driver given an address (as here) does not, and could not connect. Unless the
+    # environment chooses, the cluster goes by the driver's default.
+    env.setdefault("RAY_AUTH_MODE", "disabled")
+    # Ray picks the head's port itself (0); the ports that have fixed defaults are chosen
+    # free here; Ray picks the others at random.
+    command = [
+        cli, "start", "--head", "--port=0", f"--num-cpus={CPUS}",
+        "--include-dashboard=false", f"--dashboard-port={_free_port()}",
+        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--temp-dir={temp}", "--disable-usage-stats",
+    ]  # fmt: skip
+    # A session of its own: every process of the cluster, and every worker its raylet
+    # starts, is in it, and nothing else is. (`ray stop` stops every cluster of the
+    # machine.)
+    starter = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        start_new_session=True,
     )  # fmt: skip
-    if started.returncode != 0:
-        pytest.fail(
-            f"`ray start --head` failed (exit {started.returncode}). Is a Ray cluster already "
-            f"running on this machine? `ray stop --force` stops it.\n{started.stderr[-3000:]}"
-        )
-    # The cluster's processes are not the test run's children: if the run dies without
-    # its teardown (pytest-timeout ends a hung run with os._exit), this watchdog, which
-    # waits for the end of its stdin, stops the cluster all the same.
+    # If the run dies without its teardown (pytest-timeout ends a hung run with
+    # os._exit), this watchdog, which waits for the end of its stdin, stops the cluster
+    # all the same.
     watchdog = subprocess.Popen(
-        [sys.executable, "-c", _WATCHDOG, cli, "stop", "--force"],
+        [sys.executable, str(Path(ray_watchdog.__file__)), str(starter.pid)],
         stdin=subprocess.PIPE, env=env, start_new_session=True,
     )  # fmt: skip
     try:
-        ray.init(address="auto", log_to_driver=False)
+        out, err = starter.communicate(timeout=120)
+        address_file = temp / "ray_current_cluster"  # where `ray start` writes it
+        if starter.returncode != 0 or not address_file.exists():
+            pytest.fail(
+                f"`ray start --head` failed (exit {starter.returncode}).\n{out[-2000:]}\n"
+                f"{err[-3000:]}"
+            )
+        _cluster_session = starter.pid
+        ray.init(address=address_file.read_text().strip(), log_to_driver=False)
         anyio.run(_warm_up)
         yield
     finally:
+        if starter.returncode is None:
+            starter.kill()
+            starter.wait()
         ray.shutdown()
         assert watchdog.stdin is not None
         watchdog.stdin.close()  # the watchdog stops the cluster now
         watchdog.wait(timeout=150)
+    left = ray_watchdog.session_members(starter.pid)
+    assert not left, f"the cluster's processes outlived its stop: {left}"
 
 
-_WATCHDOG = (
-    "import subprocess, sys; sys.stdin.buffer.read(); "
-    "subprocess.run(sys.argv[1:], capture_output=True, timeout=120)"
-)
+_cluster_session: int | None = None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 async def _warm_up() -> None:
@@ -86,12 +116,16 @@ async def _warm_up() -> None:
 
 
 def _running_our_tasks() -> list[int]:
-    """Ray workers of this machine running a threadbridge task now (Ray names a worker's
-    process after the task it runs)."""
+    """The session cluster's Ray workers that run a threadbridge task now (Ray names a
+    worker's process after the task it runs)."""
+    assert _cluster_session is not None
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        if " ".join(proc.info["cmdline"] or []).startswith("ray::_run_remote"):
-            found.append(proc.pid)
+    for proc in ray_watchdog.session_members(_cluster_session):
+        try:
+            if " ".join(proc.cmdline()).startswith("ray::_run_remote"):
+                found.append(proc.pid)
+        except psutil.Error:
+            pass
     return found
 
 
