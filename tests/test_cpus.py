@@ -19,21 +19,27 @@ def _write(root: Path, path: str, text: str) -> None:
     file.write_text(text)
 
 
+def _quota(root: Path, cgroup: str, mountinfo: str, files: dict[str, str]) -> float | None:
+    """The quota read under ``root`` laid out with these /proc/self files and others."""
+    _write(root, "/proc/self/cgroup", cgroup)
+    _write(root, "/proc/self/mountinfo", mountinfo)
+    for path, text in files.items():
+        _write(root, path, text)
+    return _cpus.cgroup_cpu_quota(root)
+
+
 V2_MOUNT = "30 23 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n"
+V1_CPU_MOUNT = "32 31 0:29 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n"
+V1_CPUACCT_MOUNT = "33 31 0:30 / /sys/fs/cgroup/cpuacct rw - cgroup cgroup rw,cpuacct\n"
+UNIFIED_MOUNT = "41 31 0:38 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n"
 
 
-def test_cgroup_v2_quota_of_a_container(tmp_path: Path) -> None:
-    _write(tmp_path, "/proc/self/cgroup", "0::/\n")
-    _write(tmp_path, "/proc/self/mountinfo", V2_MOUNT)
-    _write(tmp_path, "/sys/fs/cgroup/cpu.max", "200000 100000\n")
-    assert _cpus.cgroup_cpu_quota(tmp_path) == 2.0
-
-
-def test_cgroup_v2_without_a_quota(tmp_path: Path) -> None:
-    _write(tmp_path, "/proc/self/cgroup", "0::/\n")
-    _write(tmp_path, "/proc/self/mountinfo", V2_MOUNT)
-    _write(tmp_path, "/sys/fs/cgroup/cpu.max", "max 100000\n")
-    assert _cpus.cgroup_cpu_quota(tmp_path) is None
+@pytest.mark.parametrize(("cpu_max", "expected"), [("200000 100000\n", 2.0), ("max 100000", None)])
+def test_cgroup_v2_quota_of_a_container(
+    tmp_path: Path, cpu_max: str, expected: float | None
+) -> None:
+    files = {"/sys/fs/cgroup/cpu.max": cpu_max}
+    assert _quota(tmp_path, "0::/\n", V2_MOUNT, files) == expected
 
 
 @pytest.mark.parametrize(
@@ -47,79 +53,55 @@ def test_cgroup_v2_without_a_quota(tmp_path: Path) -> None:
 def test_cgroup_v2_quota_of_a_parent_group_holds(
     tmp_path: Path, parent: str, own: str, expected: float | None
 ) -> None:
-    _write(tmp_path, "/proc/self/cgroup", "0::/work.slice/job.service\n")
-    _write(tmp_path, "/proc/self/mountinfo", V2_MOUNT)
-    _write(tmp_path, "/sys/fs/cgroup/work.slice/cpu.max", parent)
-    _write(tmp_path, "/sys/fs/cgroup/work.slice/job.service/cpu.max", own)
-    assert _cpus.cgroup_cpu_quota(tmp_path) == expected
+    files = {
+        "/sys/fs/cgroup/work.slice/cpu.max": parent,
+        "/sys/fs/cgroup/work.slice/job.service/cpu.max": own,
+    }
+    assert _quota(tmp_path, "0::/work.slice/job.service\n", V2_MOUNT, files) == expected
 
 
 def test_cgroup_v1_quota_seen_without_a_cgroup_namespace(tmp_path: Path) -> None:
     """Docker on cgroup v1: /proc/self/cgroup names the container's group, and the mount
     shows that same group at the mount point."""
     group = "/docker/0123abcd"
-    _write(
-        tmp_path,
-        "/proc/self/cgroup",
-        f"12:memory:{group}\n4:cpu,cpuacct:{group}\n3:cpuset:{group}\n1:name=systemd:{group}\n",
+    cgroup = f"12:memory:{group}\n4:cpu,cpuacct:{group}\n3:cpuset:{group}\n1:name=systemd:{group}\n"
+    mountinfo = (
+        f"40 31 0:37 {group} /sys/fs/cgroup/cpu,cpuacct ro - cgroup cgroup rw,cpu,cpuacct\n"
+        f"41 31 0:38 {group} /sys/fs/cgroup/cpuset ro - cgroup cgroup rw,cpuset\n"
     )
-    _write(
-        tmp_path,
-        "/proc/self/mountinfo",
-        f"40 31 0:37 {group} /sys/fs/cgroup/cpu,cpuacct ro,nosuid - cgroup cgroup rw,cpu,cpuacct\n"
-        f"41 31 0:38 {group} /sys/fs/cgroup/cpuset ro,nosuid - cgroup cgroup rw,cpuset\n",
-    )
-    _write(tmp_path, "/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us", "250000\n")
-    _write(tmp_path, "/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_period_us", "100000\n")
-    assert _cpus.cgroup_cpu_quota(tmp_path) == 2.5
+    files = {
+        "/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us": "250000\n",
+        "/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_period_us": "100000\n",
+    }
+    assert _quota(tmp_path, cgroup, mountinfo, files) == 2.5
 
 
-def test_cgroup_v1_without_a_quota(tmp_path: Path) -> None:
-    _write(tmp_path, "/proc/self/cgroup", "1:cpu:/\n0::/\n")
-    _write(
-        tmp_path,
-        "/proc/self/mountinfo",
-        "32 31 0:29 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n"
-        "41 31 0:38 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n",
-    )
-    _write(tmp_path, "/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "-1\n")
-    _write(tmp_path, "/sys/fs/cgroup/cpu/cpu.cfs_period_us", "100000\n")
-    # The unified (v2) hierarchy of a hybrid host has no cpu controller: no cpu.max.
-    assert _cpus.cgroup_cpu_quota(tmp_path) is None
-
-
-def test_hybrid_host_counts_the_v1_cpu_quota(tmp_path: Path) -> None:
-    _write(tmp_path, "/proc/self/cgroup", "1:cpu:/batch\n0::/batch\n")
-    _write(
-        tmp_path,
-        "/proc/self/mountinfo",
-        "32 31 0:29 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n"
-        "33 31 0:30 / /sys/fs/cgroup/cpuacct rw - cgroup cgroup rw,cpuacct\n"
-        "41 31 0:38 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n",
-    )
-    _write(tmp_path, "/sys/fs/cgroup/cpu/batch/cpu.cfs_quota_us", "100000\n")
-    _write(tmp_path, "/sys/fs/cgroup/cpu/batch/cpu.cfs_period_us", "100000\n")
-    _write(tmp_path, "/sys/fs/cgroup/cpuacct/batch/cpu.cfs_quota_us", "1000\n")  # not cpu's
-    _write(tmp_path, "/sys/fs/cgroup/cpuacct/batch/cpu.cfs_period_us", "100000\n")
-    assert _cpus.cgroup_cpu_quota(tmp_path) == 1.0
+@pytest.mark.parametrize(("quota", "expected"), [("100000\n", 1.0), ("-1\n", None)])
+def test_hybrid_host_counts_the_v1_cpu_quota(
+    tmp_path: Path, quota: str, expected: float | None
+) -> None:
+    """cgroup v1 for the cpu controller, and a unified (v2) hierarchy without it: no
+    cpu.max there. Only the hierarchy with the cpu controller counts."""
+    files = {
+        "/sys/fs/cgroup/cpu/batch/cpu.cfs_quota_us": quota,
+        "/sys/fs/cgroup/cpu/batch/cpu.cfs_period_us": "100000\n",
+        "/sys/fs/cgroup/cpuacct/batch/cpu.cfs_quota_us": "1000\n",  # not cpu's
+        "/sys/fs/cgroup/cpuacct/batch/cpu.cfs_period_us": "100000\n",
+    }
+    mountinfo = V1_CPU_MOUNT + V1_CPUACCT_MOUNT + UNIFIED_MOUNT
+    assert _quota(tmp_path, "1:cpu:/batch\n0::/batch\n", mountinfo, files) == expected
 
 
 def test_mount_of_another_part_of_the_hierarchy_is_not_read(tmp_path: Path) -> None:
-    _write(tmp_path, "/proc/self/cgroup", "0::/elsewhere/job\n")
-    _write(tmp_path, "/proc/self/mountinfo", V2_MOUNT.replace(" / /sys", " /mine /sys"))
-    _write(tmp_path, "/sys/fs/cgroup/cpu.max", "100000 100000\n")
-    assert _cpus.cgroup_cpu_quota(tmp_path) is None
+    mountinfo = V2_MOUNT.replace(" / /sys", " /mine /sys")
+    files = {"/sys/fs/cgroup/cpu.max": "100000 100000\n"}
+    assert _quota(tmp_path, "0::/elsewhere/job\n", mountinfo, files) is None
 
 
 def test_escaped_mount_point(tmp_path: Path) -> None:
-    _write(tmp_path, "/proc/self/cgroup", "0::/\n")
-    _write(
-        tmp_path,
-        "/proc/self/mountinfo",
-        "30 23 0:26 / /cg\\040roups rw - cgroup2 cgroup2 rw\n",
-    )
-    _write(tmp_path, "/cg roups/cpu.max", "300000 100000\n")
-    assert _cpus.cgroup_cpu_quota(tmp_path) == 3.0
+    mountinfo = "30 23 0:26 / /cg\\040roups rw - cgroup2 cgroup2 rw\n"
+    files = {"/cg roups/cpu.max": "300000 100000\n"}
+    assert _quota(tmp_path, "0::/\n", mountinfo, files) == 3.0
 
 
 @pytest.mark.parametrize(
