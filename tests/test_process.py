@@ -423,6 +423,34 @@ async def test_fork_start_method(tmp_path: Path) -> None:
     assert await tb.run_killable(targets.add, 2, 2, backend=P) == 4
 
 
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+async def test_worker_forked_while_an_ended_one_is_still_listed_keeps_its_pipes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker that ends closes its pipes before its pool forgets it, and a new worker
+    made meanwhile (a standby, on another thread) gets the lowest free descriptors: the
+    numbers just closed. A forked child closes its copies of the parent's pipes; it must
+    not close those numbers, its own pipes now. (The new worker died at once, without a
+    word, and the call given to it raised WorkerCrashed.)"""
+    from threadbridge._process import WorkerPool
+    from threadbridge._process_worker import WorkerProcess
+
+    made: list[WorkerProcess] = []
+    ended = WorkerPool.ended
+
+    def make_one_first(self: WorkerPool, worker: WorkerProcess, *, reaped: bool) -> None:
+        if not made:  # the ended worker is still listed, its pipes closed
+            made.append(self._new_worker("idle"))
+        ended(self, worker, reaped=reaped)
+
+    monkeypatch.setattr(WorkerPool, "ended", make_one_first)
+    async with tb.ProcessPool(1, start_method="fork") as pool:
+        with pytest.raises(tb.WorkerCrashed):
+            await tb.run_killable(targets.exit_with, 3, backend=pool)
+        assert len(made) == 1
+        assert await tb.run_killable(os.getpid, backend=pool) == made[0].pid
+
+
 def test_unknown_start_method() -> None:
     """An unknown start method is a ValueError listing the choices."""
     with pytest.raises(ValueError, match="spawn"):

@@ -168,9 +168,14 @@ class WorkerProcess:
             pass  # the group is gone already
 
     def forget(self) -> None:
-        """In a forked child of the parent: close this copy of the parent's pipes."""
-        for fd in (self.job_fd, self.control_fd, self.result_fd, self.pidfd):
-            if fd is not None:
+        """In a forked child of the parent: close this copy of the parent's pipes. Only
+        those still open in the parent: the number of one it has closed may be in use
+        again by now, for the pipes of the very worker this child is about to become."""
+        fds: list[int | None] = [self.job_fd, self.control_fd]
+        if not self.fds_closed:
+            fds += [self.result_fd, self.pidfd]
+        for fd in fds:
+            if fd is not None and fd >= 0:
                 _close(fd)
 
     def exited(self) -> bool:
@@ -353,7 +358,10 @@ class WorkerProcess:
                 self.pid,
                 REAP_TIMEOUT,
             )
-        for fd in (self.job_fd, self.control_fd):
+        # Forgotten before they are closed (-1: writing fails as to a dead worker): a child
+        # forked meanwhile must not close their numbers, which a new pipe may reuse.
+        fds, self.job_fd, self.control_fd = (self.job_fd, self.control_fd), -1, -1
+        for fd in fds:
             _close(fd)
         # The loop may still watch the result pipe: only the loop's thread may stop that
         # and close it, or a new pipe given the same number would meet the old watch.
