@@ -432,9 +432,14 @@ async def test_worker_forked_while_an_ended_one_is_still_listed_keeps_its_pipes(
     numbers just closed. A forked child closes its copies of the parent's pipes; it must
     not close those numbers, its own pipes now. (The new worker died at once, without a
     word, and the call given to it raised WorkerCrashed.)"""
+    from threadbridge import _process
     from threadbridge._process import WorkerPool
     from threadbridge._process_worker import WorkerProcess
 
+    # No standby of the usual kind: the only idle worker must be the one made below, so
+    # that the next call is given to it. (On a loaded machine the crash can come after
+    # the standby delay, and the call went to that standby.)
+    monkeypatch.setattr(_process, "STANDBY_DELAY", 3600.0)
     made: list[WorkerProcess] = []
     ended = WorkerPool.ended
 
