@@ -135,14 +135,18 @@ def test_usable_cpus_is_the_affinity_lowered_to_the_quota(
     assert _cpus.usable_cpus() == expected
 
 
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this platform (macOS)"
+)
 def test_affinity_counts_the_cpus_this_process_may_run_on() -> None:
-    cpus = _cpus.affinity_cpus()
-    if hasattr(os, "process_cpu_count"):  # 3.13: PYTHON_CPU_COUNT can set it
-        assert cpus == os.process_cpu_count()
-    elif hasattr(os, "sched_getaffinity"):
-        assert cpus == len(os.sched_getaffinity(0))
-    else:
-        assert cpus == os.cpu_count()
+    """Held to one CPU (as ``taskset -c 0`` would), it counts one, whatever the machine
+    has; ``os.cpu_count()`` would count them all."""
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(allowed)})  # on Linux, this thread's: restored below
+    try:
+        assert _cpus.affinity_cpus() == 1
+    finally:
+        os.sched_setaffinity(0, allowed)
 
 
 def test_default_process_limiter_and_pool_size_follow_the_quota(

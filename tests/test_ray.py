@@ -42,8 +42,8 @@ CPUS = 2
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    global _cluster_session
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """The session's cluster; yields the id of the session its processes are in."""
     cli = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
     temp = tmp_path_factory.mktemp("ray")
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
@@ -82,10 +82,9 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
                 f"`ray start --head` failed (exit {starter.returncode}).\n{out[-2000:]}\n"
                 f"{err[-3000:]}"
             )
-        _cluster_session = starter.pid
         ray.init(address=address_file.read_text().strip(), log_to_driver=False)
         anyio.run(_warm_up)
-        yield
+        yield starter.pid
     finally:
         if starter.returncode is None:
             starter.kill()
@@ -96,9 +95,6 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         watchdog.wait(timeout=150)
     left = ray_watchdog.session_members(starter.pid)
     assert not left, f"the cluster's processes outlived its stop: {left}"
-
-
-_cluster_session: int | None = None
 
 
 def _free_port() -> int:
@@ -115,12 +111,11 @@ async def _warm_up() -> None:
             tg.start_soon(lambda: tb.run_killable(time.sleep, 0.5, backend="ray"))
 
 
-def _running_our_tasks() -> list[int]:
-    """The session cluster's Ray workers that run a threadbridge task now (Ray names a
-    worker's process after the task it runs)."""
-    assert _cluster_session is not None
+def _running_our_tasks(cluster: int) -> list[int]:
+    """The cluster's Ray workers that run a threadbridge task now (Ray names a worker's
+    process after the task it runs)."""
     found = []
-    for proc in ray_watchdog.session_members(_cluster_session):
+    for proc in ray_watchdog.session_members(cluster):
         try:
             if " ".join(proc.cmdline()).startswith("ray::_run_remote"):
                 found.append(proc.pid)
@@ -130,12 +125,12 @@ def _running_our_tasks() -> list[int]:
 
 
 @pytest.fixture(autouse=True)
-def no_ray_task_left() -> Iterator[None]:
+def no_ray_task_left(ray_cluster: int) -> Iterator[None]:
     """Fail the test if a Ray worker still runs one of its targets a while after it."""
     yield
     deadline = time.monotonic() + 10
-    while _running_our_tasks():
-        assert time.monotonic() < deadline, f"Ray workers still run: {_running_our_tasks()}"
+    while running := _running_our_tasks(ray_cluster):
+        assert time.monotonic() < deadline, f"Ray workers still run: {running}"
         time.sleep(0.02)
 
 
