@@ -456,6 +456,67 @@ async def test_worker_forked_while_an_ended_one_is_still_listed_keeps_its_pipes(
         assert await tb.run_killable(os.getpid, backend=pool) == made[0].pid
 
 
+async def test_a_write_in_progress_keeps_its_pipe_number_from_reuse(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A job's payload is still being written when its worker dies. The ending worker
+    must not close the job pipe under that write: a new pipe (another worker's) would be
+    given its number, and the rest of the frame would go there. The pipe is closed as the
+    write ends, and the pool goes on."""
+    from threadbridge import _process_worker, _wire
+
+    real_write = _process_worker.write_frame
+    writing, go, written = threading.Event(), threading.Event(), threading.Event()
+    held: list[tuple[int, int]] = []  # (descriptor, its pipe's inode) of the held write
+
+    def held_write(fd: int, kind: int, job: int = 0, payload: bytes = b"") -> None:
+        if kind != _wire.RUN or held:
+            real_write(fd, kind, job, payload)
+            return
+        held.append((fd, os.fstat(fd).st_ino))
+        writing.set()
+        try:
+            go.wait(30)
+            real_write(fd, kind, job, payload)
+        finally:
+            written.set()
+
+    async with tb.ProcessPool(1) as pool:
+        pid = await tb.run_killable(os.getpid, backend=pool)
+        monkeypatch.setattr(_process_worker, "write_frame", held_write)
+        crashed = anyio.Event()
+
+        async def call() -> None:
+            # Large enough to be written from a helper thread, not the event loop.
+            with pytest.raises(tb.WorkerCrashed):
+                await tb.run_killable(len, b"x" * 200_000, backend=pool)
+            crashed.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+            try:
+                assert await anyio.to_thread.run_sync(writing.wait, 30)
+                os.kill(pid, signal.SIGKILL)
+                with anyio.fail_after(30):
+                    await crashed.wait()  # the worker has ended and been reported
+                fd, inode = held[0]
+                assert os.fstat(fd).st_ino == inode  # the job pipe still: not closed under it
+            finally:
+                go.set()
+            assert await anyio.to_thread.run_sync(written.wait, 30)
+
+        def still_the_job_pipe() -> bool:
+            try:
+                return os.fstat(fd).st_ino == inode
+            except OSError:
+                return False  # closed (or its number is some new descriptor's)
+
+        with anyio.fail_after(30):  # closed as the write ends
+            while still_the_job_pipe():
+                await anyio.sleep(0.005)
+        assert await tb.run_killable(targets.add, 2, 2, backend=pool) == 4
+
+
 def test_unknown_start_method() -> None:
     """An unknown start method is a ValueError listing the choices."""
     with pytest.raises(ValueError, match="spawn"):

@@ -46,6 +46,11 @@ class WorkerProcess:
         self.pool = pool
         self.link = link
         self.lock = threading.Lock()  # guards current, killed, finished
+        # Guards the job and control pipes' numbers against reuse: a write in progress
+        # keeps them open, and the last one out closes them once the worker has ended.
+        self.pipe_lock = threading.Lock()
+        self.writers = 0
+        self.pipes_ending = False
         self.current: ProcessWork | None = None  # the job it runs
         self.killed: ProcessWork | None = None  # the job rung 3 killed it for
         # A job that rung 2 reached, answered; reported once the worker is retired.
@@ -101,10 +106,7 @@ class WorkerProcess:
 
             settings["authkey"] = bytes(process.current_process().authkey)
             self.has_authkey = True
-        try:
-            write_frame(self.job_fd, _wire.INIT, 0, pickle.dumps(settings))
-        except OSError:
-            pass  # the worker has died; end of file on its answers reports it
+        self._write(_wire.INIT, 0, pickle.dumps(settings))
 
     # --- talking to the worker ---------------------------------------------------------
 
@@ -144,22 +146,55 @@ class WorkerProcess:
             ).start()
 
     def _write_job(self, job_id: int, payload: bytes) -> None:
-        try:
-            write_frame(self.job_fd, _wire.RUN, job_id, payload)
-        except OSError:
-            pass  # the worker has died; end of file on its answers reports it
+        self._write(_wire.RUN, job_id, payload)
 
     def control(self, kind: int, job_id: int) -> None:
-        try:
-            write_frame(self.control_fd, kind, job_id)
-        except OSError:
-            pass
+        self._write(kind, job_id, control=True)
 
     def ask_to_exit(self) -> None:
+        self._write(_wire.EXIT)
+
+    def _write(
+        self, kind: int, job_id: int = 0, payload: bytes = b"", *, control: bool = False
+    ) -> None:
+        """A frame to the worker (on its control pipe if ``control``), unless it has
+        ended. The pipe stays open until the write is done: were it closed meanwhile, a
+        new pipe (another worker's) could be given its number, and the rest of the frame
+        would go there."""
+        with self.pipe_lock:
+            if self.pipes_ending:
+                return  # the worker has ended: nothing reads any more
+            self.writers += 1
+            fd = self.control_fd if control else self.job_fd
         try:
-            write_frame(self.job_fd, _wire.EXIT)
+            write_frame(fd, kind, job_id, payload)
         except OSError:
-            pass
+            pass  # the worker has died; end of file on its answers reports it
+        finally:
+            self._done_writing()
+
+    def _done_writing(self) -> None:
+        with self.pipe_lock:
+            self.writers -= 1
+            last = self.pipes_ending and not self.writers
+        if last:
+            self._close_pipes()
+
+    def _end_pipes(self) -> None:
+        """The worker has ended: close its job and control pipes now, or as the last
+        write still in progress (to a pipe a stray process may hold) ends."""
+        with self.pipe_lock:
+            self.pipes_ending = True
+            now = not self.writers
+        if now:
+            self._close_pipes()
+
+    def _close_pipes(self) -> None:
+        # Forgotten before they are closed: a child forked meanwhile must not close
+        # their numbers, which a new pipe may reuse.
+        fds, self.job_fd, self.control_fd = (self.job_fd, self.control_fd), -1, -1
+        for fd in fds:
+            _close(fd)
 
     def signal_group(self, signum: int) -> None:
         try:
@@ -358,11 +393,7 @@ class WorkerProcess:
                 self.pid,
                 REAP_TIMEOUT,
             )
-        # Forgotten before they are closed (-1: writing fails as to a dead worker): a child
-        # forked meanwhile must not close their numbers, which a new pipe may reuse.
-        fds, self.job_fd, self.control_fd = (self.job_fd, self.control_fd), -1, -1
-        for fd in fds:
-            _close(fd)
+        self._end_pipes()
         # The loop may still watch the result pipe: only the loop's thread may stop that
         # and close it, or a new pipe given the same number would meet the old watch.
         if loop_gone or not self.link.call(self._close_result_fd):
