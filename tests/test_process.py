@@ -517,6 +517,53 @@ async def test_a_write_in_progress_keeps_its_pipe_number_from_reuse(
         assert await tb.run_killable(targets.add, 2, 2, backend=pool) == 4
 
 
+@pytest.mark.parametrize("moment", ["before it is chosen", "as it is chosen"])
+async def test_a_worker_that_is_ending_is_never_given_a_call(
+    monkeypatch: pytest.MonkeyPatch, moment: str
+) -> None:
+    """An idle worker has died and its end is being handled (its pool has not heard yet).
+    Its exit cannot be seen from outside: as on macOS before Python 3.13, which cannot
+    look without reaping, or for a fork server's worker whose server has not told yet.
+    A call must not be given to it, whether its end began before the pool chose it for
+    the call or just after: the end is handled without that call, which then waited for
+    ever, cancelled or not."""
+    from threadbridge._process import WorkerPool
+    from threadbridge._process_worker import WorkerProcess
+
+    async with tb.ProcessPool(1) as pool:
+        pid = await tb.run_killable(os.getpid, backend=pool)
+        ending, go = threading.Event(), threading.Event()
+        ended, acquire = WorkerPool.ended, WorkerPool.acquire
+
+        def held_ended(self: WorkerPool, worker: WorkerProcess, *, reaped: bool) -> None:
+            if worker.pid == pid:
+                ending.set()  # the end is under way, and the pool has not heard
+                go.wait(30)
+            ended(self, worker, reaped=reaped)
+
+        def end_as_chosen(self: WorkerPool) -> WorkerProcess:
+            worker = acquire(self)
+            if worker.pid == pid:
+                os.kill(pid, signal.SIGKILL)
+                worker.finish_soon()  # as the loop does once it sees the exit
+                assert ending.wait(30)
+            return worker
+
+        monkeypatch.setattr(WorkerProcess, "exited", lambda self: False)
+        monkeypatch.setattr(WorkerPool, "ended", held_ended)
+        try:
+            if moment == "before it is chosen":
+                os.kill(pid, signal.SIGKILL)
+                assert await anyio.to_thread.run_sync(ending.wait, 30)
+            else:
+                monkeypatch.setattr(WorkerPool, "acquire", end_as_chosen)
+            with anyio.fail_after(30):
+                other = await tb.run_killable(os.getpid, backend=pool)
+            assert other != pid
+        finally:
+            go.set()
+
+
 def test_unknown_start_method() -> None:
     """An unknown start method is a ValueError listing the choices."""
     with pytest.raises(ValueError, match="spawn"):

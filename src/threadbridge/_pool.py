@@ -140,9 +140,14 @@ def _check_platform(what: str) -> None:
 
 
 def _start(pool: WorkerPool, run: Run, job: bytes) -> ProcessWork:
-    worker = pool.acquire()
-    work = ProcessWork(run, worker)
-    worker.take(work)
+    while True:
+        worker = pool.acquire()
+        work = ProcessWork(run, worker)
+        if worker.take(work):
+            break
+        # An idle worker that died just now, its death not yet visible from outside (a
+        # fork server's worker, macOS): its own end tells the pool. A new worker is
+        # always free, so this ends.
     run.attach(work)  # before the job goes: from here the ladder can reach it
     worker.send(work, job)
     return work

@@ -98,9 +98,9 @@ class WorkerPool:
             worker = None
             while self.idle:
                 candidate = self.idle[-1]
-                if candidate.exited():
+                if candidate.finished or candidate.exited():
                     # Died while idle (OOM killer, a kill from outside), and its end of
-                    # file not read yet: it would fail the call.
+                    # file not read yet (it would fail the call), or its end is under way.
                     self._set_state(candidate, "dead")
                     continue
                 worker = candidate

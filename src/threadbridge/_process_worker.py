@@ -110,13 +110,18 @@ class WorkerProcess:
 
     # --- talking to the worker ---------------------------------------------------------
 
-    def take(self, work: ProcessWork) -> None:
-        """``work`` is this worker's job now (sent next, by ``send()``)."""
+    def take(self, work: ProcessWork) -> bool:
+        """``work`` is this worker's job now (sent next, by ``send()``). False if the
+        worker's end is being handled already: that took no job into account, and this
+        one would never be reported."""
         changed = self._changed_settings()
         if changed or (not self.has_authkey and "multiprocessing" in sys.modules):
             self._send_settings(changed)
         with self.lock:
+            if self.finished:
+                return False
             self.current = work
+        return True
 
     def _changed_settings(self) -> dict[str, object]:
         """The parent's import path, working directory and environment, where they have
