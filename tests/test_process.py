@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import signal
 import stat
 import subprocess
@@ -562,6 +563,44 @@ async def test_a_worker_that_is_ending_is_never_given_a_call(
             assert other != pid
         finally:
             go.set()
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs pidfd_open (Linux 5.3+)")
+async def test_a_fork_server_worker_that_died_idle_is_not_given_the_next_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A fork server's worker died while idle, and its server has not yet told: the
+    worker's own process descriptor says it has exited, and the next call goes to
+    another worker. (It was given to the dead one and failed with WorkerCrashed.)"""
+    from threadbridge._forkserver import ForkServed
+    from threadbridge._process_worker import WorkerProcess
+
+    async with tb.ProcessPool(1, start_method="forkserver") as pool:
+        pid = await tb.run_killable(os.getpid, backend=pool)
+        go = threading.Event()
+        finish = WorkerProcess.finish
+
+        def held_finish(self: WorkerProcess, **kwargs: bool) -> None:
+            if self.pid == pid:
+                go.wait(10)  # its end not handled yet (bounded: the old way ends at all)
+            finish(self, **kwargs)
+
+        monkeypatch.setattr(ForkServed, "exited", lambda self: False)  # not told yet
+        monkeypatch.setattr(WorkerProcess, "finish", held_finish)
+        pidfd = os.pidfd_open(pid)
+        try:
+            os.kill(pid, signal.SIGKILL)
+            # Exited as the kernel says (the last of its threads gone). psutil may call
+            # it a zombie a moment earlier, its leader dead and other threads not yet.
+            poller = select.poll()
+            poller.register(pidfd, select.POLLIN)
+            assert await anyio.to_thread.run_sync(poller.poll, 30_000)
+            with anyio.fail_after(30):
+                other = await tb.run_killable(os.getpid, backend=pool)
+            assert other != pid
+        finally:
+            go.set()
+            os.close(pidfd)
 
 
 def test_unknown_start_method() -> None:

@@ -221,7 +221,12 @@ class WorkerProcess:
     def exited(self) -> bool:
         """Whether the worker process has ended, without reaping it (lock-free)."""
         if isinstance(self.proc, ForkServed):
-            return self.proc.exited()  # not our child: its server tells
+            # Not our child: its server tells, a moment after the exit. The process's own
+            # descriptor (Linux) tells at once. (Its number is ours while fds_closed is
+            # unset: only the loop's thread, which calls this, sets it.)
+            if self.proc.exited():
+                return True
+            return self.pidfd is not None and not self.fds_closed and _ready(self.pidfd)
         if not hasattr(os, "waitid"):
             # macOS before Python 3.13 cannot look without reaping: a worker that died
             # while idle is found out by the call it is given (WorkerCrashed).
