@@ -1,6 +1,6 @@
 """Thread backend benchmark: threadbridge against asyncio, anyio and trio thread helpers.
 
-Run by hand, on a quiet machine:
+Run by hand, on a quiet machine (each round measures every peer once, in a random order):
 
     python benchmarks/threads.py            # full run, ~1 minute
     python benchmarks/threads.py --quick    # fewer rounds
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import statistics
 import sys
 import threading
@@ -39,31 +40,49 @@ def noop() -> None:
     return None
 
 
-async def latency_us(call: Call, n: int, rounds: int) -> float:
-    for _ in range(200):
+async def latency_us(call: Call, n: int) -> float:
+    """Mean µs per call over ``n`` sequential calls."""
+    t0 = time.perf_counter()
+    for _ in range(n):
         await call(noop)
-    samples = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            await call(noop)
-        samples.append((time.perf_counter() - t0) / n * 1e6)
-    return statistics.median(samples)
+    return (time.perf_counter() - t0) / n * 1e6
 
 
-async def throughput(call: Call, n: int, rounds: int, callers: int = 40) -> float:
+async def throughput(call: Call, n: int, callers: int = 40) -> float:
+    """Calls per second, ``n`` calls made by ``callers`` concurrent tasks."""
+
     async def worker(k: int) -> None:
         for _ in range(k):
             await call(noop)
 
-    samples = []
+    t0 = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for _ in range(callers):
+            tg.start_soon(worker, n // callers)
+    return n / (time.perf_counter() - t0)
+
+
+async def side_by_side(
+    peers: list[tuple[str, Call]], n: int, rounds: int
+) -> dict[str, tuple[float, float]]:
+    """Median latency and throughput of each peer. Each round measures every peer once,
+    in a new random order, so that each sees the machine at the same moments (a busy
+    machine's load changes from second to second)."""
+    for _, call in peers:
+        for _ in range(200):
+            await call(noop)
+    latency: dict[str, list[float]] = {name: [] for name, _ in peers}
+    calls: dict[str, list[float]] = {name: [] for name, _ in peers}
+    order = list(peers)
     for _ in range(rounds):
-        t0 = time.perf_counter()
-        async with anyio.create_task_group() as tg:
-            for _ in range(callers):
-                tg.start_soon(worker, n // callers)
-        samples.append(n / (time.perf_counter() - t0))
-    return statistics.median(samples)
+        random.shuffle(order)
+        for name, call in order:
+            latency[name].append(await latency_us(call, n))
+            calls[name].append(await throughput(call, n))
+    return {
+        name: (statistics.median(latency[name]), statistics.median(calls[name]))
+        for name, _ in peers
+    }
 
 
 class StopTiming:
@@ -149,16 +168,15 @@ def fmt_ms(value: float | None) -> str:
 
 
 async def suite(loop: str, quick: bool, rows: list[tuple[str, ...]]) -> None:
-    n, rounds = (2000, 3) if quick else (5000, 7)
+    n, rounds = (1000, 5) if quick else (2000, 15)
     peers: list[tuple[str, Call]] = [("threadbridge.run_killable", tb.run_killable)]
     if loop == "asyncio":
         peers.append(("asyncio.to_thread", asyncio.to_thread))
     peers.append(("anyio.to_thread.run_sync", anyio.to_thread.run_sync))
     if loop == "trio":
         peers.append(("trio.to_thread.run_sync", trio.to_thread.run_sync))
-    for name, call in peers:
-        lat = await latency_us(call, n, rounds)
-        thr = await throughput(call, n, rounds)
+    measured = await side_by_side(peers, n, rounds)
+    for name, (lat, thr) in measured.items():
         rows.append((loop, name, "no-op call", f"{lat:.1f} µs/call", f"{thr:,.0f} calls/s"))
 
     # Cancelling: a cooperative target and a pure-Python loop that never checks.
@@ -237,7 +255,8 @@ def main() -> None:
             values=(3, 4),
         )
     print(
-        "\nno-op rows: median µs per sequential call, and calls/s with 40 concurrent callers."
+        "\nno-op rows: µs per sequential call, and calls/s with 40 concurrent callers; the"
+        "\nmedian of interleaved rounds (every peer once per round, in a random order)."
         "\ncancel rows: time from the cancel to the await returning, and to the target really"
         "\nending ('never': still running 1-2 s later)."
     )
