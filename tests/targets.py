@@ -219,6 +219,26 @@ def die_while_answering() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def closes_every_descriptor() -> str:
+    """Closes every descriptor above stderr, the worker's pipes too, as a careless
+    daemonizing library does."""
+    os.closerange(3, 65536)
+    return "closed"
+
+
+def replaces_every_descriptor() -> str:
+    """Points every open descriptor above stderr at /dev/null (os.dup2), the worker's
+    pipes too."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in [int(name) for name in os.listdir("/proc/self/fd")]:
+        if fd > 2 and fd != null:
+            try:
+                os.dup2(null, fd)
+            except OSError:
+                pass  # closed meanwhile (the listing's own)
+    return "replaced"
+
+
 def fork_and_return(child_returns: bool) -> str:
     pid = os.fork()
     if pid == 0:

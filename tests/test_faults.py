@@ -50,6 +50,23 @@ async def test_worker_killed_while_sending_its_result() -> None:
 
 
 @pytest.mark.anyio
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists /proc/self/fd")
+@pytest.mark.parametrize(
+    "target", [targets.closes_every_descriptor, targets.replaces_every_descriptor]
+)
+async def test_target_that_closes_the_workers_pipes(target: Callable[[], str]) -> None:
+    """A target that closes or replaces the worker's own descriptors: WorkerCrashed that
+    says so and what to do (it said "killed by SIGKILL", as if by the OOM killer, or
+    "exited with code 0"), and the pool goes on."""
+    with pytest.raises(tb.WorkerCrashed, match="closed or replaced file descriptors") as info:
+        await tb.run_killable(target, backend=P)
+    # The worker exits with the status that says why, unless it has not ended a second
+    # after its pipe closed (a very busy machine): then it was killed.
+    assert (info.value.exitcode, info.value.signal) in [(74, None), (None, signal.SIGKILL)]
+    assert await tb.run_killable(targets.add, 2, 2, backend=P) == 4
+
+
+@pytest.mark.anyio
 async def test_control_pipe_closed_under_busy_worker() -> None:
     """A busy worker whose control pipe closes takes itself down at once (it cannot be
     told to stop any more): WorkerCrashed, and the pool goes on."""

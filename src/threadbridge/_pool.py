@@ -81,9 +81,21 @@ class ProcessWork:
     def killed(self) -> None:
         self.run.report(Ending.KILLED)
 
-    def crashed(self, returncode: int | None) -> None:
+    def crashed(self, returncode: int | None, *, pipe_closed: bool = False) -> None:
         worker = f"the worker process (pid {self.worker.pid}) running {self.run.name}"
-        if returncode is None:
+        if pipe_closed or returncode == _worker.PIPES_LOST:
+            how = "was killed" if pipe_closed else f"exited with code {returncode}"
+            error = WorkerCrashed(
+                f"{worker} {how} without answering: its pipes to this process were closed "
+                "or replaced while it ran. The target closed or replaced file descriptors "
+                "that it did not open (os.closerange(), os.dup2(), a library that "
+                "daemonizes the process?); a process target must close only those it "
+                "opened",
+                signal=-returncode if returncode is not None and returncode < 0 else None,
+                exitcode=returncode if returncode is not None and returncode >= 0 else None,
+                pid=self.worker.pid,
+            )
+        elif returncode is None:
             error = WorkerCrashed(f"{worker} died without answering", pid=self.worker.pid)
         elif returncode == 0 and _exit_status_discarded(self.worker):
             error = WorkerCrashed(

@@ -37,6 +37,10 @@ _INLINE_WRITE = 60_000
 # process normally goes within milliseconds; one in uninterruptible sleep (a hung NFS
 # mount, a device driver) may take for ever. A guess, generous for a loaded machine.
 REAP_TIMEOUT = 5.0
+# How long a worker whose answer pipe has closed may take to exit by itself before it is
+# taken as still running (its target closed the pipe). A dying process closes its
+# descriptors just before it is gone; a guess, generous for a loaded machine.
+PIPE_CLOSED_GRACE = 1.0
 
 
 class WorkerProcess:
@@ -392,6 +396,16 @@ class WorkerProcess:
             crashed, self.current = self.current, None
             killed, self.killed = self.killed, None
             answered, self.answered = self.answered, None
+        # End of file on its answers while the worker still runs: something in it closed
+        # or replaced its answer pipe. A dying worker's descriptors close a moment before
+        # it is gone: it is given that moment. Told only where its exit can be awaited
+        # without reaping it (pidfd, Linux): the group must be killed before the reap.
+        pipe_closed = (
+            crashed is not None
+            and not drain
+            and self.pidfd is not None
+            and not _ready(self.pidfd, PIPE_CLOSED_GRACE)
+        )
         # Take down anything its targets left in its process group, while the unreaped
         # worker still holds the group's id (so that it cannot have been reused)...
         self.signal_group(signal.SIGKILL)
@@ -417,7 +431,7 @@ class WorkerProcess:
         if answered is not None:
             answered[0].answered(*answered[1])
         if crashed is not None:
-            crashed.crashed(returncode)
+            crashed.crashed(returncode, pipe_closed=pipe_closed)
         if returncode is None:
             self._reap(None)
             self.pool.ended(self, reaped=True)

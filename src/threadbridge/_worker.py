@@ -50,6 +50,39 @@ _lock = threading.Lock()
 _pid = 0  # this worker's pid: a target's fork that returns must not act as the worker
 _result_fd = -1  # kept for fault-injection tests
 _pipe_fds: tuple[int, ...] = ()
+_pipe_ids: tuple[tuple[int, int], ...] = ()  # (device, inode) of each, as they started
+
+# The exit status of a worker whose pipes to the parent a target closed or replaced
+# (sysexits' EX_IOERR); the parent reports it as such.
+PIPES_LOST = 74
+
+
+def _pipe_id(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return (st.st_dev, st.st_ino)
+
+
+def _pipes_intact() -> bool:
+    """Whether the worker's pipe descriptors are still the pipes it started with."""
+    try:
+        return tuple(_pipe_id(fd) for fd in _pipe_fds) == _pipe_ids
+    except OSError:
+        return False
+
+
+def _pipes_lost(what: str) -> None:
+    """A target closed or replaced the worker's pipes: say so, and end the worker with
+    the status that tells the parent why (it kills what is left of the group)."""
+    message = (
+        f"threadbridge worker {os.getpid()}: {what}: its pipes to the parent were closed "
+        "or replaced by the target (os.closerange(), os.dup2()?); a process target must "
+        "close only the descriptors it opened\n"
+    )
+    try:
+        os.write(2, message.encode())
+    except OSError:
+        pass
+    os._exit(PIPES_LOST)
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -75,6 +108,8 @@ def _control(fd: int) -> None:
         except OSError:
             frame = None
         if frame is None:
+            if not _pipes_intact():
+                _pipes_lost("its control pipe failed")
             # The parent has died (or closed us off): take the whole group down now.
             os.killpg(os.getpgrp(), signal.SIGKILL)
             os._exit(1)  # pragma: no cover - the line above already ended us
@@ -184,8 +219,9 @@ def _open_fds() -> list[int]:
 
 
 def serve(job_fd: int, control_fd: int, result_fd: int) -> None:
-    global _pid, _result_fd, _pipe_fds
+    global _pid, _result_fd, _pipe_fds, _pipe_ids
     _pid, _result_fd, _pipe_fds = os.getpid(), result_fd, (job_fd, control_fd, result_fd)
+    _pipe_ids = tuple(_pipe_id(fd) for fd in _pipe_fds)
     for fd in (job_fd, control_fd, result_fd):
         # Only this process may read or write them: a program the target starts, even
         # with close_fds=False, gets none of them.
@@ -205,7 +241,12 @@ def serve(job_fd: int, control_fd: int, result_fd: int) -> None:
     threading.Thread(target=_control, args=(control_fd,), name="control", daemon=True).start()
     jobs = _wire.FrameReader(job_fd)
     while True:
-        frame = jobs.read()
+        try:
+            frame = jobs.read()
+        except OSError:
+            frame = None
+        if frame is None and not _pipes_intact():
+            _pipes_lost("reading its next job failed")
         if frame is None or frame[0] == _wire.EXIT:
             break
         kind, job_id, payload = frame
@@ -213,7 +254,13 @@ def serve(job_fd: int, control_fd: int, result_fd: int) -> None:
             if not _apply(pickle.loads(payload)):
                 break  # its initializer failed: the parent has been told, and ends us
             continue
-        _wire.write_frame(result_fd, _wire.ANSWER, job_id, _run(job_id, payload))
+        answer = _run(job_id, payload)
+        try:
+            _wire.write_frame(result_fd, _wire.ANSWER, job_id, answer)
+        except OSError:
+            if not _pipes_intact():
+                _pipes_lost("sending an answer failed")
+            raise
         _restore_signals()  # what the target changed; after answering, off the call's path
     # Asked to exit (or the parent closed the job pipe): end like a Python program, so
     # that atexit handlers run and buffered output is flushed.
