@@ -25,7 +25,7 @@ import sys
 import threading
 import types
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 from . import _pickling, _signals, _wire
 from ._errors import TargetCancelled
@@ -70,7 +70,7 @@ def _pipes_intact() -> bool:
         return False
 
 
-def _pipes_lost(what: str) -> None:
+def _pipes_lost(what: str) -> NoReturn:
     """A target closed or replaced the worker's pipes: say so, and end the worker with
     the status that tells the parent why (it kills what is left of the group)."""
     message = (
