@@ -515,7 +515,9 @@ async def test_a_tour_of_hostile_targets_leaves_nothing_behind(tmp_path: Path) -
     fds_before = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0
     # Helpers that other tests left for good (multiprocessing's resource tracker) are not ours.
     children_before = {c.pid for c in psutil.Process().children(recursive=True)}
-    policy = tb.Policy(grace=0.05, interrupt_grace=0.5)
+    # The INTERRUPTED outcomes need rung 2 handled within interrupt_grace: a generous bound
+    # on a loaded machine (only ignores_sigterm waits it out).
+    policy = tb.Policy(grace=0.05, interrupt_grace=2)
     outcomes: list[str] = []
 
     async def scenario(name: str, func: Any, *args: Any, stop: bool = False) -> None:

@@ -284,7 +284,10 @@ async def test_rung3_kills_worker_and_grandchild(tmp_path: Path) -> None:
 async def test_swallowing_target_is_killed(tmp_path: Path) -> None:
     """A target that swallows TargetCancelled is killed after interrupt_grace."""
     path = tmp_path / "log"
-    policy = tb.Policy(grace=0.05, interrupt_grace=0.1)
+    # Rung 2 reaches the target through the worker's control thread and a signal: on a
+    # loaded machine that can take longer than 0.1 s, and the target would be killed
+    # before it could swallow anything. interrupt_grace bounds that, generously.
+    policy = tb.Policy(grace=0.05, interrupt_grace=2)
     handle = tb.spawn(targets.swallows, str(path), backend=P, policy=policy)
     await lines_of(path, 1)
     assert await handle.stop() is tb.Stage.KILLED
