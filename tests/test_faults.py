@@ -423,7 +423,9 @@ def test_forked_child_gets_fresh_pools() -> None:
     async def child() -> None:
         with anyio.fail_after(20):
             assert await tb.run_killable(abs, -2) == 2
-            handle = tb.spawn(tb.sleep, 60, policy=tb.Policy(grace=0.05))
+            # tb.sleep wakes at rung 1: a long grace costs nothing, and a loaded machine
+            # must not turn a late wake-up into rung 2.
+            handle = tb.spawn(tb.sleep, 60, policy=tb.Policy(grace=5))
             assert await handle.stop() is tb.Stage.COOPERATIVE
             assert await tb.run_killable(targets.add, 2, 2, backend=P) == 4
 
