@@ -171,6 +171,26 @@ def swallows(path: str) -> None:
     time.sleep(60)
 
 
+def takes_first_rung2_signal(path: str, name: str = "SIGTERM") -> None:
+    """Takes rung 2's first signal (SIGTERM in a worker process, SIGUSR2 in a Ray task)
+    before threadbridge's handler can see it, as CPython does when the signal arrives just
+    before the target's thread enters a blocking call (the C handler runs, the Python one
+    only once the call returns), then blocks."""
+    signum = signal.Signals[name]
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signum})
+    mark(path, "started")
+    signal.sigwait({signum})
+    mark(path, "took the signal")  # nothing can interrupt this: the signal is blocked
+    try:
+        # A signal sent again while this target was slow to reach sigwait() is pending:
+        # it lands as the mask is lifted. Else it interrupts the sleep.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})
+        time.sleep(60)
+    except tb.TargetCancelled:
+        mark(path, "interrupted")
+        raise
+
+
 def spawn_grandchild_and_return(path: str) -> int:
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     return child.pid

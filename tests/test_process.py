@@ -294,6 +294,20 @@ async def test_swallowing_target_is_killed(tmp_path: Path) -> None:
     assert path.read_text().splitlines() == ["started", "swallowed"]
 
 
+async def test_rung2_is_sent_again_until_its_handler_has_run(tmp_path: Path) -> None:
+    """Rung 2's signal can reach the worker without reaching threadbridge's handler before
+    the target blocks: CPython runs a Python signal handler only between bytecodes, so a
+    signal that arrives just before a blocking call (time.sleep, a read) waits for the
+    call to return. The worker sends it again until its handler has run; here a target
+    takes the first one itself and then sleeps, and still ends INTERRUPTED, not KILLED."""
+    path = tmp_path / "log"
+    policy = tb.Policy(grace=0, interrupt_grace=10)
+    handle = tb.spawn(targets.takes_first_rung2_signal, str(path), backend=P, policy=policy)
+    await lines_of(path, 1)
+    assert await handle.stop() is tb.Stage.INTERRUPTED
+    assert path.read_text().splitlines() == ["started", "took the signal", "interrupted"]
+
+
 async def test_workers_ignore_sigint() -> None:
     """SIGINT is the parent's: a worker that receives one goes on."""
     assert await tb.run_killable(targets.sigint_self_then_return, backend=P) == "survived SIGINT"

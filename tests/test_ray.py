@@ -176,6 +176,20 @@ async def test_rung2_lands_inside_time_sleep_and_runs_finally(tmp_path: Path) ->
     assert path.read_text().splitlines()[1:] == ["TargetCancelled", "finally"]
 
 
+async def test_rung2_is_sent_again_until_its_handler_has_run(tmp_path: Path) -> None:
+    """As in a worker process: rung 2's signal that the task's thread takes before
+    threadbridge's handler can run (here the target takes it itself, as CPython does when
+    it arrives just before a blocking call) is sent again, and the task ends INTERRUPTED."""
+    path = tmp_path / "log"
+    policy = tb.Policy(grace=0, interrupt_grace=10)
+    handle = tb.spawn(
+        targets.takes_first_rung2_signal, str(path), "SIGUSR2", backend="ray", policy=policy
+    )
+    await lines_of(path, 1)
+    assert await handle.stop() is tb.Stage.INTERRUPTED
+    assert path.read_text().splitlines() == ["started", "took the signal", "interrupted"]
+
+
 async def test_rung3_kills_the_worker_and_the_targets_children(tmp_path: Path) -> None:
     path = tmp_path / "log"
     policy = tb.Policy(grace=0.05, interrupt=False, interrupt_grace=0.05)

@@ -18,6 +18,16 @@ from ._token import NEVER_SET, Token, _local
 
 Outcome = tuple[bool, Any]  # (True, value returned) or (False, exception raised)
 
+# Where rung 2 is a signal (worker processes, Ray tasks), it may reach the process without
+# reaching the handler in time: CPython runs a Python signal handler only between
+# bytecodes, so a signal that arrives just before the target's thread enters a blocking
+# call (time.sleep, a read, a lock) is handled only once that call returns, which may be
+# never. Until the handler has run, the signal is sent to the target's thread again, after
+# RESEND_FIRST seconds, then twice as long each time, up to RESEND_MAX apart (rung 3 ends
+# it all). A resent signal lands at most once: the handler raises only the first time.
+RESEND_FIRST = 0.01
+RESEND_MAX = 1.0
+
 
 class TargetState:
     """Per-run state shared by the target's thread and whatever delivers rung 2.

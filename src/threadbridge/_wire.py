@@ -10,6 +10,7 @@ light.
 from __future__ import annotations
 
 import os
+import select
 import struct
 
 HEADER = struct.Struct("!QBQ")  # payload length (64 bits: jobs over 4 GiB too), kind, job id
@@ -82,6 +83,14 @@ class FrameReader:
         self._fd = fd
         self._parser = FrameParser()
         self._ready: list[tuple[int, int, bytes]] = []
+
+    def ready(self, timeout: float) -> bool:
+        """Whether ``read()`` would return at once, waiting up to ``timeout`` seconds."""
+        if self._ready:
+            return True
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        return bool(poller.poll(timeout * 1000))
 
     def read(self) -> tuple[int, int, bytes] | None:
         """The next frame as (kind, job, payload), or None at end of file."""

@@ -29,17 +29,18 @@ from typing import Any, NoReturn
 
 from . import _pickling, _signals, _wire
 from ._errors import TargetCancelled
-from ._target import Outcome, TargetState
+from ._target import RESEND_FIRST, RESEND_MAX, Outcome, TargetState
 from ._token import Token
 
 
 class _Job:
-    __slots__ = ("id", "signalled", "state")
+    __slots__ = ("heard", "id", "signalled", "state")
 
     def __init__(self, job_id: int, state: TargetState) -> None:
         self.id = job_id
         self.state = state
         self.signalled = False  # the control thread sent rung 2's SIGTERM while it ran
+        self.heard = False  # and the worker's SIGTERM handler has run since
 
 
 _current: _Job | None = None
@@ -89,6 +90,7 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     job = _current
     if job is None or job.id != _interrupt_for:
         return  # not meant for what runs now (idle, or a job that already ended)
+    job.heard = True
     job.state.interrupt_here("interrupted by SIGTERM (rung 2)")
 
 
@@ -102,7 +104,13 @@ def _control(fd: int) -> None:
     # SIGTERM must reach the main thread, where the target runs.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     reader = _wire.FrameReader(fd)
+    unheard: _Job | None = None  # sent rung 2; its handler has not run yet (see RESEND_FIRST)
+    delay = RESEND_FIRST
     while True:
+        if unheard is not None and not reader.ready(delay):
+            unheard = _send_again(unheard)
+            delay = min(delay * 2, RESEND_MAX)
+            continue
         try:
             frame = reader.read()
         except OSError:
@@ -126,6 +134,19 @@ def _control(fd: int) -> None:
                 _interrupt_for = job_id
                 job.signalled = True
                 os.killpg(os.getpgrp(), signal.SIGTERM)
+                unheard, delay = job, RESEND_FIRST
+
+
+def _send_again(job: _Job) -> _Job | None:
+    """Rung 2's SIGTERM once more to the target's thread, if the worker's handler has not
+    run since it was sent; the job to watch next, or None when there is nothing to do."""
+    with _lock:
+        if job is not _current or job.heard or not job.state.running:
+            return None
+        if _signals.getsignal(signal.SIGTERM) is not _on_sigterm:
+            return None  # the target handles SIGTERM itself: that is its to take
+        signal.pthread_kill(job.state.thread_id, signal.SIGTERM)
+        return job
 
 
 def _run(job_id: int, payload: bytes) -> bytes:

@@ -41,7 +41,7 @@ from ._backend import Backend
 from ._errors import TargetCancelled, WorkerCrashed
 from ._ladder import Ending, Run
 from ._scheduler import SCHEDULER
-from ._target import Outcome, TargetState
+from ._target import RESEND_FIRST, RESEND_MAX, Outcome, TargetState
 from ._token import Token
 
 
@@ -200,7 +200,17 @@ def _task() -> Any:
 
 
 class _RemoteJob:
-    __slots__ = ("control", "done", "id", "interrupt_requested", "state", "thread_id", "wake")
+    __slots__ = (
+        "control",
+        "done",
+        "ended",
+        "heard",
+        "id",
+        "interrupt_requested",
+        "state",
+        "thread_id",
+        "wake",
+    )
 
     def __init__(self, control: str, job_id: int, state: TargetState) -> None:
         self.control = control  # the control actor's name
@@ -208,7 +218,9 @@ class _RemoteJob:
         self.state = state
         self.wake = threading.Event()  # Ray's own cancel arrived: the watcher starts now
         self.done = False
+        self.ended = threading.Event()  # set with done, for a wait that ends with the task
         self.interrupt_requested = False
+        self.heard = False  # the rung-2 handler has run since rung 2 was requested
         self.thread_id = threading.get_ident()
 
 
@@ -238,6 +250,7 @@ def _on_sigint(signum: int, frame: FrameType | None) -> None:
 def _on_rung2(signum: int, frame: FrameType | None) -> None:
     job = _current
     if job is not None and job.interrupt_requested:
+        job.heard = True
         job.state.interrupt_here("interrupted (rung 2, in a Ray task)")
 
 
@@ -319,7 +332,21 @@ def _watch(name: str, job: _RemoteJob) -> None:
                 running = job.state.running and not job.state.interrupted
             if running:
                 signal.pthread_kill(job.thread_id, _RUNG2_SIGNAL)
+                _send_again_until_heard(job)
         seen = level
+
+
+def _send_again_until_heard(job: _RemoteJob) -> None:
+    """Rung 2's signal to the task's thread again until its handler has run (see
+    RESEND_FIRST), the task has ended, or the target has put a handler of its own."""
+    delay = RESEND_FIRST
+    while not job.ended.wait(delay):
+        with job.state.lock:
+            unheard = job.state.running and not job.heard
+        if not unheard or signal.getsignal(_RUNG2_SIGNAL) is not _on_rung2:
+            return
+        signal.pthread_kill(job.thread_id, _RUNG2_SIGNAL)
+        delay = min(delay * 2, RESEND_MAX)
 
 
 def _run_remote(control: str, job_id: int, payload: bytes) -> bytes:
@@ -349,6 +376,7 @@ def _run_remote(control: str, job_id: int, payload: bytes) -> bytes:
     finally:
         job.done = True
         job.wake.set()
+        job.ended.set()
         _current = None  # the driver ends the watcher's wait (no actor call from here)
     if outcome is None:
         return _pickling.dumps_answer(_pickling.NOT_STARTED, None, state.interrupted)
