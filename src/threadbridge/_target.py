@@ -9,7 +9,7 @@ Worker processes import this module: it stays light (no anyio, no trio, no threa
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import _inject
@@ -27,6 +27,15 @@ Outcome = tuple[bool, Any]  # (True, value returned) or (False, exception raised
 # it all). A resent signal lands at most once: the handler raises only the first time.
 RESEND_FIRST = 0.01
 RESEND_MAX = 1.0
+
+
+def resend_delays() -> Iterator[float]:
+    """The pauses before each resend of rung 2's signal: RESEND_FIRST, doubling, up to
+    RESEND_MAX."""
+    delay = RESEND_FIRST
+    while True:
+        yield delay
+        delay = min(delay * 2, RESEND_MAX)
 
 
 class TargetState:

@@ -29,7 +29,7 @@ from typing import Any, NoReturn
 
 from . import _pickling, _signals, _wire
 from ._errors import TargetCancelled
-from ._target import RESEND_FIRST, RESEND_MAX, Outcome, TargetState
+from ._target import Outcome, TargetState, resend_delays
 from ._token import Token
 
 
@@ -105,11 +105,10 @@ def _control(fd: int) -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     reader = _wire.FrameReader(fd)
     unheard: _Job | None = None  # sent rung 2; its handler has not run yet (see RESEND_FIRST)
-    delay = RESEND_FIRST
+    delays = resend_delays()
     while True:
-        if unheard is not None and not reader.ready(delay):
+        if unheard is not None and not reader.ready(next(delays)):
             unheard = _send_again(unheard)
-            delay = min(delay * 2, RESEND_MAX)
             continue
         try:
             frame = reader.read()
@@ -134,7 +133,7 @@ def _control(fd: int) -> None:
                 _interrupt_for = job_id
                 job.signalled = True
                 os.killpg(os.getpgrp(), signal.SIGTERM)
-                unheard, delay = job, RESEND_FIRST
+                unheard, delays = job, resend_delays()
 
 
 def _send_again(job: _Job) -> _Job | None:

@@ -41,7 +41,7 @@ from ._backend import Backend
 from ._errors import TargetCancelled, WorkerCrashed
 from ._ladder import Ending, Run
 from ._scheduler import SCHEDULER
-from ._target import RESEND_FIRST, RESEND_MAX, Outcome, TargetState
+from ._target import Outcome, TargetState, resend_delays
 from ._token import Token
 
 
@@ -202,7 +202,6 @@ def _task() -> Any:
 class _RemoteJob:
     __slots__ = (
         "control",
-        "done",
         "ended",
         "heard",
         "id",
@@ -217,8 +216,7 @@ class _RemoteJob:
         self.id = job_id
         self.state = state
         self.wake = threading.Event()  # Ray's own cancel arrived: the watcher starts now
-        self.done = False
-        self.ended = threading.Event()  # set with done, for a wait that ends with the task
+        self.ended = threading.Event()  # the target has returned (or never will start)
         self.interrupt_requested = False
         self.heard = False  # the rung-2 handler has run since rung 2 was requested
         self.thread_id = threading.get_ident()
@@ -305,7 +303,7 @@ def _watch_jobs() -> None:
 def _watch(name: str, job: _RemoteJob) -> None:
     """Listen for the job's rungs on the control actor (in the watcher thread)."""
     job.wake.wait(_PLACE_DELAY)
-    if job.done:
+    if job.ended.is_set():
         return  # a short task: no actor call at all
     try:
         control = _find_control(name)
@@ -317,12 +315,12 @@ def _watch(name: str, job: _RemoteJob) -> None:
         return
     job.wake.wait(_QUIET_START - _PLACE_DELAY)
     seen = 0
-    while not job.done:
+    while not job.ended.is_set():
         try:
             level = ray.get(control.wait.remote(job.id, seen, _WAIT))
         except Exception:  # the driver is gone, or the actor: the task will be too
             return
-        if level == _GONE or job.done:
+        if level == _GONE or job.ended.is_set():
             return
         if level >= _STOP:
             job.state.token._set()
@@ -339,14 +337,14 @@ def _watch(name: str, job: _RemoteJob) -> None:
 def _send_again_until_heard(job: _RemoteJob) -> None:
     """Rung 2's signal to the task's thread again until its handler has run (see
     RESEND_FIRST), the task has ended, or the target has put a handler of its own."""
-    delay = RESEND_FIRST
-    while not job.ended.wait(delay):
+    for delay in resend_delays():
+        if job.ended.wait(delay):
+            return
         with job.state.lock:
             unheard = job.state.running and not job.heard
         if not unheard or signal.getsignal(_RUNG2_SIGNAL) is not _on_rung2:
             return
         signal.pthread_kill(job.thread_id, _RUNG2_SIGNAL)
-        delay = min(delay * 2, RESEND_MAX)
 
 
 def _run_remote(control: str, job_id: int, payload: bytes) -> bytes:
@@ -374,9 +372,8 @@ def _run_remote(control: str, job_id: int, payload: bytes) -> bytes:
         _hand_to_watcher(job)
         outcome = state.run(call)
     finally:
-        job.done = True
-        job.wake.set()
         job.ended.set()
+        job.wake.set()
         _current = None  # the driver ends the watcher's wait (no actor call from here)
     if outcome is None:
         return _pickling.dumps_answer(_pickling.NOT_STARTED, None, state.interrupted)
