@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import threadbridge as tb
-from threadbridge import _jobs
+from threadbridge import _jobs, _spawn
 
 from . import targets
 
@@ -23,7 +23,7 @@ import json, sys, traceback
 import multiprocessing  # its import names __main__ "__mp_main__" too, in the worker as well
 import anyio
 import threadbridge as tb
-from threadbridge import _jobs
+from threadbridge import _jobs, _spawn
 
 BIG = bytes(8_000_000)  # module data: the worker's import of this script has it too
 
@@ -272,3 +272,124 @@ def test_a_launcher_without_py_ending_is_not_imported_by_workers(tmp_path: Path,
     done = _run([str(launcher), loop], tmp_path)
     assert done.stdout.strip() == "15"
     assert done.stderr.count("launcher imported") == 1  # the parent only
+
+
+MAIN_CLASSES = """
+import collections, dataclasses, json, sys
+import anyio
+import threadbridge as tb
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    x: int
+    y: int
+
+
+Pair = collections.namedtuple("Pair", "left right")
+
+
+class ScriptError(Exception):
+    pass
+
+
+def make():
+    return Point(1, 2), Pair("a", "b")
+
+
+def fails():
+    raise ScriptError("raised in the worker")
+
+
+async def main():
+    point, pair = await tb.run_killable(make, backend="process")
+    try:
+        await tb.run_killable(fails, backend="process")
+    except ScriptError as exc:
+        caught = str(exc)
+    print(json.dumps({
+        "point": [type(point) is Point, point.x, point.y],
+        "pair": [type(pair) is Pair, *pair],
+        "caught": caught,
+        "multiprocessing": "multiprocessing" in sys.modules,
+    }))
+
+
+if __name__ == "__main__":
+    tb.set_start_method(sys.argv[2])
+    anyio.run(main, backend=sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("how", ["script", "module"])
+@pytest.mark.parametrize("method", _spawn.START_METHODS)
+@pytest.mark.parametrize("loop", LOOPS)
+def test_objects_of_main_script_classes_come_back(
+    tmp_path: Path, loop: str, method: str, how: str
+) -> None:
+    """A dataclass or namedtuple of the main script that a target returns, and an
+    exception class of it that a target raises, arrive as the parent's own classes (a
+    worker knows them as __mp_main__'s), in a program that never imports multiprocessing."""
+    (tmp_path / "classes.py").write_text(MAIN_CLASSES)
+    main = ["classes.py"] if how == "script" else ["-m", "classes"]
+    done = _run([*main, loop, method], tmp_path)
+    assert json.loads(done.stdout) == {
+        "point": [True, 1, 2],
+        "pair": [True, "a", "b"],
+        "caught": "raised in the worker",
+        "multiprocessing": False,
+    }
+
+
+BOOT_FROM_PARENT = """
+import json, os, sys
+import anyio
+import threadbridge as tb
+
+
+def where():
+    import tblib
+    return [tb.__file__, tblib.__file__, os.getcwd()]
+
+
+async def main():
+    # A tool's folder on PYTHONPATH, set for a subprocess: workers inherit the variable.
+    os.environ["PYTHONPATH"] = sys.argv[3]
+    print(json.dumps([await tb.run_killable(where, backend="process"), where()]))
+
+
+if __name__ == "__main__":
+    tb.set_start_method(sys.argv[2])
+    anyio.run(main, backend=sys.argv[1])
+"""
+
+# What a stranger's folder holds: imported by a worker, each says so and breaks it.
+_IMPOSTOR = "open({marker!r}, 'a').write({name!r} + ' ran\\n')\nraise SystemExit(1)\n"
+
+
+@pytest.mark.parametrize("method", _spawn.START_METHODS)
+@pytest.mark.parametrize("loop", LOOPS)
+def test_workers_boot_from_where_the_parent_imported_threadbridge(
+    tmp_path: Path, loop: str, method: str
+) -> None:
+    """A threadbridge, tblib or stdlib-named package in the working directory, or in a
+    folder the program put on PYTHONPATH, is never imported by a worker's boot: workers
+    run the parent's threadbridge, and no code of those folders runs in them."""
+    marker = tmp_path / "imported.txt"
+    for folder in ("cwd", "tool"):
+        for name in ("threadbridge", "tblib", "cloudpickle", "org", "struct", "signal"):
+            package = tmp_path / folder / name
+            package.mkdir(parents=True)
+            (package / "__init__.py").write_text(
+                _IMPOSTOR.format(marker=str(marker), name=f"{folder}/{name}")
+            )
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "boot.py").write_text(BOOT_FROM_PARENT)
+    done = _run(
+        [str(tmp_path / "app" / "boot.py"), loop, method, str(tmp_path / "tool")],
+        tmp_path / "cwd",
+    )
+    assert not marker.exists(), marker.read_text()
+    in_worker, in_parent = json.loads(done.stdout)
+    assert in_worker == in_parent
+    assert in_parent[0] == tb.__file__

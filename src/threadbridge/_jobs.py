@@ -45,6 +45,17 @@ def main_source() -> tuple[str, str] | None:
     return _main_seen[1]
 
 
+def alias_main() -> None:
+    """Let this process find what a worker pickled as ``__mp_main__``: the classes of the
+    main script, which a worker defined by importing it under that name (a dataclass it
+    returns, an exception class it raises). ``sys.modules["__mp_main__"]`` becomes this
+    process's ``__main__``, as importing multiprocessing does."""
+    if main_source() is not None:
+        main = sys.modules["__main__"]
+        if sys.modules.get("__mp_main__") is not main:
+            sys.modules["__mp_main__"] = main
+
+
 def _main_source(main: object) -> tuple[str, str] | None:
     spec = getattr(main, "__spec__", None)
     name = getattr(spec, "name", None)

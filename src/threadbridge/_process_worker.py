@@ -441,6 +441,7 @@ def worker_settings(*, warm: bool) -> dict[str, object]:
     """What a new worker (or a fork server) takes from the parent before any job: the
     import path, argv, the main script to import as __mp_main__, and (``warm``: started
     ahead of need) the modules jobs have needed so far, to import while it idles."""
+    _jobs.alias_main()  # before any worker can answer with a class of the main script
     settings: dict[str, object] = {
         "sys_path": list(sys.path),
         "argv": list(sys.argv),
