@@ -393,3 +393,65 @@ def test_workers_boot_from_where_the_parent_imported_threadbridge(
     in_worker, in_parent = json.loads(done.stdout)
     assert in_worker == in_parent
     assert in_parent[0] == tb.__file__
+
+
+SAME_GLOBALS = """
+import json, os, sys
+import anyio
+import threadbridge as tb
+
+LIMIT = 2  # the script's import binds it; its guarded block changes it
+
+
+def by_reference():
+    return LIMIT
+
+
+async def main():
+    global GUARDED
+    seen = []
+    # A fresh worker for every call: the first was started before any worker had said
+    # which names its import of the script binds, the others after.
+    async with tb.ProcessPool(workers=1, max_tasks_per_worker=1) as fresh:
+        for value in ("first", "second", "third"):
+            GUARDED = value
+            seen.append(await tb.run_killable(lambda: (LIMIT, GUARDED), backend=fresh))
+            seen.append([await tb.run_killable(by_reference, backend=fresh), value])
+    async with tb.ProcessPool(workers=1) as reused:  # one worker, call after call
+        for value in ("fourth", "fifth"):
+            GUARDED = value
+            seen.append(await tb.run_killable(lambda: (LIMIT, GUARDED), backend=reused))
+    print(json.dumps(seen))
+
+
+if __name__ == "__main__":
+    LIMIT = 10
+    GUARDED = None
+    tb.set_start_method(sys.argv[2])
+    anyio.run(main, backend=sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("method", _spawn.START_METHODS)
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_lambda_sees_the_same_globals_in_every_worker(
+    tmp_path: Path, loop: str, method: str
+) -> None:
+    """A lambda of the main script sees the same globals in every worker, whichever
+    worker runs it and whenever it started: a name the script's import binds has the
+    value that import gives it, as for a function that travels by reference (spawn and
+    forkserver workers import the script; a forked worker has the parent's own values);
+    a name only the guarded block binds travels with each call, as it is then."""
+    (tmp_path / "same_globals.py").write_text(SAME_GLOBALS)
+    done = _run(["same_globals.py", loop, method], tmp_path)
+    limit = 10 if method == "fork" else 2
+    assert json.loads(done.stdout) == [
+        [limit, "first"],
+        [limit, "first"],
+        [limit, "second"],
+        [limit, "second"],
+        [limit, "third"],
+        [limit, "third"],
+        [limit, "fourth"],
+        [limit, "fifth"],
+    ]

@@ -80,6 +80,13 @@ _main_names: frozenset[str] | None = None
 _main_names_for: tuple[str, str] | None = None
 
 
+# In a worker that imported the main script (itself, or its fork server did): the names
+# that import bound. A by-value function's carried globals never replace them, so that
+# every such worker gives a function of the script the same globals, whichever carried
+# what before the parent knew these names.
+main_names_here: frozenset[str] = frozenset()
+
+
 def set_main_names(source: tuple[str, str], names: frozenset[str]) -> None:
     global _main_names, _main_names_for
     _main_names, _main_names_for = names, source
@@ -336,5 +343,8 @@ def _set_function_state(func: types.FunctionType, state: tuple[Any, ...]) -> typ
         if value is not EMPTY_CELL:
             cell.cell_contents = value
     if carried:
+        skip = main_names_here
+        if skip:
+            carried = {name: value for name, value in carried.items() if name not in skip}
         func.__globals__.update(carried)
     return func

@@ -27,7 +27,7 @@ import types
 from types import FrameType
 from typing import Any, NoReturn
 
-from . import _pickling, _signals, _wire
+from . import _jobs, _pickling, _signals, _wire
 from ._errors import TargetCancelled
 from ._target import Outcome, TargetState, resend_delays
 from ._token import Token
@@ -404,6 +404,7 @@ def _import_main(source: tuple[str, str]) -> None:
     module.__dict__.update(content)
     sys.modules["__main__"] = sys.modules["__mp_main__"] = module
     _main_imported = source
+    _jobs.main_names_here = frozenset(name for name in content if isinstance(name, str))
     _report_main_names(source, module)
 
 
