@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -452,3 +453,28 @@ def children_then_spin(path: str) -> None:
     mark(path, f"{os.getpid()} {child.pid}")
     while True:
         pass
+
+
+def restart_after_sigterm() -> str:
+    """Leaves SA_RESTART set for SIGTERM behind it: a blocking call that SIGTERM then
+    interrupts is restarted by the system, and the worker's handler never runs."""
+    signal.siginterrupt(signal.SIGTERM, False)
+    return "left SIGTERM restarting system calls"
+
+
+def blocks_in(path: str, call: str) -> None:
+    """Blocks in a system call that only a signal ends: a read of a pipe nobody writes,
+    or a lock that is never released."""
+    r, w = os.pipe()
+    lock = threading.Lock()
+    lock.acquire()
+    try:
+        mark(path, str(os.getpid()))
+        if call == "read":
+            os.read(r, 1)
+        else:
+            lock.acquire()
+    finally:
+        os.close(r)
+        os.close(w)
+        mark(path, "finally")

@@ -838,6 +838,26 @@ async def test_signal_state_does_not_leak_to_the_next_job(tmp_path: Path) -> Non
         assert await handle.stop() is tb.Stage.INTERRUPTED
 
 
+@pytest.mark.parametrize("call", ["read", "lock"])
+async def test_sigterm_restarting_calls_does_not_leak_to_the_next_job(
+    tmp_path: Path, call: str
+) -> None:
+    """A target that leaves SIGTERM restarting system calls (signal.siginterrupt(SIGTERM,
+    False)) does not disable rung 2 for the next target on the same worker: blocked in a
+    read or a lock, that one still gets TargetCancelled, and its finally runs."""
+    limiter = anyio.CapacityLimiter(1)  # one worker at a time: the same one, reused
+    pid = await tb.run_killable(targets.pid, backend=P, limiter=limiter)
+    await tb.run_killable(targets.restart_after_sigterm, backend=P, limiter=limiter)
+    path = tmp_path / "log"
+    policy = tb.Policy(grace=0.05, interrupt_grace=10)
+    handle = tb.spawn(targets.blocks_in, str(path), call, backend=P, policy=policy, limiter=limiter)
+    (line,) = await lines_of(path, 1)
+    assert int(line) == pid  # on the worker the careless target had used
+    with anyio.fail_after(30):
+        assert await handle.stop() is tb.Stage.INTERRUPTED
+    assert path.read_text().splitlines() == [line, "finally"]
+
+
 @pytest.mark.parametrize("sigtimedwait", [True, False], ids=["linux", "without-sigtimedwait"])
 def test_no_sigpipe_when_writing_to_a_dead_worker(sigtimedwait: bool) -> None:
     """In a program that restored SIGPIPE's default action, a write to a dead worker is a

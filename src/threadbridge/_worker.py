@@ -312,6 +312,11 @@ def _restore_signals() -> None:
     for signum, handler in _base_handlers.items():
         if _signals.getsignal(signum) != handler:
             signal.signal(signum, handler)
+    # signal.siginterrupt(SIGTERM, False) leaves the handler as it is, but has the system
+    # restart a call that SIGTERM interrupts (SA_RESTART): a read, a lock, a recv would
+    # then never return to let rung 2 land. Nothing tells whether a target did it, so it
+    # is undone after every job (one sigaction, after the answer has gone).
+    signal.siginterrupt(signal.SIGTERM, True)
 
 
 def _apply(settings: dict[str, Any]) -> bool:
