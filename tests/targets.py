@@ -478,3 +478,15 @@ def blocks_in(path: str, call: str) -> None:
         os.close(r)
         os.close(w)
         mark(path, "finally")
+
+
+def forking_initializer(path: str, child_returns: bool) -> None:
+    """A ProcessPool initializer that forks: its child returns into the worker (or exits)."""
+    if os.fork() == 0 and not child_returns:
+        os._exit(0)
+    mark(path, str(os.getpid()))
+
+
+def exiting_initializer(path: str, code: int) -> None:
+    mark(path, "initializer ran")
+    os._exit(code)

@@ -8,6 +8,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 import anyio
 import psutil
@@ -193,3 +194,91 @@ async def test_pool_from_another_event_loop_is_a_clear_error() -> None:
         message = await anyio.to_thread.run_sync(anyio.run, elsewhere)
         assert "belongs to another event loop" in message
         assert await tb.run_killable(targets.add, 1, 1, backend=pool) == 2
+
+
+@pytest.mark.parametrize("child_returns", [True, False])
+async def test_initializer_that_forks_runs_each_job_once(
+    tmp_path: Path, child_returns: bool
+) -> None:
+    """An initializer whose forked child returns into the worker: the child never reads
+    the worker's jobs, so each job runs once, in the worker, and is answered."""
+    log, runs = tmp_path / "log", tmp_path / "runs"
+    async with tb.ProcessPool(
+        1, initializer=targets.forking_initializer, initargs=(str(log), child_returns)
+    ) as pool:
+        for i in range(6):
+            with anyio.fail_after(30):
+                await tb.run_killable(targets.mark, str(runs), str(i), backend=pool)
+    assert runs.read_text().splitlines() == [str(i) for i in range(6)]
+    initialized = set(await lines_of(log, 1))
+    assert all(gone(int(pid)) for pid in initialized)
+
+
+async def test_initializer_that_exits_is_named_with_its_code(tmp_path: Path) -> None:
+    """An initializer that exits the worker: the call gets WorkerCrashed naming the
+    initializer and its exit code; later calls get the same clear error (the pool is
+    broken), and no worker is started in a loop."""
+    log = tmp_path / "log"
+    async with tb.ProcessPool(
+        1, initializer=targets.exiting_initializer, initargs=(str(log), 3)
+    ) as pool:
+        with pytest.raises(tb.WorkerCrashed, match="initializer exiting_initializer") as info:
+            await tb.run_killable(targets.pid, backend=pool)
+        assert info.value.exitcode == 3
+        assert "exited with code 3" in str(info.value)
+        for _ in range(3):
+            with pytest.raises(RuntimeError, match="initializer") as later:
+                await tb.run_killable(targets.pid, backend=pool)
+            assert isinstance(later.value.__cause__, tb.WorkerCrashed)
+    await wait_for_pool_threads()
+    # The worker that took the call, and perhaps a standby beside it: never more.
+    assert 1 <= len(log.read_text().splitlines()) <= 2
+
+
+@pytest.mark.parametrize(
+    ("method", "failure"),
+    [
+        *((m, "initializer exits") for m in _spawn.START_METHODS),
+        *((m, "cannot boot") for m in _spawn.START_METHODS if m != "fork"),
+    ],
+)
+async def test_workers_that_cannot_start_are_not_started_in_a_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, failure: str
+) -> None:
+    """Workers that end before they are ready (an initializer that exits; an interpreter
+    that cannot boot) are not replaced in a loop: the pool stops after a few, with one
+    clear error for its calls, and no process is started after that."""
+    from threadbridge import _process
+
+    starts = []
+    start_process = _process.WorkerPool.start_process
+
+    def counted(self: _process.WorkerPool, *fds: int) -> _process.Process:
+        starts.append(self)
+        return start_process(self, *fds)
+
+    monkeypatch.setattr(_process.WorkerPool, "start_process", counted)
+    options: dict[str, Any] = {"start_method": method}
+    if failure == "initializer exits":
+        options.update(initializer=targets.exiting_initializer, initargs=(str(tmp_path / "x"), 7))
+    else:
+        # A Python home that does not exist: a new interpreter dies as it starts.
+        monkeypatch.setenv("PYTHONHOME", str(tmp_path / "nowhere"))
+    errors: list[BaseException] = []
+    async with tb.ProcessPool(1, **options) as pool:
+        with anyio.fail_after(60):
+            while not errors or not isinstance(errors[-1], RuntimeError):
+                try:
+                    await tb.run_killable(targets.pid, backend=pool)
+                except (tb.WorkerCrashed, RuntimeError, OSError) as exc:
+                    errors.append(exc)
+        broken = errors[-1]
+        assert isinstance(broken.__cause__, tb.WorkerCrashed)
+        assert "could not start" in str(broken.__cause__) or "initializer" in str(broken.__cause__)
+        await wait_for_pool_threads()
+        started = len(starts)
+        for _ in range(3):  # later calls fail at once, and start nothing
+            with pytest.raises(RuntimeError):
+                await tb.run_killable(targets.pid, backend=pool)
+        await wait_for_pool_threads()
+    assert len(starts) == started <= _process.MAX_FAILED_STARTS + 1

@@ -16,7 +16,7 @@ import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import anyio
 import psutil
@@ -465,10 +465,10 @@ async def test_worker_forked_while_an_ended_one_is_still_listed_keeps_its_pipes(
     made: list[WorkerProcess] = []
     ended = WorkerPool.ended
 
-    def make_one_first(self: WorkerPool, worker: WorkerProcess, *, reaped: bool) -> None:
+    def make_one_first(self: WorkerPool, worker: WorkerProcess, **how: Any) -> None:
         if not made:  # the ended worker is still listed, its pipes closed
             made.append(self._new_worker("idle"))
-        ended(self, worker, reaped=reaped)
+        ended(self, worker, **how)
 
     monkeypatch.setattr(WorkerPool, "ended", make_one_first)
     async with tb.ProcessPool(1, start_method="fork") as pool:
@@ -557,11 +557,11 @@ async def test_a_worker_that_is_ending_is_never_given_a_call(
         ending, go = threading.Event(), threading.Event()
         ended, acquire = WorkerPool.ended, WorkerPool.acquire
 
-        def held_ended(self: WorkerPool, worker: WorkerProcess, *, reaped: bool) -> None:
+        def held_ended(self: WorkerPool, worker: WorkerProcess, **how: Any) -> None:
             if worker.pid == pid:
                 ending.set()  # the end is under way, and the pool has not heard
                 go.wait(30)
-            ended(self, worker, reaped=reaped)
+            ended(self, worker, **how)
 
         def end_as_chosen(self: WorkerPool) -> WorkerProcess:
             worker = acquire(self)

@@ -135,6 +135,13 @@ class ForkServer:
             raise OSError("the fork server exited before starting a worker")
         return worker
 
+    def exit_code(self, timeout: float = 5.0) -> int | None:
+        """How the server process ended (None: it still runs after ``timeout``)."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
     def reap(self, pid: int) -> None:
         try:
             self.sock.sendall(_SHORT.pack(b"R", pid))
@@ -286,4 +293,5 @@ def _preload(settings: dict[str, Any]) -> None:
     starts with it."""
     from . import _worker
 
+    _worker._pid = os.getpid()  # a fork in the main script's import returns no further
     _worker._apply(settings)

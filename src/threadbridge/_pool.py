@@ -8,7 +8,6 @@ import itertools
 import logging
 import math
 import os
-import signal
 import sys
 import weakref
 from collections.abc import Callable, Iterable
@@ -21,11 +20,10 @@ from . import _jobs, _pickling, _spawn, _wire, _worker
 from ._backend import Backend
 from ._cpus import usable_cpus
 from ._errors import WorkerCrashed
-from ._forkserver import ForkServed
 from ._ladder import Ending, Run
 from ._loop import current_link
 from ._process import WorkerPool, pool_for
-from ._process_worker import WorkerProcess
+from ._process_worker import WorkerProcess, how_it_ended
 from ._public import export
 
 logger = logging.getLogger("threadbridge")
@@ -81,11 +79,25 @@ class ProcessWork:
     def killed(self) -> None:
         self.run.report(Ending.KILLED)
 
-    def crashed(self, returncode: int | None, *, pipe_closed: bool = False) -> None:
+    def crashed(
+        self,
+        returncode: int | None,
+        *,
+        pipe_closed: bool = False,
+        error: WorkerCrashed | None = None,
+    ) -> None:
+        """The worker died without answering; ``error`` says why, if the pool knows
+        better than its exit (it died while starting)."""
+        if error is None:
+            error = self._crash_error(returncode, pipe_closed)
+        self.run.report(Ending.ENDED, (False, error), interrupted=self.interrupt_sent)
+
+    def _crash_error(self, returncode: int | None, pipe_closed: bool) -> WorkerCrashed:
         worker = f"the worker process (pid {self.worker.pid}) running {self.run.name}"
+        pid = self.worker.pid
         if pipe_closed or returncode == _worker.PIPES_LOST:
             how = "was killed" if pipe_closed else f"exited with code {returncode}"
-            error = WorkerCrashed(
+            return WorkerCrashed(
                 f"{worker} {how} without answering: its pipes to this process were closed "
                 "or replaced while it ran. The target closed or replaced file descriptors "
                 "that it did not open (os.closerange(), os.dup2(), a library that "
@@ -93,42 +105,10 @@ class ProcessWork:
                 "opened",
                 signal=-returncode if returncode is not None and returncode < 0 else None,
                 exitcode=returncode if returncode is not None and returncode >= 0 else None,
-                pid=self.worker.pid,
+                pid=pid,
             )
-        elif returncode is None:
-            error = WorkerCrashed(f"{worker} died without answering", pid=self.worker.pid)
-        elif returncode == 0 and _exit_status_discarded(self.worker):
-            error = WorkerCrashed(
-                f"{worker} exited without answering; how it ended is unknown: SIGCHLD is "
-                "ignored in this process, so the system discards its children's exit "
-                "statuses (restore it with signal.signal(signal.SIGCHLD, signal.SIG_DFL) "
-                "to learn the exit code or signal)",
-                pid=self.worker.pid,
-            )
-        elif returncode < 0:
-            signum = -returncode
-            try:
-                signame = signal.Signals(signum).name
-            except ValueError:  # pragma: no cover
-                signame = str(signum)
-            error = WorkerCrashed(
-                f"{worker} was killed by {signame}", signal=signum, pid=self.worker.pid
-            )
-        else:
-            error = WorkerCrashed(
-                f"{worker} exited with code {returncode} without answering",
-                exitcode=returncode,
-                pid=self.worker.pid,
-            )
-        self.run.report(Ending.ENDED, (False, error), interrupted=self.interrupt_sent)
-
-
-def _exit_status_discarded(worker: WorkerProcess) -> bool:
-    """Whether the system reaps this worker itself, keeping no exit status: a child of a
-    process that ignores SIGCHLD (a fork server's workers are its children, not ours)."""
-    if isinstance(worker.proc, ForkServed):
-        return False
-    return signal.getsignal(signal.SIGCHLD) == signal.SIG_IGN
+        how, signum, exitcode = how_it_ended(self.worker.proc, returncode)
+        return WorkerCrashed(f"{worker} {how}", signal=signum, exitcode=exitcode, pid=pid)
 
 
 def available() -> bool:
@@ -256,12 +236,13 @@ class ProcessPool(Backend):
             _spawn.check_start_method(start_method)
         self._start_method = start_method
         self._initializer: bytes | None = None
+        self._initializer_name = ""
         if initializer is not None:
             from ._api import _check_func, _name_of
 
             _check_func(initializer, "ProcessPool(initializer=...)")
             args = tuple(initargs)
-            name = _name_of(initializer)
+            name = self._initializer_name = _name_of(initializer)
             self._initializer = _jobs.dumps_job(initializer, args, f"the initializer {name}")
         self._pool: WorkerPool | None = None
         self._closed = False
@@ -280,6 +261,7 @@ class ProcessPool(Backend):
             idle_timeout=self._idle_timeout,
             max_tasks=self._max_tasks,
             initializer=self._initializer,
+            initializer_name=self._initializer_name,
             start_method=self._start_method,
         )
         ref = weakref.ref(pool)

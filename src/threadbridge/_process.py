@@ -19,10 +19,11 @@ import time
 import weakref
 
 from . import _spawn, _stats
+from ._errors import WorkerCrashed
 from ._forkserver import ForkServed, ForkServer
 from ._ladder import Run
 from ._loop import Link
-from ._process_worker import WorkerProcess, worker_settings
+from ._process_worker import WorkerProcess, how_it_ended, worker_settings
 from ._scheduler import SCHEDULER, Timer
 
 logger = logging.getLogger("threadbridge")
@@ -37,6 +38,14 @@ SHUTDOWN_GRACE = 1.0
 # A standby wanted because a call took the last idle worker starts this much later: a
 # starting interpreter competes for the CPUs with the very call that took the worker.
 STANDBY_DELAY = 0.05
+# Workers that end by themselves before their first job (they cannot start, or something
+# kills them while idle) are replaced after a delay that doubles with each one in a row,
+# from this, up to MAX_RESPAWN_DELAY: never a loop of interpreters started and lost.
+RESPAWN_DELAY = 0.1
+MAX_RESPAWN_DELAY = 30.0
+# After this many workers in a row ended before they were ready, the pool is broken: its
+# calls get the last one's error at once, instead of waiting for workers that never start.
+MAX_FAILED_STARTS = 3
 
 
 class WorkerPool:
@@ -54,12 +63,16 @@ class WorkerPool:
         idle_timeout: float | None = None,
         max_tasks: int | None = None,
         initializer: bytes | None = None,
+        initializer_name: str = "",
         start_method: str | None = None,
     ) -> None:
         self.link = link
         self.idle_timeout = IDLE_TIMEOUT if idle_timeout is None else idle_timeout
         self.max_tasks = max_tasks  # a worker retires after this many jobs
         self.initializer = initializer  # a pickled job each worker runs first
+        self.initializer_name = initializer_name
+        self.early_ends = 0  # workers in a row that ended by themselves before a first job
+        self.failed_starts = 0  # workers in a row that ended before they were ready
         self.start_method = start_method  # None: set_start_method()'s choice
         # The initializer failed: no worker of this pool runs anything any more.
         self.broken: BaseException | None = None
@@ -130,10 +143,19 @@ class WorkerPool:
         if not self.broken_told:
             self.broken_told = True
             return self.broken
-        error = RuntimeError(
-            "this ProcessPool's initializer failed in a worker (see the error above), so "
-            "the pool runs nothing; fix the initializer and make a new ProcessPool"
-        )
+        if self.initializer is not None:
+            why = (
+                "this ProcessPool's initializer failed in a worker (see the error above), "
+                "so the pool runs nothing; fix the initializer and make a new ProcessPool"
+            )
+        else:
+            why = (
+                f"{MAX_FAILED_STARTS} worker processes of this pool in a row ended before "
+                "they could run anything (see the error above), so the pool starts no "
+                "more; fix what stops them, then use a new pool (a new event loop for "
+                'backend="process")'
+            )
+        error = RuntimeError(why)
         error.__cause__ = self.broken
         return error
 
@@ -153,8 +175,30 @@ class WorkerPool:
         with self.forkserver_lock:
             server = self.forkserver
             if server is None or not server.alive:
+                if server is not None:
+                    server.close()  # its socket, and it is reaped
                 server = self.forkserver = ForkServer(worker_settings(warm=True))
-        return server.start_worker(job_r, control_r, result_w)
+        try:
+            return server.start_worker(job_r, control_r, result_w)
+        except OSError:
+            if server.alive:
+                raise  # pragma: no cover - out of descriptors, say
+        # The server ended before it could start a worker: it cannot start (its main
+        # script's import ended the process, an interpreter that cannot run...).
+        how, signum, exitcode = how_it_ended(server.proc, server.exit_code(), "as it started")
+        error = WorkerCrashed(
+            f"the fork server of this pool (pid {server.proc.pid}) {how}, before it could "
+            "start a worker: workers could not start (its standard error says why: an "
+            "interpreter that cannot run, a main script whose import ends the process)",
+            signal=signum,
+            exitcode=exitcode,
+            pid=server.proc.pid,
+        )
+        with self.lock:
+            self.failed_starts += 1
+            if self.broken is None and self.failed_starts >= MAX_FAILED_STARTS:
+                self.broken, self.broken_told = error, True
+        raise error
 
     def _new_worker(self, state: str) -> WorkerProcess:
         worker = WorkerProcess(self, self.link, standby=state == "idle")
@@ -177,6 +221,8 @@ class WorkerPool:
             self._new_worker("idle")
         except RuntimeError:
             pass  # the loop ended meanwhile
+        except WorkerCrashed:
+            pass  # counted: the calls that meet the pool are told
         except OSError:  # pragma: no cover - out of processes or descriptors
             logger.exception("could not start a standby worker")
         finally:
@@ -188,6 +234,7 @@ class WorkerPool:
         """A worker answered its job and is free again (in the loop's thread)."""
         worker.idle_since = time.monotonic()
         worker.tasks += 1
+        self.early_ends = 0
         with self.lock:
             retire = self.closed or (self.max_tasks is not None and worker.tasks >= self.max_tasks)
             self._set_state(worker, "retiring" if retire else "idle")
@@ -221,13 +268,43 @@ class WorkerPool:
         for worker in old:
             worker.ask_to_exit()
 
-    def ended(self, worker: WorkerProcess, *, reaped: bool) -> None:
-        """A worker process has exited (and been reaped, or resists it)."""
+    def booted(self) -> None:
+        """A worker is ready for jobs (in the loop's thread)."""
+        self.failed_starts = 0
+
+    def ended(
+        self,
+        worker: WorkerProcess,
+        *,
+        reaped: bool,
+        early: bool = False,
+        boot_error: BaseException | None = None,
+        told: bool = False,
+    ) -> None:
+        """A worker process has exited (and been reaped, or resists it). ``early``: by
+        itself, before its first job; ``boot_error``: before it was even ready (``told``:
+        the call it had gets that error)."""
         with self.lock:
             self._set_state(worker, "gone" if reaped else "unreaped")
+            if boot_error is not None:
+                self.failed_starts += 1
+                in_initializer = worker.boot == "initializer"
+                if self.broken is None and (
+                    in_initializer or self.failed_starts >= MAX_FAILED_STARTS
+                ):
+                    self.broken = boot_error
+                    self.broken_told = told
+            if early:
+                self.early_ends += 1
             replace = not self.closed and not self.idle and self.broken is None
+            delay = 0.0
+            if replace and self.early_ends:
+                delay = min(RESPAWN_DELAY * 2 ** (self.early_ends - 1), MAX_RESPAWN_DELAY)
+                if self.standby_timer is None:
+                    due = functools.partial(_standby_due, weakref.ref(self))
+                    self.standby_timer = SCHEDULER.call_later(delay, due)
         _stats.changed()
-        if replace:
+        if replace and not delay:
             self._add_standby()
 
     def shutdown(self) -> None:

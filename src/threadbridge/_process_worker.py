@@ -21,6 +21,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from . import _jobs, _pickling, _signals, _wire
+from ._errors import WorkerCrashed
 from ._forkserver import ForkServed
 from ._loop import Link
 
@@ -64,6 +65,9 @@ class WorkerProcess:
         self.state = "new"  # the pool's: idle, busy, retiring, dead, unreaped, gone
         self.used = False
         self.tasks = 0  # jobs answered
+        # How far its boot has come: "starting", "initializer" (the pool's initializer
+        # runs), "ready" (jobs may come). One that ends before "ready" failed to start.
+        self.boot = "starting"
         self.idle_since = time.monotonic()
         self.parser = _wire.FrameParser()
         fds: list[int] = []
@@ -307,6 +311,13 @@ class WorkerProcess:
                 source, names = pickle.loads(payload)
                 _jobs.set_main_names(tuple(source), frozenset(names))
                 continue
+            if kind == _wire.INITIALIZING:
+                self.boot = "initializer"
+                continue
+            if kind == _wire.READY:
+                self.boot = "ready"
+                self.pool.booted()
+                continue
             if kind == _wire.INIT_FAILED:
                 self._init_failed(payload)
                 return False
@@ -425,16 +436,49 @@ class WorkerProcess:
             _close(self.result_fd)
             if self.pidfd is not None:
                 _close(self.pidfd)
-        self.pool.ended(self, reaped=returncode is not None)
+        # Ended by itself, not by the pool (rung 3, a kill after rung 2, asked to exit)?
+        by_itself = killed is None and answered is None and self.state != "retiring"
+        boot_error = None
+        if by_itself and self.boot != "ready" and not self.pool.closed:
+            boot_error = self._boot_error(returncode, crashed)
+        early = by_itself and self.tasks == 0 and (crashed is None or boot_error is not None)
+        self.pool.ended(
+            self,
+            reaped=returncode is not None,
+            early=early,
+            boot_error=boot_error,
+            told=crashed is not None,
+        )
         if killed is not None:
             killed.killed()
         if answered is not None:
             answered[0].answered(*answered[1])
         if crashed is not None:
-            crashed.crashed(returncode, pipe_closed=pipe_closed)
+            crashed.crashed(returncode, pipe_closed=pipe_closed, error=boot_error)
         if returncode is None:
             self._reap(None)
             self.pool.ended(self, reaped=True)
+
+    def _boot_error(self, returncode: int | None, work: ProcessWork | None) -> WorkerCrashed:
+        """What a worker that ended before it was ready tells the call it had (and the
+        pool, which stops starting workers that cannot start)."""
+        then = f"before it could run {work.run.name}" if work is not None else "while idle"
+        if self.boot == "initializer":
+            name = self.pool.initializer_name
+            how, signum, exitcode = how_it_ended(self.proc, returncode, "in it")
+            message = (
+                f"the ProcessPool's initializer {name} ended its worker process (pid "
+                f"{self.pid}) {then}: the worker {how}. An initializer must return (or "
+                "raise, to fail the pool with its error); it must not exit the process"
+            )
+        else:
+            how, signum, exitcode = how_it_ended(self.proc, returncode, "while starting")
+            message = (
+                f"the worker process (pid {self.pid}) {how}, {then}: it could not start "
+                "(its standard error says why: an interpreter that cannot run, the main "
+                "script or a package that fails to import, the process killed from outside)"
+            )
+        return WorkerCrashed(message, signal=signum, exitcode=exitcode, pid=self.pid)
 
 
 def worker_settings(*, warm: bool) -> dict[str, object]:
@@ -453,6 +497,39 @@ def worker_settings(*, warm: bool) -> dict[str, object]:
     if warm:
         settings["warm"] = ["tblib", "threadbridge._jobs", *_jobs.modules_used]
     return settings
+
+
+def how_it_ended(
+    proc: object, returncode: int | None, when: str = "without answering"
+) -> tuple[str, int | None, int | None]:
+    """How a process of ours (a worker, a fork server) that ended by itself did (``when``
+    it did): words for an error, its signal, its exit code."""
+    if returncode is None:
+        return f"died {when}", None, None
+    if returncode == 0 and _exit_status_discarded(proc):
+        return (
+            f"exited {when}; how it ended is unknown: SIGCHLD is ignored in this process, "
+            "so the system discards its children's exit statuses (restore it with "
+            "signal.signal(signal.SIGCHLD, signal.SIG_DFL) to learn the exit code or signal)",
+            None,
+            None,
+        )
+    if returncode < 0:
+        signum = -returncode
+        try:
+            signame = signal.Signals(signum).name
+        except ValueError:  # pragma: no cover
+            signame = str(signum)
+        return f"was killed by {signame} {when}", signum, None
+    return f"exited with code {returncode} {when}", None, returncode
+
+
+def _exit_status_discarded(proc: object) -> bool:
+    """Whether the system reaps this process itself, keeping no exit status: a child of a
+    process that ignores SIGCHLD (a fork server's workers are its children, not ours)."""
+    if isinstance(proc, ForkServed):
+        return False
+    return signal.getsignal(signal.SIGCHLD) == signal.SIG_IGN
 
 
 def write_frame(fd: int, kind: int, job: int = 0, payload: bytes = b"") -> None:

@@ -26,6 +26,8 @@ INTERRUPT = 11  # rung 2 for a job: SIGTERM to the worker's process group
 ANSWER = 21  # payload: pickled (how it ended, value, whether rung 2 reached it)
 NAMES = 22  # payload: pickled (main source, names its import as __mp_main__ bound)
 INIT_FAILED = 23  # payload: an answer (raised, the initializer's error); the worker exits
+INITIALIZING = 24  # no payload: the pool's initializer starts now
+READY = 25  # no payload: the worker has booted (and run the initializer): jobs may come
 
 
 def write_frame(fd: int, kind: int, job: int = 0, payload: bytes = b"") -> None:

@@ -260,6 +260,7 @@ def serve(job_fd: int, control_fd: int, result_fd: int) -> None:
     _save_signals()
     threading.Thread(target=_control, args=(control_fd,), name="control", daemon=True).start()
     jobs = _wire.FrameReader(job_fd)
+    booted = False  # READY sent: the first settings (and the initializer) are done
     while True:
         try:
             frame = jobs.read()
@@ -273,6 +274,9 @@ def serve(job_fd: int, control_fd: int, result_fd: int) -> None:
         if kind == _wire.INIT:
             if not _apply(pickle.loads(payload)):
                 break  # its initializer failed: the parent has been told, and ends us
+            if not booted:
+                booted = True
+                _wire.write_frame(result_fd, _wire.READY)
             continue
         answer = _run(job_id, payload)
         try:
@@ -340,7 +344,10 @@ def _apply(settings: dict[str, Any]) -> bool:
 
         process.current_process().authkey = settings["authkey"]
     if settings.get("main"):
-        _import_main(tuple(settings["main"]))
+        try:
+            _import_main(tuple(settings["main"]))
+        finally:
+            _only_the_worker()
     if "initializer" in settings and not _initialize(settings["initializer"]):
         return False
     for name in settings.get("warm", ()):
@@ -353,11 +360,22 @@ def _apply(settings: dict[str, Any]) -> bool:
     return True
 
 
+def _only_the_worker() -> None:
+    """After user code that may have forked (the main script's import, the initializer):
+    a child that returned from it must not go on to read the worker's jobs."""
+    if os.getpid() != _pid:
+        os._exit(0)
+
+
 def _initialize(payload: bytes) -> bool:
     """Run the pool's initializer; if it raises, send its error to the parent."""
+    _wire.write_frame(_result_fd, _wire.INITIALIZING)
     try:
-        func, args = pickle.loads(payload)
-        func(*args)
+        try:
+            func, args = pickle.loads(payload)
+            func(*args)
+        finally:
+            _only_the_worker()
     except BaseException as exc:
         answer = _pickling.dumps_answer(_pickling.RAISED, exc, False)
         _wire.write_frame(_result_fd, _wire.INIT_FAILED, 0, answer)
