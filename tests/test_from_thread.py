@@ -144,3 +144,39 @@ async def test_trio_from_thread_with_trio_token() -> None:
         return trio.from_thread.run(answer, trio_token=trio_token)
 
     assert await tb.run_killable(target) == 8
+
+
+class _NotAnError(BaseException):
+    pass
+
+
+async def test_base_exceptions_in_the_loop_are_handed_to_the_thread() -> None:
+    """SystemExit, KeyboardInterrupt and other BaseExceptions raised by the call in the
+    loop go to the thread that made it (as anyio's and trio's from_thread do): the loop
+    goes on, whether it is asyncio or trio."""
+    import sys
+
+    async def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    def raise_base() -> None:
+        raise _NotAnError("base")
+
+    def target() -> list[str]:
+        caught = []
+        try:
+            tb.from_thread.run_sync(sys.exit, 3)
+        except SystemExit as exc:
+            caught.append(f"SystemExit {exc.code}")
+        try:
+            tb.from_thread.run(interrupted)
+        except KeyboardInterrupt:
+            caught.append("KeyboardInterrupt")
+        try:
+            tb.from_thread.run_sync(raise_base)
+        except _NotAnError as exc:
+            caught.append(str(exc))
+        return caught
+
+    assert await tb.run_killable(target) == ["SystemExit 3", "KeyboardInterrupt", "base"]
+    await anyio.sleep(0)  # the loop goes on

@@ -136,6 +136,7 @@ def _in_loop(what: str, call_fn: Callable[[], Awaitable[Any]]) -> Any:
     async def task() -> None:
         import anyio
 
+        cancelled = anyio.get_cancelled_exc_class()
         try:
             with anyio.CancelScope() as scope:
                 call.scope = scope
@@ -143,7 +144,12 @@ def _in_loop(what: str, call_fn: Callable[[], Awaitable[Any]]) -> Any:
                     scope.cancel()
                 try:
                     call.outcome = (True, await call_fn())
-                except Exception as exc:
+                except cancelled:
+                    raise
+                except BaseException as exc:
+                    # SystemExit, KeyboardInterrupt and the like too: they are the
+                    # caller's, as with anyio's and trio's from_thread (raised here,
+                    # they would end the loop, and under trio as an internal error).
                     call.outcome = (False, exc)
             if call.outcome is None:
                 call.outcome = (
