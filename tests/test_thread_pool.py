@@ -314,3 +314,50 @@ def test_idle_threads_retire_after_a_busy_spell(monkeypatch: pytest.MonkeyPatch)
         assert backend.pool.counts()["idle_threads"] == 0
     finally:
         _stats.unregister(backend.pool)
+
+
+def test_idle_threads_retire_together_after_the_idle_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Threads that fall idle together retire together, one IDLE_TIMEOUT later: a thread
+    that retires must not restart another's wait (32 threads went 32 -> 15 -> 7 -> 3 ->
+    1 -> 0, one IDLE_TIMEOUT per step, instead of all at once)."""
+    from threadbridge import _stats
+
+    idle_timeout = 2.0
+    monkeypatch.setattr(_thread, "IDLE_TIMEOUT", idle_timeout)
+    backend = _thread.ThreadBackend()  # its own pool and threads
+    count = 32
+    ends: list[object] = []
+    done = threading.Semaphore(0)
+    arrived = threading.Semaphore(0)
+    release = threading.Event()
+    threads: list[threading.Thread] = []
+
+    def hold() -> None:
+        threads.append(threading.current_thread())
+        arrived.release()
+        release.wait(60)
+
+    try:
+        for _ in range(count):
+            backend.start(QuietRun(ends, done), (hold, ()))  # type: ignore[arg-type]
+        for _ in range(count):
+            assert arrived.acquire(timeout=30)
+        release.set()
+        for _ in range(count):
+            assert done.acquire(timeout=30)
+        idle_from = time.monotonic()
+        assert len(set(threads)) == count
+        give_up = idle_from + 30
+        for thread in threads:
+            thread.join(timeout=max(0.0, give_up - time.monotonic()))
+        took = time.monotonic() - idle_from
+        assert [t for t in threads if t.is_alive()] == []
+        # One IDLE_TIMEOUT, and a generous allowance for a loaded machine; the defect
+        # took five.
+        assert took < 2 * idle_timeout + 1, took
+        assert backend.pool.counts()["idle_threads"] == 0
+    finally:
+        release.set()
+        _stats.unregister(backend.pool)

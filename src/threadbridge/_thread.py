@@ -12,6 +12,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -146,33 +147,41 @@ class ThreadPool:
             self.idle += 1
         del ticket
         get = self.queue.get
+        clock = time.monotonic
+        # When this thread retires if no work comes: IDLE_TIMEOUT after its last work. A
+        # wake-up that brings no work (a withdrawn number, _WAKE) does not move it.
+        deadline = clock() + IDLE_TIMEOUT
         while True:
             try:
-                key = get(timeout=IDLE_TIMEOUT)
+                key = get(timeout=max(0.0, deadline - clock()))
             except queue.Empty:
-                with self.lock:
-                    retire = self.idle > len(self.pending)  # no pending work counts on us
-                    if retire:
-                        self.idle -= 1
-                    others = self.idle > 0
-                if retire:
-                    if others:
-                        # SimpleQueue.get() can miss its timeout for good: woken once its
-                        # time is up for an item another thread took, it waits with no
-                        # timeout. Such a thread is idle and counted, and would never
-                        # retire: this wakes one waiting thread to start its wait afresh.
-                        self.queue.put(_WAKE)
-                    return
-                continue
+                key = _WAKE
             with self.lock:
-                if key not in self.pending:
-                    continue  # withdrawn
-                work = self.busy[key] = self.pending.pop(key)
-                self.idle -= 1
+                work = self.pending.pop(key, None)
+                if work is not None:
+                    self.busy[key] = work
+                    self.idle -= 1
+                elif clock() < deadline:
+                    continue  # a _WAKE or a withdrawn number, before this thread's time
+                elif self.idle > len(self.pending):  # no pending work counts on us: retire
+                    self.idle -= 1
+                    others = self.idle > 0
+                else:
+                    deadline = clock() + IDLE_TIMEOUT
+                    continue
+            if work is None:
+                if others:
+                    # SimpleQueue.get() can miss its timeout for good: woken once its time
+                    # is up for an item another thread took, it waits with no timeout.
+                    # Such a thread is idle and counted, and would never retire: this
+                    # wakes one waiting thread, which retires too if its own time is up.
+                    self.queue.put(_WAKE)
+                return
             reusable = work.run()
             del work  # nothing of a finished call stays reachable from an idle thread
             if not reusable:
                 return
+            deadline = clock() + IDLE_TIMEOUT
 
     def finished(self, work: ThreadWork, *, abandoned: bool) -> None:
         """Count out a work whose thread is done with it (and free, unless abandoned)."""
