@@ -179,4 +179,4 @@ async def test_base_exceptions_in_the_loop_are_handed_to_the_thread() -> None:
         return caught
 
     assert await tb.run_killable(target) == ["SystemExit 3", "KeyboardInterrupt", "base"]
-    await anyio.sleep(0)  # the loop goes on
+    await anyio.lowlevel.checkpoint()  # the loop goes on
