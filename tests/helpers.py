@@ -205,6 +205,9 @@ class QuietRun:
         if self.reported is not None:
             self.reported.release()
 
+    def hand_back(self, **_: object) -> None:
+        pass
+
     def release(self) -> None:
         pass
 

@@ -105,3 +105,48 @@ def _loop_object() -> object:
         import trio
 
         return trio.lowlevel.current_trio_token()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+@pytest.mark.parametrize("how", ["run_killable", "spawn"])
+def test_a_slow_hand_back_keeps_nothing_of_the_call_alive(
+    monkeypatch: pytest.MonkeyPatch, loop: str, how: str
+) -> None:
+    """The pool thread that hands a call's outcome back may be held up after waking the
+    loop (a loaded machine): the awaiter runs on meanwhile, and once it has dropped them
+    the argument, the result and the handle are collectable at once."""
+    import threading
+
+    from threadbridge._loop import current_link
+
+    refs: dict[str, weakref.ref[Any]] = {}
+    seen: list[list[str]] = []
+
+    async def main() -> None:
+        link_type = type(current_link("test"))
+        real_post = link_type.post
+
+        def slow_post(self: Any, fn: Any) -> bool:
+            posted = real_post(self, fn)
+            if threading.current_thread().name == "threadbridge-worker":
+                del fn
+                time.sleep(0.3)  # the loop runs on; this thread still holds its frame
+            return posted
+
+        monkeypatch.setattr(link_type, "post", slow_post)
+        for i in range(2):
+            big = Big()
+            refs[f"argument {i}"] = weakref.ref(big)
+            if how == "spawn":
+                handle = tb.spawn(keep, big)
+                refs[f"handle {i}"] = weakref.ref(handle)
+                result = await handle
+                del handle
+            else:
+                result = await tb.run_killable(keep, big)
+            refs[f"result {i}"] = weakref.ref(result)
+            del big, result
+            seen.append(alive(refs))  # at once: the pool thread is still held up
+
+    anyio.run(main, backend=loop)
+    assert seen == [[], []]

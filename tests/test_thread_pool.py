@@ -361,3 +361,51 @@ def test_idle_threads_retire_together_after_the_idle_timeout(
     finally:
         release.set()
         _stats.unregister(backend.pool)
+
+
+async def test_a_limiter_needs_only_trios_two_methods() -> None:
+    """trio's documented limiter interface is acquire_on_behalf_of and
+    release_on_behalf_of: an object with just those two bounds the calls, spawned or
+    awaited, and gets every token back."""
+
+    class Minimal:
+        def __init__(self) -> None:
+            self.inner = anyio.CapacityLimiter(1)
+
+        async def acquire_on_behalf_of(self, borrower: object) -> None:
+            await self.inner.acquire_on_behalf_of(borrower)
+
+        def release_on_behalf_of(self, borrower: object) -> None:
+            self.inner.release_on_behalf_of(borrower)
+
+    limiter = Minimal()
+    release = threading.Event()
+    running = Signal()
+
+    def hold() -> bool:
+        running.set()
+        return release.wait(30)
+
+    first = tb.spawn(hold, limiter=limiter)  # type: ignore[arg-type]
+    with anyio.fail_after(30):
+        await running.wait()  # it holds the only token
+    second = tb.spawn(abs, -5, limiter=limiter)  # type: ignore[arg-type]
+    await anyio.lowlevel.checkpoint()
+    assert not second.done()  # the limiter holds it back
+    release.set()
+    assert await first is True
+    assert await second == 5
+    assert await tb.run_killable(abs, -6, limiter=limiter) == 6  # type: ignore[arg-type]
+    assert limiter.inner.borrowed_tokens == 0
+
+
+async def test_a_release_error_after_the_target_raised_chains_the_targets_error() -> None:
+    """When the target raised and the limiter's release raises too, the release's error
+    reaches the await with the target's as its __context__, as in trio."""
+
+    def fails() -> None:
+        raise KeyError("the target's")
+
+    with pytest.raises(ValueError, match="refused") as info:
+        await tb.run_killable(fails, limiter=Refusing())
+    assert isinstance(info.value.__context__, KeyError)

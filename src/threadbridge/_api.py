@@ -100,12 +100,15 @@ def _setup(
         policy = DEFAULT_POLICY
     elif not isinstance(policy, Policy):
         raise TypeError(f"{what}: policy must be a threadbridge.Policy or None, got {policy!r}")
-    if limiter is not None and not all(hasattr(limiter, m) for m in _LIMITER_METHODS):
-        raise TypeError(
-            f"{what}: limiter must be an anyio.CapacityLimiter (or a trio.CapacityLimiter "
-            f"under trio, or an object with the same {'/'.join(_LIMITER_METHODS)} methods) "
-            f"or None, got {limiter!r}"
-        )
+    if limiter is not None:
+        if not all(hasattr(limiter, m) for m in _LIMITER_METHODS):
+            raise TypeError(
+                f"{what}: limiter must be an anyio.CapacityLimiter (or a trio.CapacityLimiter "
+                f"under trio, or an object with its {' and '.join(_LIMITER_METHODS)} "
+                f"methods) or None, got {limiter!r}"
+            )
+        if not hasattr(limiter, "acquire_on_behalf_of_nowait"):
+            limiter = _WithoutNowait(limiter)
     link = current_link(what)
     chosen.check_platform(what)
     name = _name_of(func)
@@ -115,11 +118,27 @@ def _setup(
     return Run(name, policy, link, cast(Limiter, limiter)), chosen, job
 
 
-_LIMITER_METHODS = (
-    "acquire_on_behalf_of",
-    "acquire_on_behalf_of_nowait",
-    "release_on_behalf_of",
-)
+# What a limiter must have: trio's documented interface for to_thread.run_sync's limiter.
+# acquire_on_behalf_of_nowait() is used where it exists.
+_LIMITER_METHODS = ("acquire_on_behalf_of", "release_on_behalf_of")
+
+
+class _WithoutNowait:
+    """A limiter that has no acquire_on_behalf_of_nowait(): every acquire awaits."""
+
+    __slots__ = ("inner",)
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def acquire_on_behalf_of_nowait(self, borrower: object) -> None:
+        raise anyio.WouldBlock  # both loops' Links take it as "would block"
+
+    async def acquire_on_behalf_of(self, borrower: object) -> None:
+        await self.inner.acquire_on_behalf_of(borrower)
+
+    def release_on_behalf_of(self, borrower: object) -> None:
+        self.inner.release_on_behalf_of(borrower)
 
 
 def _start(run: Run, backend: Backend, job: object) -> None:

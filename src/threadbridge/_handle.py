@@ -26,10 +26,13 @@ class Handle(Generic[T_co]):
         stopped or been given up on, then lets the cancellation propagate.
     """
 
-    __slots__ = ("__weakref__", "_run")
+    __slots__ = ("__weakref__", "_run", "_taken")
 
     def __init__(self, run: Run) -> None:
         self._run = run
+        # The outcome, taken out of the settled run by the first await: each await gives
+        # it, and it lives as long as this handle (not as long as the run).
+        self._taken: tuple[Any, BaseException | None] | None = None
 
     @property
     def stage(self) -> Stage:
@@ -98,7 +101,9 @@ class Handle(Generic[T_co]):
         run = self._run
         self._check_loop("await")
         await run.link.wait_settled(run)
-        return run.result()  # type: ignore[no-any-return]
+        if self._taken is None:
+            self._taken = run.take()
+        return run.settle(*self._taken)  # type: ignore[no-any-return]
 
     def _check_loop(self, what: str) -> None:
         if not self._run.link.is_current():

@@ -230,12 +230,17 @@ class Run:
         *,
         interrupted: bool = False,
         release: bool = True,
+        hand_back: bool = True,
     ) -> None:
         """The target ended, never started, or was given up on. Once, from any thread.
 
         ``release`` says whether to give the run's limiter token back now: yes when what
         ran the target (a thread, a worker) is free again. An abandoned thread still runs:
         the backend calls ``release()`` once it really ends.
+
+        ``hand_back=False``: the caller calls ``hand_back()`` itself, once it has dropped
+        its own references to the outcome (the awaiter may run on from then on, and
+        expects nothing of the call to be alive once it has the result).
         """
         with self._lock:
             if self._stage is not Stage.RUNNING:
@@ -249,6 +254,12 @@ class Run:
         if timer is not None:
             timer.cancel()
         _stats.count_stage(stage)
+        if hand_back:
+            del outcome
+            self.hand_back(release=release)
+
+    def hand_back(self, *, release: bool = True) -> None:
+        """Wake whoever awaits the settled run (and give the limiter token back)."""
         self.link.call(self._loop_free_and_wake if release else self._loop_wake)
 
     def release(self) -> None:
@@ -280,10 +291,26 @@ class Run:
 
     # --- for the handle -----------------------------------------------------------------
 
+    def take(self) -> tuple[Outcome | None, BaseException | None]:
+        """Move the outcome (and the limiter's refusal, if any) out of the settled run, to
+        the one who awaits it: the run no longer keeps the result alive, although the
+        thread that handed it back may still hold the run for a moment."""
+        taken = (self._outcome, self._release_error)
+        self._outcome = self._release_error = None
+        return taken
+
     def result(self) -> Any:
-        if self._release_error is not None:
-            raise self._release_error
-        outcome = self._outcome
+        """The result of a settled run, or its exception, taken out of it (once)."""
+        return self.settle(*self.take())
+
+    def settle(self, outcome: Outcome | None, error: BaseException | None) -> Any:
+        """What awaiting a run that settled with ``outcome`` gives (see ``take()``)."""
+        if error is not None:
+            if outcome is not None and not outcome[0] and error.__context__ is None:
+                # As if given back in a `finally:` while the target's exception was on
+                # its way out (trio's to_thread does so).
+                error.__context__ = outcome[1]
+            raise error
         if outcome is None:
             stage = self._stage
             if stage is Stage.ABANDONED or stage is Stage.KILLED:

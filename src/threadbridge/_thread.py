@@ -280,6 +280,9 @@ class ThreadWork:
         """Run the target and report how it ended; return whether the thread may be reused."""
         state = self.state
         outcome = state.run(self._call)
+        # What the call used goes now: nothing of it may outlive the await, which can
+        # return before this thread does.
+        del self.func, self.args, self.context
         run = self.run_
         if state.abandoned:
             # Counted out first: whoever sees the limiter token come back must also see
@@ -291,7 +294,9 @@ class ThreadWork:
         if outcome is None:
             run.report(Ending.NOT_STARTED)
         else:
-            run.report(Ending.ENDED, outcome, interrupted=state.interrupted)
+            run.report(Ending.ENDED, outcome, interrupted=state.interrupted, hand_back=False)
+            del outcome  # the run has it: the awaiter may take it, and drop it, at once
+            run.hand_back()
         return True
 
     def _call(self) -> Outcome:
