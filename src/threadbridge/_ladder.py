@@ -199,6 +199,21 @@ class Run:
                 "%s ignored its token for %ss; interrupting it (rung 2)", work.describe(), grace
             )
 
+    def hurry(self) -> None:
+        """Ctrl-C again while the ladder climbs: skip the rest of the graces. Rung 3 now,
+        or, where the policy has no rung 3, rung 2 now if it has not come yet."""
+        with self._lock:
+            if self._stage is not Stage.RUNNING or not self._rung:
+                return
+            timer, self._timer = self._timer, None
+            rung = self._rung
+        if timer is not None:
+            timer.cancel()
+        if self.policy.force:
+            self._rung3()
+        elif rung < Rung.INTERRUPT:
+            self._rung2()
+
     def _rung3(self) -> None:
         with self._lock:
             if self._stage is not Stage.RUNNING:

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import anyio
 
-from . import LinkBase, Waitable, keep_watching
+from . import LinkBase, Waitable, _ctrl_c, keep_watching
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -87,6 +87,8 @@ class AsyncioLink(LinkBase):
 
     def wake(self, run: Waitable) -> None:
         run.settled = True
+        if _ctrl_c._waiting:
+            _ctrl_c.settled(run)
         for fut in run.waiters or ():
             if not fut.done():
                 fut.set_result(None)
@@ -106,6 +108,7 @@ class AsyncioLink(LinkBase):
             await self._future(run)
         except BaseException:
             run.cancel()
+            _ctrl_c.waiting(run)  # type: ignore[arg-type]
             # anyio re-delivers its scopes' cancellation on every loop iteration; the
             # shield stops that. Plain task.cancel() calls (asyncio.timeout, wait_for,
             # a user) cannot be shielded, so they are absorbed here: the caller gets

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 import anyio
 import trio
 
-from . import LinkBase, Waitable, keep_watching
+from . import LinkBase, Waitable, _ctrl_c, keep_watching
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -50,6 +50,8 @@ class TrioLink(LinkBase):
 
     def wake(self, run: Waitable) -> None:
         run.settled = True
+        if _ctrl_c._waiting:
+            _ctrl_c.settled(run)
         waiters, run.waiters = run.waiters, None
         for task in waiters or ():
             trio.lowlevel.reschedule(task)
@@ -72,6 +74,7 @@ class TrioLink(LinkBase):
             nonlocal cancelled
             cancelled = True
             run.cancel()
+            _ctrl_c.waiting(run)  # type: ignore[arg-type]
             return trio.lowlevel.Abort.FAILED
 
         await trio.lowlevel.wait_task_rescheduled(abort)

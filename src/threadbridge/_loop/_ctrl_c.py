@@ -1,0 +1,110 @@
+"""Ctrl-C while a ladder already climbs: the rest of its graces are skipped.
+
+The first Ctrl-C under asyncio.run(), anyio.run() or trio.run() cancels the main task
+(trio raises KeyboardInterrupt into it): an await of threadbridge's climbs its ladder,
+shielded, and the interrupt propagates once the work has stopped. A Ctrl-C that comes
+while that wait goes on means "now": each cancelled await of the main thread's loop goes
+to rung 3 at once (abandon, or SIGKILL), and its wait ends as soon as that is done.
+
+While such a wait goes on, threadbridge's SIGINT handler wraps the loop's own (asyncio's
+runner, trio's). It takes the Ctrl-C only if there is a ladder to hurry; otherwise the
+loop's handler gets it, as ever. Python runs a signal handler between any two bytecodes
+of the main thread, which may hold any lock at that moment: the handler takes none, and
+hands the ladders to a thread of its own through a SimpleQueue (safe in a handler).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import threading
+from types import FrameType
+from typing import Any, Protocol
+
+logger = logging.getLogger("threadbridge")
+
+
+class Hurried(Protocol):
+    name: str
+
+    def hurry(self) -> None:
+        """Skip the rest of the graces: rung 3 now (or rung 2, without rung 3)."""
+
+
+# The runs whose awaits were cancelled in the main thread's loop and still wait, and
+# whether a Ctrl-C has hurried them already. Main thread only.
+_waiting: dict[Hurried, bool] = {}
+_wrapped: Any = None  # the handler ours wraps, while ours is installed
+_hurry: queue.SimpleQueue[list[Hurried]] = queue.SimpleQueue()
+_helper: threading.Thread | None = None
+
+
+def waiting(run: Hurried) -> None:
+    """The await of ``run`` has been cancelled and waits for the ladder: a Ctrl-C now
+    hurries it. Only for a loop in the main thread, where Python runs signal handlers."""
+    global _wrapped, _helper
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if not _waiting:
+        current = signal.getsignal(signal.SIGINT)
+        if not callable(current):
+            return  # SIGINT ignored, or not handled from Python: nothing to wrap
+        if current is not _on_sigint:
+            if _helper is None or not _helper.is_alive():
+                _helper = threading.Thread(
+                    target=_hurry_runs, name="threadbridge-ctrl-c", daemon=True
+                )
+                _helper.start()
+            _wrapped = current
+            signal.signal(signal.SIGINT, _on_sigint)
+    _waiting.setdefault(run, False)
+
+
+def settled(run: object) -> None:
+    """``run`` has settled (in its loop's thread): it waits no more."""
+    global _wrapped
+    if _waiting.pop(run, None) is None or _waiting:  # type: ignore[call-overload]
+        return
+    if signal.getsignal(signal.SIGINT) is _on_sigint:
+        signal.signal(signal.SIGINT, _wrapped)
+    _wrapped = None
+
+
+def _on_sigint(signum: int, frame: FrameType | None) -> None:
+    fresh = [run for run, hurried in list(_waiting.items()) if not hurried]
+    if not fresh:
+        # Nothing to hurry (a third Ctrl-C, say): the loop's own handler decides.
+        if callable(_wrapped):
+            _wrapped(signum, frame)
+        return
+    for run in fresh:
+        _waiting[run] = True
+    _hurry.put(fresh)
+
+
+def _hurry_runs() -> None:
+    while True:
+        runs = _hurry.get()
+        for run in runs:
+            logger.warning(
+                "%s: Ctrl-C again while it was being stopped: the rest of its grace "
+                "periods is skipped",
+                run.name,
+            )
+            try:
+                run.hurry()
+            except Exception:  # pragma: no cover - a bug must not stop the next Ctrl-C
+                logger.exception("could not hurry %s", run.name)
+        del runs
+
+
+def _after_fork() -> None:
+    global _helper, _wrapped
+    _waiting.clear()
+    _helper = None  # the parent's thread does not exist here
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)

@@ -1,0 +1,102 @@
+"""Ctrl-C as a person presses it, in a real program on each loop: the first climbs the
+ladder, a second one while it climbs skips the rest of the graces."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT")
+
+PROGRAM = """
+import json, signal, sys, time
+# As typed in a terminal: a suite run as a background job hands its children SIGINT
+# ignored, and Python keeps it so.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+import anyio
+import threadbridge as tb
+
+
+def ignores_its_token():
+    print("started", flush=True)
+    said = False
+    while True:
+        time.sleep(0.01)
+        if tb.cancel_requested() and not said:
+            said = True
+            print("token set", flush=True)
+
+
+async def main(where, backend):
+    policy = tb.Policy(grace=60, interrupt_grace=60)
+    call = lambda: tb.run_killable(ignores_its_token, policy=policy, backend=backend)
+    if where == "nursery":
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+    else:
+        await call()
+
+
+def only_interrupts(exc):
+    if isinstance(exc, KeyboardInterrupt):
+        return True
+    inner = getattr(exc, "exceptions", None)
+    return inner is not None and all(only_interrupts(e) for e in inner)
+
+
+if __name__ == "__main__":
+    loop, where, backend = sys.argv[1:4]
+    try:
+        anyio.run(main, where, backend, backend=loop)
+    except BaseException as exc:
+        stages = {s.name: n for s, n in tb.stats().stages.items() if n}
+        print(json.dumps([only_interrupts(exc), stages, time.monotonic()]), flush=True)
+"""
+
+
+def _next_line(process: subprocess.Popen[str]) -> str:
+    assert process.stdout is not None
+    return process.stdout.readline().strip()
+
+
+@pytest.mark.parametrize("backend", ["thread", "process"])
+@pytest.mark.parametrize("where", ["main task", "nursery"])
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+def test_a_second_ctrl_c_ends_the_wait_at_once(
+    tmp_path: Path, loop: str, where: str, backend: str
+) -> None:
+    """The first Ctrl-C sets the target's token (rung 1) and the program waits for the
+    graces (a minute each here); a second one skips them: rung 3 at once (the thread
+    abandoned, the worker killed), then KeyboardInterrupt ends the program as usual."""
+    script = tmp_path / "program.py"
+    script.write_text(PROGRAM)
+    process = subprocess.Popen(
+        [sys.executable, str(script), loop, where.split()[0], backend],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    try:
+        assert _next_line(process) == "started"
+        process.send_signal(signal.SIGINT)
+        assert _next_line(process) == "token set"  # rung 1: the ladder climbs
+        second = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    interrupted, stages, ended = json.loads(out)
+    assert interrupted, err
+    assert stages == {"ABANDONED" if backend == "thread" else "KILLED": 1}, err
+    assert ended - second < 30  # not the two minutes of graces
+    assert "Ctrl-C again while it was being stopped" in err
+    assert "Traceback" not in err
