@@ -4,6 +4,7 @@ of ``python -m module``, and of ``-c`` code; each run as a real program on both 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import traceback
@@ -455,3 +456,65 @@ def test_a_lambda_sees_the_same_globals_in_every_worker(
         [limit, "fourth"],
         [limit, "fifth"],
     ]
+
+
+SLOW_IMPORT = """
+import json, os, sys, time
+
+if __name__ == "__mp_main__":
+    # The fork server's import of this script: it takes until the parent opens the gate
+    # (or 20 s, when it opens the gate itself).
+    gate = os.environ["GATE"]
+    deadline = time.monotonic() + 20
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    open(gate, "a").close()
+
+import anyio
+import threadbridge as tb
+
+
+def square(x):
+    return x * x
+
+
+async def main():
+    gate = os.environ["GATE"]
+    with anyio.move_on_after(0.5) as scope:
+        await tb.run_killable(square, 3, backend="process")
+    spawned = tb.spawn(square, 5, backend="process")
+    stage = await spawned.stop()
+    gate_was_open = os.path.exists(gate)
+    open(gate, "a").close()
+    with anyio.fail_after(60):
+        result = await tb.run_killable(square, 4, backend="process")
+    print(json.dumps([scope.cancelled_caught, stage.name, gate_was_open, result]))
+
+
+if __name__ == "__main__":
+    tb.set_start_method("forkserver")
+    anyio.run(main, backend=sys.argv[1])
+"""
+
+
+@pytest.mark.skipif("forkserver" not in _spawn.START_METHODS, reason="no forkserver here")
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_fork_server_importing_the_script_never_blocks_the_loop(
+    tmp_path: Path, loop: str
+) -> None:
+    """While the fork server imports the main script (which may take long, or never end),
+    the loop runs on: a call waiting for it is cancelled by its deadline like any other
+    wait (and a spawned one stopped before it started), and calls run once it is ready."""
+    script = tmp_path / "slow_import.py"
+    script.write_text(SLOW_IMPORT)
+    done = subprocess.run(
+        [sys.executable, str(script), loop],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "GATE": str(tmp_path / "gate")},
+    )
+    assert done.returncode == 0, done.stderr
+    # The deadline and the stop came while the server still imported the script.
+    assert json.loads(done.stdout) == [True, "COOPERATIVE", False, 16]

@@ -217,6 +217,8 @@ async def run_killable(
     run, chosen, job = _setup(func, args, backend, policy, limiter, "run_killable()")
     link = run.link
     await link.checkpoint_if_cancelled()
+    if chosen.not_ready(link):
+        await chosen.ready(link)
     try:
         run.limiter.acquire_on_behalf_of_nowait(run)
     except link.would_block:
@@ -274,6 +276,9 @@ def spawn(
           worker's process group SIGKILLed and reaped.
     """
     run, chosen, job = _setup(func, args, backend, policy, limiter, "spawn()")
+    if chosen.not_ready(run.link):
+        _start_when_admitted(run, chosen, job)
+        return Handle(run)
     try:
         run.limiter.acquire_on_behalf_of_nowait(run)
     except run.link.would_block:
@@ -284,7 +289,8 @@ def spawn(
 
 
 class _Admission:
-    """The ladder's Work while a spawned target waits for room in its limiter.
+    """The ladder's Work while a spawned target waits for room in its limiter (or for its
+    backend to be ready).
 
     Cancelling it withdraws the request: the target never runs, and the run ends
     COOPERATIVE (stopped before it started).
@@ -314,7 +320,8 @@ class _Admission:
 
 
 def _start_when_admitted(run: Run, backend: Backend, job: object) -> None:
-    """The limiter is full: wait for room in a background task, then start."""
+    """The limiter is full (or the backend not ready): wait in a background task, then
+    start."""
     admission = _Admission(run)
     run.attach(admission)
 
@@ -325,6 +332,8 @@ def _start_when_admitted(run: Run, backend: Backend, job: object) -> None:
                 admission.scope = scope
                 if run.rung:
                     scope.cancel()
+                if backend.not_ready(run.link):
+                    await backend.ready(run.link)
                 await run.limiter.acquire_on_behalf_of(run)
                 acquired = True
             if acquired:

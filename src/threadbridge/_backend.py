@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from ._ladder import Run, Work
+from ._loop import Link
 
 #: The names that ``backend=`` accepts, for type checkers (the registry below is the truth).
 BackendName = Literal["thread", "process", "ray"]
@@ -37,6 +38,16 @@ class Backend(abc.ABC):
     def prepare(self, func: Callable[..., Any], args: tuple[Any, ...], name: str) -> object:
         """Everything about the call that can fail on bad input (pickling, for a
         process); returns the job that ``start()`` gets. ``name`` names the target."""
+
+    def not_ready(self, link: Link) -> bool:
+        """Whether a call on ``link`` must first ``await ready(link)``: something it needs
+        is still starting (a fork server importing the main script). Called for every
+        call: it must be cheap."""
+        return False
+
+    async def ready(self, link: Link) -> None:  # noqa: B027 - most are always ready
+        """Wait, cancellably and without blocking the loop, until ``start()`` can start
+        a call without waiting."""
 
     @abc.abstractmethod
     def start(self, run: Run, job: Any) -> Work:

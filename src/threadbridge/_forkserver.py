@@ -27,9 +27,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
-_SHORT = struct.Struct("!cq")  # S 0, R pid, P pid
+_SHORT = struct.Struct("!cq")  # S 0, R pid, P pid, Y 0 (ready: it has imported what it needs)
 _EXIT = struct.Struct("!cqq")  # X pid code
 _BOOT = "from threadbridge._forkserver import serve; serve()"
 
@@ -115,7 +116,12 @@ class ForkServer:
             theirs.close()
         self.sock = ours
         self.alive = True
+        # Set once the server has imported what workers need (the main script's import
+        # may take long, or never end), or has died: a start no longer waits for it.
+        self.ready = False
+        self._when_ready: list[Callable[[], object]] = []
         self.lock = threading.Lock()  # one start at a time
+        self.lock_ready = threading.Lock()
         self.started: queue.Queue[ForkServed | None] = queue.Queue()
         self.workers: dict[int, ForkServed] = {}
         data = pickle.dumps(settings)
@@ -134,6 +140,22 @@ class ForkServer:
         if worker is None:
             raise OSError("the fork server exited before starting a worker")
         return worker
+
+    def when_ready(self, callback: Callable[[], object]) -> None:
+        """Call ``callback`` (from the reader thread, or at once) when the server is ready
+        or dead."""
+        with self.lock_ready:
+            if not self.ready:
+                self._when_ready.append(callback)
+                return
+        callback()
+
+    def _set_ready(self) -> None:
+        with self.lock_ready:
+            self.ready = True
+            callbacks, self._when_ready = self._when_ready, []
+        for callback in callbacks:
+            callback()
 
     def exit_code(self, timeout: float = 5.0) -> int | None:
         """How the server process ended (None: it still runs after ``timeout``)."""
@@ -164,7 +186,9 @@ class ForkServer:
                 if len(buffer) < size:
                     break
                 message, buffer = buffer[:size], buffer[size:]
-                if kind == b"P":
+                if kind == b"Y":
+                    self._set_ready()
+                elif kind == b"P":
                     _, pid = _SHORT.unpack(message)
                     worker = self.workers[pid] = ForkServed(self, pid)
                     self.started.put(worker)
@@ -174,6 +198,7 @@ class ForkServer:
                     if exited is not None:
                         exited._exited(code)
         self.alive = False
+        self._set_ready()  # dead: a start now fails at once, and says why
         self.started.put(None)  # a start that was waiting
         for worker in list(self.workers.values()):
             with worker._done:
@@ -207,6 +232,7 @@ def serve() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     size = struct.unpack("!q", _recv_exactly(sock, 8))[0]
     _preload(pickle.loads(_recv_exactly(sock, size)))
+    sock.sendall(_SHORT.pack(b"Y", 0))
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     os.set_blocking(wake_r, False)

@@ -21,7 +21,7 @@ from ._backend import Backend
 from ._cpus import usable_cpus
 from ._errors import WorkerCrashed
 from ._ladder import Ending, Run
-from ._loop import current_link
+from ._loop import Link, current_link
 from ._process import WorkerPool, pool_for
 from ._process_worker import WorkerProcess, how_it_ended
 from ._public import export
@@ -158,6 +158,12 @@ class ProcessBackend(Backend):
 
     def start(self, run: Run, job: Any) -> ProcessWork:
         return _start(pool_for(run.link), run, job)
+
+    def not_ready(self, link: Link) -> bool:
+        return pool_for(link).not_ready()
+
+    async def ready(self, link: Link) -> None:
+        await pool_for(link).ready()
 
     def default_limit(self) -> int:
         return usable_cpus()
@@ -314,6 +320,14 @@ class ProcessPool(Backend):
         self._check_open(run.name)
         assert self._pool is not None  # check_platform() ran first
         return _start(self._pool, run, job)
+
+    def not_ready(self, link: Link) -> bool:
+        pool = self._pool
+        return pool is not None and pool.not_ready()
+
+    async def ready(self, link: Link) -> None:
+        if self._pool is not None:
+            await self._pool.ready()
 
     def _check_open(self, what: str) -> None:
         if self._closed:

@@ -167,17 +167,46 @@ class WorkerPool:
                 self.broken = error
             return self._broken_error() if for_job else None
 
-    def start_process(self, job_r: int, control_r: int, result_w: int) -> Process:
-        """Start a worker process the pool's way; it gets the three pipe ends."""
-        method = self.start_method or _spawn.current_method()
-        if method != "forkserver":
-            return _spawn.start_worker(job_r, control_r, result_w, method)
+    # --- a fork server that is still starting ---------------------------------------------
+
+    def not_ready(self) -> bool:
+        """Whether a call would wait for this pool's fork server to import what workers
+        need (the main script's import may take long): no idle worker to take it, and
+        the server not ready. Cheap: every call of a process pool asks."""
+        if self.idle:
+            return False
+        if (self.start_method or _spawn.current_method()) != "forkserver":
+            return False
+        server = self.forkserver
+        return server is None or not server.ready
+
+    async def ready(self) -> None:
+        """Start the fork server if need be, and wait (in the loop, cancellably) until it
+        is ready or has died."""
+        import anyio
+
+        server = self._forkserver()
+        if server.ready:
+            return
+        ready = anyio.Event()
+        server.when_ready(lambda: self.link.post(ready.set))
+        await ready.wait()
+
+    def _forkserver(self) -> ForkServer:
         with self.forkserver_lock:
             server = self.forkserver
             if server is None or not server.alive:
                 if server is not None:
                     server.close()  # its socket, and it is reaped
                 server = self.forkserver = ForkServer(worker_settings(warm=True))
+            return server
+
+    def start_process(self, job_r: int, control_r: int, result_w: int) -> Process:
+        """Start a worker process the pool's way; it gets the three pipe ends."""
+        method = self.start_method or _spawn.current_method()
+        if method != "forkserver":
+            return _spawn.start_worker(job_r, control_r, result_w, method)
+        server = self._forkserver()
         try:
             return server.start_worker(job_r, control_r, result_w)
         except OSError:
