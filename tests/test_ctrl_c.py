@@ -98,5 +98,65 @@ def test_a_second_ctrl_c_ends_the_wait_at_once(
     assert interrupted, err
     assert stages == {"ABANDONED" if backend == "thread" else "KILLED": 1}, err
     assert ended - second < 30  # not the two minutes of graces
-    assert "Ctrl-C again while it was being stopped" in err
+    assert "Ctrl-C while it was being stopped" in err
     assert "Traceback" not in err
+
+
+DEADLINE = """
+import json, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
+import anyio
+import threadbridge as tb
+
+
+def ignores_its_token():
+    print("started", flush=True)
+    said = False
+    while True:
+        time.sleep(0.01)
+        if tb.cancel_requested() and not said:
+            said = True
+            print("token set", flush=True)
+
+
+async def main():
+    with anyio.move_on_after(0.1):
+        await tb.run_killable(ignores_its_token, policy=tb.Policy(grace=60, interrupt_grace=60))
+    print("the program went on, uninterrupted", flush=True)
+
+
+if __name__ == "__main__":
+    try:
+        anyio.run(main, backend=sys.argv[1])
+    except KeyboardInterrupt:
+        stages = {s.name: n for s, n in tb.stats().stages.items() if n}
+        print(json.dumps(stages), flush=True)
+"""
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+def test_ctrl_c_during_a_deadlines_ladder_hurries_it_and_interrupts(
+    tmp_path: Path, loop: str
+) -> None:
+    """A Ctrl-C while the ladder of a deadline climbs: the rest of the graces are skipped,
+    and the program is interrupted as by any Ctrl-C (it does not go on after the wait)."""
+    script = tmp_path / "deadline.py"
+    script.write_text(DEADLINE)
+    process = subprocess.Popen(
+        [sys.executable, str(script), loop],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    try:
+        assert _next_line(process) == "started"
+        assert _next_line(process) == "token set"  # the deadline's ladder climbs
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert json.loads(out) == {"ABANDONED": 1}, err
+    assert "Ctrl-C while it was being stopped" in err

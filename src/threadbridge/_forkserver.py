@@ -125,7 +125,10 @@ class ForkServer:
         self.started: queue.Queue[ForkServed | None] = queue.Queue()
         self.workers: dict[int, ForkServed] = {}
         data = pickle.dumps(settings)
-        ours.sendall(struct.pack("!q", len(data)) + data)
+        try:
+            ours.sendall(struct.pack("!q", len(data)) + data)
+        except OSError:
+            pass  # it died as it started: its reader sees the socket's end, and says so
         self.reader = threading.Thread(
             target=self._read, name="threadbridge-forkserver", daemon=True
         )

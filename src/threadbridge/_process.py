@@ -210,8 +210,10 @@ class WorkerPool:
         try:
             return server.start_worker(job_r, control_r, result_w)
         except OSError:
-            if server.alive:
-                raise  # pragma: no cover - out of descriptors, say
+            # Its socket failed (the server has died, or is dying), or nothing was left
+            # to start a worker with (out of descriptors, say): which, its exit tells.
+            if server.alive and server.exit_code() is None:
+                raise
         # The server ended before it could start a worker: it cannot start (its main
         # script's import ended the process, an interpreter that cannot run...).
         how, signum, exitcode = how_it_ended(server.proc, server.exit_code(), "as it started")

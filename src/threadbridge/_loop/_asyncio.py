@@ -45,6 +45,7 @@ class _Waiter(asyncio.Future[None]):
     def cancel(self, msg: Any | None = None) -> bool:
         run = self._run
         if run is not None and not self.done():
+            _ctrl_c.waiting(run)  # type: ignore[arg-type]  # before the target can tell
             run.cancel()
         return super().cancel(msg)
 

@@ -7,10 +7,12 @@ while that wait goes on means "now": each cancelled await of the main thread's l
 to rung 3 at once (abandon, or SIGKILL), and its wait ends as soon as that is done.
 
 While such a wait goes on, threadbridge's SIGINT handler wraps the loop's own (asyncio's
-runner, trio's). It takes the Ctrl-C only if there is a ladder to hurry; otherwise the
-loop's handler gets it, as ever. Python runs a signal handler between any two bytecodes
-of the main thread, which may hold any lock at that moment: the handler takes none, and
-hands the ladders to a thread of its own through a SimpleQueue (safe in a handler).
+runner, trio's). It hurries the ladders, then passes the Ctrl-C on to the loop's handler,
+except to an asyncio runner that has had one already (it would raise KeyboardInterrupt
+out of the loop at once, the ladders not yet done). Python runs a signal handler between
+any two bytecodes of the main thread, which may hold any lock at that moment: the handler
+takes none, and hands the ladders to a thread of its own through a SimpleQueue (safe in a
+handler).
 """
 
 from __future__ import annotations
@@ -82,6 +84,21 @@ def _on_sigint(signum: int, frame: FrameType | None) -> None:
     for run in fresh:
         _waiting[run] = True
     _hurry.put(fresh)
+    if callable(_wrapped) and not _runner_interrupted(_wrapped):
+        # The program hears of it too: a Ctrl-C that came while a deadline's ladder
+        # climbed is the first the program gets. trio keeps its KeyboardInterrupt for
+        # the main task until the wait is over.
+        _wrapped(signum, frame)
+
+
+def _runner_interrupted(handler: Any) -> bool:
+    """Whether ``handler`` is an asyncio runner's (the standard library's, or anyio's
+    copy for Python 3.10) that has had its Ctrl-C already: it would raise
+    KeyboardInterrupt out of the loop at once, with the ladder not yet done. It has
+    cancelled the main task already, and raises KeyboardInterrupt when that ends."""
+    runner = getattr(getattr(handler, "func", None), "__self__", None)
+    count = getattr(runner, "_interrupt_count", 0)
+    return isinstance(count, int) and count > 0
 
 
 def _hurry_runs() -> None:
@@ -89,8 +106,7 @@ def _hurry_runs() -> None:
         runs = _hurry.get()
         for run in runs:
             logger.warning(
-                "%s: Ctrl-C again while it was being stopped: the rest of its grace "
-                "periods is skipped",
+                "%s: Ctrl-C while it was being stopped: the rest of its grace periods is skipped",
                 run.name,
             )
             try:

@@ -73,8 +73,8 @@ class TrioLink(LinkBase):
             # the run settles and wake() reschedules this task.
             nonlocal cancelled
             cancelled = True
+            _ctrl_c.waiting(run)  # type: ignore[arg-type]  # before the target can tell
             run.cancel()
-            _ctrl_c.waiting(run)  # type: ignore[arg-type]
             return trio.lowlevel.Abort.FAILED
 
         await trio.lowlevel.wait_task_rescheduled(abort)
