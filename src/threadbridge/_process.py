@@ -324,7 +324,11 @@ class WorkerPool:
                     in_initializer or self.failed_starts >= MAX_FAILED_STARTS
                 ):
                     self.broken = boot_error
-                    self.broken_told = told
+                if told and self.broken is not None:
+                    # A call has had an error of the kind that broke the pool (its own
+                    # worker's, which may have ended after an idle one): later calls get
+                    # the RuntimeError that says the pool runs nothing.
+                    self.broken_told = True
             if early:
                 self.early_ends += 1
             replace = not self.closed and not self.idle and self.broken is None
