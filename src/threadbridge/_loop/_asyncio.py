@@ -108,8 +108,8 @@ class AsyncioLink(LinkBase):
         try:
             await self._future(run)
         except BaseException:
+            _ctrl_c.waiting(run)  # type: ignore[arg-type]  # before the target can tell
             run.cancel()
-            _ctrl_c.waiting(run)  # type: ignore[arg-type]
             # anyio re-delivers its scopes' cancellation on every loop iteration; the
             # shield stops that. Plain task.cancel() calls (asyncio.timeout, wait_for,
             # a user) cannot be shielded, so they are absorbed here: the caller gets
