@@ -33,6 +33,13 @@ async def _call(fn: Callable[[], Awaitable[None]]) -> None:
     await fn()
 
 
+class _Cancelling(threading.local):
+    active = False  # this thread is in a waiter's rung 1
+
+
+_cancelling = _Cancelling()
+
+
 class _Waiter(asyncio.Future[None]):
     """What a task awaiting a run waits on. ``Task.cancel()`` (which every asyncio
     cancellation ends in: ``asyncio.timeout``, anyio's scopes, task groups) cancels the
@@ -45,9 +52,24 @@ class _Waiter(asyncio.Future[None]):
     def cancel(self, msg: Any | None = None) -> bool:
         run = self._run
         if run is not None and not self.done():
+            if _cancelling.active:
+                # Called again while this thread is inside rung 1 of another waiter (a
+                # signal handler, such as asyncio's for Ctrl-C, runs between any two
+                # bytecodes): that holds the ladder's locks, so this one's rung 1 comes
+                # from the loop, at once, instead of deadlocking here.
+                self._loop.call_soon(self._rung1, run)
+            else:
+                self._rung1(run)
+        return super().cancel(msg)
+
+    @staticmethod
+    def _rung1(run: Waitable) -> None:
+        _cancelling.active = True
+        try:
             _ctrl_c.waiting(run)  # type: ignore[arg-type]  # before the target can tell
             run.cancel()
-        return super().cancel(msg)
+        finally:
+            _cancelling.active = False
 
     def set_result(self, result: None) -> None:
         self._run = None

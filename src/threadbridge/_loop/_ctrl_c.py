@@ -7,12 +7,14 @@ while that wait goes on means "now": each cancelled await of the main thread's l
 to rung 3 at once (abandon, or SIGKILL), and its wait ends as soon as that is done.
 
 While such a wait goes on, threadbridge's SIGINT handler wraps the loop's own (asyncio's
-runner, trio's). It hurries the ladders, then passes the Ctrl-C on to the loop's handler,
-except to an asyncio runner that has had one already (it would raise KeyboardInterrupt
-out of the loop at once, the ladders not yet done). Python runs a signal handler between
-any two bytecodes of the main thread, which may hold any lock at that moment: the handler
-takes none, and hands the ladders to a thread of its own through a SimpleQueue (safe in a
-handler).
+runner, trio's). It hurries the ladders, then passes the Ctrl-C on to the loop's handler:
+to an asyncio runner's through the loop (its first cancels the main task, which takes
+the ladder's locks), and not at all to one that has had one already (it would raise
+KeyboardInterrupt out of the loop at once, the ladders not yet done).
+
+Python runs a signal handler between any two bytecodes of the main thread, which may hold
+any lock at that moment: the handler takes none, and hands the ladders to a thread of its
+own through a SimpleQueue (safe in a handler).
 """
 
 from __future__ import annotations
@@ -76,29 +78,37 @@ def settled(run: object) -> None:
 
 def _on_sigint(signum: int, frame: FrameType | None) -> None:
     fresh = [run for run, hurried in list(_waiting.items()) if not hurried]
-    if not fresh:
-        # Nothing to hurry (a third Ctrl-C, say): the loop's own handler decides.
-        if callable(_wrapped):
-            _wrapped(signum, frame)
+    if fresh:
+        for run in fresh:
+            _waiting[run] = True
+        _hurry.put(fresh)
+    handler = _wrapped
+    if not callable(handler):
         return
-    for run in fresh:
-        _waiting[run] = True
-    _hurry.put(fresh)
-    if callable(_wrapped) and not _runner_interrupted(_wrapped):
-        # The program hears of it too: a Ctrl-C that came while a deadline's ladder
-        # climbed is the first the program gets. trio keeps its KeyboardInterrupt for
-        # the main task until the wait is over.
-        _wrapped(signum, frame)
+    runner = _runner_of(handler)
+    if runner is None:
+        # trio's (which keeps its KeyboardInterrupt for the main task until the wait is
+        # over), or another: the program hears of every Ctrl-C, as ever.
+        handler(signum, frame)
+    elif not runner._interrupt_count:
+        # An asyncio runner's first Ctrl-C (one that came while a deadline's ladder
+        # climbed): it cancels the main task, which must not run inside this handler
+        # (the main thread may be inside the ladder's locks): from the loop, at once.
+        runner._loop.call_soon_threadsafe(handler, signum, None)
+    elif not fresh:
+        handler(signum, frame)  # nothing left to hurry: it raises KeyboardInterrupt
+    # else: the runner has had its Ctrl-C (it cancelled the main task, and raises
+    # KeyboardInterrupt when that ends); a second one would raise out of the loop at
+    # once, with the ladder not yet done. This one hurried the ladder instead.
 
 
-def _runner_interrupted(handler: Any) -> bool:
-    """Whether ``handler`` is an asyncio runner's (the standard library's, or anyio's
-    copy for Python 3.10) that has had its Ctrl-C already: it would raise
-    KeyboardInterrupt out of the loop at once, with the ladder not yet done. It has
-    cancelled the main task already, and raises KeyboardInterrupt when that ends."""
+def _runner_of(handler: Any) -> Any:
+    """The asyncio runner (the standard library's, or anyio's copy for Python 3.10)
+    whose SIGINT handler ``handler`` is, or None."""
     runner = getattr(getattr(handler, "func", None), "__self__", None)
-    count = getattr(runner, "_interrupt_count", 0)
-    return isinstance(count, int) and count > 0
+    count = getattr(runner, "_interrupt_count", None)
+    loop = getattr(runner, "_loop", None)
+    return runner if isinstance(count, int) and loop is not None else None
 
 
 def _hurry_runs() -> None:

@@ -20,13 +20,17 @@ _protected: dict[Callable[..., Any], Callable[..., Any]] = {}
 
 
 class TrioLink(LinkBase):
-    __slots__ = ("thread_id", "token")
+    __slots__ = ("thread_id", "token", "watching")
     # anyio's limiters and trio's own (which users of trio pass) say it differently.
     would_block: tuple[type[Exception], ...] = (anyio.WouldBlock, trio.WouldBlock)
 
     def __init__(self, token: trio.lowlevel.TrioToken) -> None:
         self.token = token
         self.thread_id = threading.get_ident()
+        # The current watch of each descriptor. A watcher task starts a moment after it
+        # is made: if its descriptor was unwatched and closed meanwhile, and its number
+        # given to another descriptor (a new worker's pipe), it must not wait on that.
+        self.watching: dict[int, object] = {}
 
     @property
     def key(self) -> object:
@@ -91,18 +95,27 @@ class TrioLink(LinkBase):
         return True
 
     def watch_readable(self, fd: int, on_readable: Callable[[], bool], name: str) -> bool:
+        watch = self.watching[fd] = object()
+
         async def reader() -> None:
             try:
-                while True:
+                while self.watching.get(fd) is watch:
                     await trio.lowlevel.wait_readable(fd)
                     if not keep_watching(on_readable, name):
                         return
             except (trio.ClosedResourceError, OSError):
                 return  # unwatched, or the descriptor was closed under us
+            finally:
+                if self.watching.get(fd) is watch:
+                    del self.watching[fd]
 
-        return self.start_task(reader, name)
+        if self.start_task(reader, name):
+            return True
+        del self.watching[fd]
+        return False
 
     def unwatch(self, fd: int) -> None:
+        self.watching.pop(fd, None)
         try:
             trio.lowlevel.notify_closing(fd)
         except (RuntimeError, ValueError, OSError):
