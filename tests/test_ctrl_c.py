@@ -22,6 +22,8 @@ signal.signal(signal.SIGINT, signal.default_int_handler)
 import anyio
 import threadbridge as tb
 
+POLICY = tb.Policy(grace=60, interrupt_grace=60)
+
 
 def ignores_its_token():
     print("started", flush=True)
@@ -33,30 +35,33 @@ def ignores_its_token():
             print("token set", flush=True)
 
 
-async def main(where, backend):
-    policy = tb.Policy(grace=60, interrupt_grace=60)
-    call = lambda: tb.run_killable(ignores_its_token, policy=policy, backend=backend)
-    if where == "nursery":
+async def main(how, backend):
+    call = lambda: tb.run_killable(ignores_its_token, policy=POLICY, backend=backend)
+    if how == "nursery":
         async with anyio.create_task_group() as tg:
             tg.start_soon(call)
+    elif how == "deadline":
+        with anyio.move_on_after(0.1):
+            await call()
+        print("the program went on, uninterrupted", flush=True)
     else:
         await call()
 
 
-def how(exc):  # what ended the run: KeyboardInterrupt (alone or in groups), or another
+def ending(exc):  # what ended the run: KeyboardInterrupt (alone or in groups), or another
     inner = getattr(exc, "exceptions", None)
-    if inner is not None and {how(e) for e in inner} == {"KeyboardInterrupt"}:
+    if inner is not None and {ending(e) for e in inner} == {"KeyboardInterrupt"}:
         return "KeyboardInterrupt"
     return type(exc).__name__
 
 
 if __name__ == "__main__":
-    loop, where, backend = sys.argv[1:4]
+    loop, how, backend = sys.argv[1:4]
     try:
-        anyio.run(main, where, backend, backend=loop)
+        anyio.run(main, how, backend, backend=loop)
         ended = "returned"
     except BaseException as exc:
-        ended = how(exc)
+        ended = ending(exc)
     stages = {s.name: n for s, n in tb.stats().stages.items() if n}
     print(json.dumps([ended, stages, time.monotonic()]), flush=True)
 """
@@ -71,9 +76,33 @@ def _interrupted(loop: str) -> str:
     return "CancelledError" if loop == "asyncio" and OLD_ASYNCIO else "KeyboardInterrupt"
 
 
-def _next_line(process: subprocess.Popen[str]) -> str:
+def _ctrl_c(tmp_path: Path, *args: str, presses: int) -> tuple[list[str], str, float]:
+    """Run the program; press Ctrl-C once the target runs (unless ``presses`` is 1: a
+    deadline's ladder starts it), and again once its token is set. Its stdout lines,
+    its stderr, and when the last Ctrl-C was sent."""
+    script = tmp_path / "program.py"
+    script.write_text(PROGRAM)
+    process = subprocess.Popen(
+        [sys.executable, str(script), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
     assert process.stdout is not None
-    return process.stdout.readline().strip()
+    try:
+        assert process.stdout.readline().strip() == "started"
+        if presses == 2:
+            process.send_signal(signal.SIGINT)
+        assert process.stdout.readline().strip() == "token set"  # rung 1: the ladder climbs
+        last = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    return out.splitlines(), err, last
 
 
 @pytest.mark.parametrize("backend", ["thread", "process"])
@@ -85,66 +114,13 @@ def test_a_second_ctrl_c_ends_the_wait_at_once(
     """The first Ctrl-C sets the target's token (rung 1) and the program waits for the
     graces (a minute each here); a second one skips them: rung 3 at once (the thread
     abandoned, the worker killed), then KeyboardInterrupt ends the program as usual."""
-    script = tmp_path / "program.py"
-    script.write_text(PROGRAM)
-    process = subprocess.Popen(
-        [sys.executable, str(script), loop, where.split()[0], backend],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=tmp_path,
-    )
-    try:
-        assert _next_line(process) == "started"
-        process.send_signal(signal.SIGINT)
-        assert _next_line(process) == "token set"  # rung 1: the ladder climbs
-        second = time.monotonic()
-        process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
-    ending, stages, ended = json.loads(out)
+    lines, err, second = _ctrl_c(tmp_path, loop, where.split()[0], backend, presses=2)
+    ending, stages, ended = json.loads(lines[-1])
     assert ending == _interrupted(loop), err
     assert stages == {"ABANDONED" if backend == "thread" else "KILLED": 1}, err
     assert ended - second < 30  # not the two minutes of graces
     assert "Ctrl-C while it was being stopped" in err
     assert "Traceback" not in err
-
-
-DEADLINE = """
-import json, signal, sys, time
-signal.signal(signal.SIGINT, signal.default_int_handler)
-import anyio
-import threadbridge as tb
-
-
-def ignores_its_token():
-    print("started", flush=True)
-    said = False
-    while True:
-        time.sleep(0.01)
-        if tb.cancel_requested() and not said:
-            said = True
-            print("token set", flush=True)
-
-
-async def main():
-    with anyio.move_on_after(0.1):
-        await tb.run_killable(ignores_its_token, policy=tb.Policy(grace=60, interrupt_grace=60))
-    print("the program went on, uninterrupted", flush=True)
-
-
-if __name__ == "__main__":
-    try:
-        anyio.run(main, backend=sys.argv[1])
-        ended = "returned"
-    except BaseException as exc:
-        ended = type(exc).__name__
-    stages = {s.name: n for s, n in tb.stats().stages.items() if n}
-    print(json.dumps([ended, stages]), flush=True)
-"""
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "trio"])
@@ -153,26 +129,8 @@ def test_ctrl_c_during_a_deadlines_ladder_hurries_it_and_interrupts(
 ) -> None:
     """A Ctrl-C while the ladder of a deadline climbs: the rest of the graces are skipped,
     and the program is interrupted as by any Ctrl-C (it does not go on after the wait)."""
-    script = tmp_path / "deadline.py"
-    script.write_text(DEADLINE)
-    process = subprocess.Popen(
-        [sys.executable, str(script), loop],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=tmp_path,
-    )
-    try:
-        assert _next_line(process) == "started"
-        assert _next_line(process) == "token set"  # the deadline's ladder climbs
-        process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
-    lines = out.splitlines()
-    ending, stages = json.loads(lines[-1])
+    lines, err, _ = _ctrl_c(tmp_path, loop, "deadline", "thread", presses=1)
+    ending, stages, _ = json.loads(lines[-1])
     assert stages == {"ABANDONED": 1}, err
     if loop == "asyncio" and OLD_ASYNCIO:
         # There, anyio's cancel scope cannot tell the Ctrl-C's cancel from its own
@@ -180,5 +138,5 @@ def test_ctrl_c_during_a_deadlines_ladder_hurries_it_and_interrupts(
         # without threadbridge).
         assert (lines[0], ending) == ("the program went on, uninterrupted", "returned")
     else:
-        assert (lines, ending) == (lines[-1:], "KeyboardInterrupt"), err
+        assert (len(lines), ending) == (1, "KeyboardInterrupt"), err
     assert "Ctrl-C while it was being stopped" in err
