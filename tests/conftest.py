@@ -61,7 +61,6 @@ _POOLS = (
     "threadbridge-worker",
     "threadbridge-ladder",
     "threadbridge-redeliver",
-    "threadbridge-ctrl-c",  # waits for a Ctrl-C to hurry ladders, once one has climbed
     "Trio thread",
     "AnyIO worker thread",
     "asyncio_",

@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -83,18 +84,33 @@ def _ctrl_c(tmp_path: Path, *args: str, presses: int) -> tuple[list[str], str, f
     script = tmp_path / "program.py"
     script.write_text(PROGRAM)
     process = subprocess.Popen(
-        [sys.executable, str(script), *args],
+        [sys.executable, "-X", "faulthandler", str(script), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         cwd=tmp_path,
     )
-    assert process.stdout is not None
+    stdout = process.stdout
+    assert stdout is not None
+
+    def expect(line: str) -> None:
+        # Bounded: a program stuck on its way there shows every thread's stack (SIGABRT
+        # makes faulthandler print them) instead of hanging the suite.
+        timer = threading.Timer(60, process.send_signal, (signal.SIGABRT,))
+        timer.start()
+        try:
+            got = stdout.readline().strip()
+        finally:
+            timer.cancel()
+        if got != line:
+            process.kill()
+            raise AssertionError(f"expected {line!r}, got {got!r}:\n{process.communicate()[1]}")
+
     try:
-        assert process.stdout.readline().strip() == "started"
+        expect("started")
         if presses == 2:
             process.send_signal(signal.SIGINT)
-        assert process.stdout.readline().strip() == "token set"  # rung 1: the ladder climbs
+        expect("token set")  # rung 1: the ladder climbs
         last = time.monotonic()
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=60)

@@ -13,25 +13,32 @@ the ladder's locks), and not at all to one that has had one already (it would ra
 KeyboardInterrupt out of the loop at once, the ladders not yet done).
 
 Python runs a signal handler between any two bytecodes of the main thread, which may hold
-any lock at that moment: the handler takes none, and hands the ladders to a thread of its
-own through a SimpleQueue (safe in a handler).
+any lock at that moment: the handler takes none and starts no thread; it posts each
+ladder's hurry to its loop (asyncio's call_soon_threadsafe, trio's run_sync_soon: both
+made for signal handlers).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-import queue
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
 from typing import Any, Protocol
 
 logger = logging.getLogger("threadbridge")
 
 
+class _Link(Protocol):
+    def post(self, fn: Callable[[], object]) -> bool: ...
+
+
 class Hurried(Protocol):
     name: str
+    link: _Link
 
     def hurry(self) -> None:
         """Skip the rest of the graces: rung 3 now (or rung 2, without rung 3)."""
@@ -41,14 +48,12 @@ class Hurried(Protocol):
 # whether a Ctrl-C has hurried them already. Main thread only.
 _waiting: dict[Hurried, bool] = {}
 _wrapped: Any = None  # the handler ours wraps, while ours is installed
-_hurry: queue.SimpleQueue[list[Hurried]] = queue.SimpleQueue()
-_helper: threading.Thread | None = None
 
 
 def waiting(run: Hurried) -> None:
     """The await of ``run`` has been cancelled and waits for the ladder: a Ctrl-C now
     hurries it. Only for a loop in the main thread, where Python runs signal handlers."""
-    global _wrapped, _helper
+    global _wrapped
     if threading.current_thread() is not threading.main_thread():
         return
     if not _waiting:
@@ -56,11 +61,6 @@ def waiting(run: Hurried) -> None:
         if not callable(current):
             return  # SIGINT ignored, or not handled from Python: nothing to wrap
         if current is not _on_sigint:
-            if _helper is None or not _helper.is_alive():
-                _helper = threading.Thread(
-                    target=_hurry_runs, name="threadbridge-ctrl-c", daemon=True
-                )
-                _helper.start()
             _wrapped = current
             signal.signal(signal.SIGINT, _on_sigint)
     _waiting.setdefault(run, False)
@@ -78,10 +78,9 @@ def settled(run: object) -> None:
 
 def _on_sigint(signum: int, frame: FrameType | None) -> None:
     fresh = [run for run, hurried in list(_waiting.items()) if not hurried]
-    if fresh:
-        for run in fresh:
-            _waiting[run] = True
-        _hurry.put(fresh)
+    for run in fresh:
+        _waiting[run] = True
+        run.link.post(functools.partial(_hurry, run))
     handler = _wrapped
     if not callable(handler):
         return
@@ -111,25 +110,16 @@ def _runner_of(handler: Any) -> Any:
     return runner if isinstance(count, int) and loop is not None else None
 
 
-def _hurry_runs() -> None:
-    while True:
-        runs = _hurry.get()
-        for run in runs:
-            logger.warning(
-                "%s: Ctrl-C while it was being stopped: the rest of its grace periods is skipped",
-                run.name,
-            )
-            try:
-                run.hurry()
-            except Exception:  # pragma: no cover - a bug must not stop the next Ctrl-C
-                logger.exception("could not hurry %s", run.name)
-        del runs
+def _hurry(run: Hurried) -> None:
+    logger.warning(
+        "%s: Ctrl-C while it was being stopped: the rest of its grace periods is skipped",
+        run.name,
+    )
+    run.hurry()
 
 
 def _after_fork() -> None:
-    global _helper, _wrapped
     _waiting.clear()
-    _helper = None  # the parent's thread does not exist here
 
 
 if hasattr(os, "register_at_fork"):
