@@ -4,6 +4,7 @@ process: rung 2 is SIGTERM, rung 3 SIGKILL, both to the worker's process group."
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -296,7 +297,7 @@ class ProcessPool(Backend):
         with anyio.CancelScope(shield=True):
             for run in runs:
                 await run.link.wait_settled(run)
-            await anyio.to_thread.run_sync(pool.shutdown)
+            await anyio.to_thread.run_sync(functools.partial(pool.shutdown, loop_ending=False))
 
     # --- the Backend contract ------------------------------------------------------------
 

@@ -83,6 +83,7 @@ class WorkerPool:
         self.workers: set[WorkerProcess] = set()
         self.idle: list[WorkerProcess] = []  # most recently used last
         self.closed = False
+        self.loop_ending = True  # as the pool closes: set by shutdown()
         self.making_standby = False
         self.standby_made = threading.Condition(self.lock)
         self.retire_timer: Timer | None = None  # withdrawn at shutdown: it holds the pool
@@ -237,9 +238,12 @@ class WorkerPool:
             closed = self.closed
             self._set_state(worker, "retiring" if closed else state, front=True)
         if closed:
-            # shutdown() did not see it: end it here, the same way; its loop is ending and
-            # may run nothing more that is posted to it (so nothing is left to it).
-            _end_workers([worker], loop_gone=True)
+            # shutdown() did not see it: end it here, the same way. If its loop is ending,
+            # it may run nothing more that is posted to it (so nothing is left to it); a
+            # ProcessPool's block has ended, but its loop runs on and still watches the
+            # worker's descriptors (its exit watcher may be waiting already): the loop
+            # closes them, after it has stopped watching them.
+            _end_workers([worker], loop_gone=self.loop_ending)
             raise RuntimeError("the event loop is shutting down; no new process work")
         return worker
 
@@ -342,9 +346,11 @@ class WorkerPool:
         if replace and not delay:
             self._add_standby()
 
-    def shutdown(self) -> None:
-        """End every worker: ask, wait up to SHUTDOWN_GRACE, then SIGKILL. Blocks."""
+    def shutdown(self, *, loop_ending: bool = True) -> None:
+        """End every worker: ask, wait up to SHUTDOWN_GRACE, then SIGKILL. Blocks.
+        ``loop_ending``: its loop is ending too (not only a ProcessPool's block)."""
         with self.lock:
+            self.loop_ending = loop_ending
             if self.closed:
                 return
             self.closed = True
