@@ -161,7 +161,9 @@ class ProcessBackend(Backend):
         return _start(pool_for(run.link), run, job)
 
     def not_ready(self, link: Link) -> bool:
-        return pool_for(link).not_ready()
+        # The default pool forks from a server only under set_start_method("forkserver"):
+        # otherwise no call looks the pool up twice.
+        return _spawn.current_method() == "forkserver" and pool_for(link).not_ready()
 
     async def ready(self, link: Link) -> None:
         await pool_for(link).ready()

@@ -227,10 +227,21 @@ class WorkerPool:
             pid=server.proc.pid,
         )
         with self.lock:
-            self.failed_starts += 1
-            if self.broken is None and self.failed_starts >= MAX_FAILED_STARTS:
-                self.broken, self.broken_told = error, True
+            self._failed_start(error, told=True)
         raise error
+
+    def _failed_start(self, error: BaseException, *, told: bool, at_once: bool = False) -> None:
+        """Under the lock: a worker (or a fork server) ended before it was ready. The
+        pool breaks at the MAX_FAILED_STARTS-th in a row, or ``at_once``; ``told``: a
+        call has had this error."""
+        self.failed_starts += 1
+        if self.broken is None and (at_once or self.failed_starts >= MAX_FAILED_STARTS):
+            self.broken = error
+        if told and self.broken is not None:
+            # A call has had an error of the kind that broke the pool (its own worker's,
+            # which may have ended after an idle one): later calls get the RuntimeError
+            # that says the pool runs nothing.
+            self.broken_told = True
 
     def _new_worker(self, state: str) -> WorkerProcess:
         worker = WorkerProcess(self, self.link, standby=state == "idle")
@@ -322,17 +333,8 @@ class WorkerPool:
         with self.lock:
             self._set_state(worker, "gone" if reaped else "unreaped")
             if boot_error is not None:
-                self.failed_starts += 1
-                in_initializer = worker.boot == "initializer"
-                if self.broken is None and (
-                    in_initializer or self.failed_starts >= MAX_FAILED_STARTS
-                ):
-                    self.broken = boot_error
-                if told and self.broken is not None:
-                    # A call has had an error of the kind that broke the pool (its own
-                    # worker's, which may have ended after an idle one): later calls get
-                    # the RuntimeError that says the pool runs nothing.
-                    self.broken_told = True
+                at_once = worker.boot == "initializer"
+                self._failed_start(boot_error, told=told, at_once=at_once)
             if early:
                 self.early_ends += 1
             replace = not self.closed and not self.idle and self.broken is None
