@@ -48,11 +48,13 @@ def save(
     group: int,
     label: Sequence[int],
     values: Sequence[int],
+    note: int | None = None,
 ) -> None:
     """Write the results as ``<stem>.json``, ``<stem>.md`` and a chart ``<stem>.png``.
 
     One panel per distinct value of column ``group`` and per column in ``values``; in
-    each, one bar per row, labelled by the ``label`` columns.
+    each, one bar per row, labelled by the ``label`` columns. A row whose value is no
+    number gets no bar but the text of its ``note`` column, where the bar would be.
     """
     import matplotlib
 
@@ -83,21 +85,28 @@ def save(
     ]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
-    panels: dict[tuple[str, int], list[tuple[str, float, str]]] = {}
+    panels: dict[tuple[str, int], list[tuple[str, float | None, str]]] = {}
     for row in rows:
         for column in values:
+            name = " · ".join(row[i] for i in label)
             parsed = _number(row[column])
             if parsed is not None:
-                name = " · ".join(row[i] for i in label)
                 panels.setdefault((row[group], column), []).append((name, *parsed))
+            elif note is not None and row[note]:
+                panels.setdefault((row[group], column), []).append((name, None, row[note]))
     height = 1.0 + sum(0.9 + 0.32 * len(bars) for bars in panels.values())
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, height), squeeze=False)
     for ax, ((title, column), bars) in zip(axes[:, 0], panels.items(), strict=True):
         names = [b[0] for b in bars]
         colours = ["tab:orange" if "threadbridge" in n else "tab:blue" for n in names]
-        ax.barh(names, [b[1] for b in bars], color=colours)
+        ax.barh(names, [b[1] or 0.0 for b in bars], color=colours)
+        for y, (_, value, text) in enumerate(bars):
+            if value is None:
+                ax.text(0, y, "  " + text, va="center", fontsize=7, color="tab:red")
         ax.invert_yaxis()
-        ax.set_title(f"{title}: {headers[column]} ({bars[0][2]})", fontsize=9, loc="left")
+        units = {b[2] for b in bars if b[1] is not None}
+        unit = f" ({units.pop()})" if len(units) == 1 else ""
+        ax.set_title(f"{title}: {headers[column]}{unit}", fontsize=9, loc="left")
         ax.tick_params(labelsize=8)
     fig.suptitle(f"{stem}: {machine}", fontsize=9)
     fig.tight_layout()

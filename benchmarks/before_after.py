@@ -80,8 +80,23 @@ def main() -> None:
     rows = []
     for key in before:
         b, a = statistics.median(before[key]), statistics.median(after[key])
-        rows.append((key + " no-op", f"{b:.1f} µs", f"{a:.1f} µs", f"{(a - b) / b * 100:+.1f}%"))
-    print_table(("what", "before", "after", "change"), rows)
+        rows.append(
+            (
+                key + " no-op",
+                f"{b:.1f} µs ± {_spread(before[key]):.1f}",
+                f"{a:.1f} µs ± {_spread(after[key]):.1f}",
+                f"{(a - b) / b * 100:+.1f}%",
+            )
+        )
+    print_table(("what", "before (median ± IQR/2)", "after", "change"), rows)
+
+
+def _spread(values: list[float]) -> float:
+    """Half the interquartile range: the spread of the rounds around their median."""
+    if len(values) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return (q3 - q1) / 2
 
 
 if __name__ == "__main__":

@@ -4,14 +4,26 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
-from threadbridge import _ladder, _stats
+from threadbridge import _call, _internal, _stats
 
 from .helpers import join_soon_started
 
+if TYPE_CHECKING:
+    from .tracing import Spans
+
 pytest_plugins = ["anyio", "pytester"]
+
+
+@pytest.fixture
+def spans() -> Iterator[Spans]:
+    """A tracer provider for this test only, its finished spans kept in memory."""
+    from . import tracing
+
+    yield from tracing.spans()
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -85,9 +97,12 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     # its own pool, not descriptors threadbridge left behind (pipes and files still count).
     sockets = request.node.get_closest_marker("foreign_sockets") is None
     before_fds = _fd_count(sockets)
-    violations = len(_ladder.violations)
+    violations = len(_internal.violations)
     yield
-    assert _ladder.violations[violations:] == [], "threadbridge broke its internal contract"
+    assert _internal.violations[violations:] == [], "threadbridge broke its internal contract"
+    # call()'s engines keep a loop and idle workers between calls, on purpose: closed
+    # here, so that what they keep is not counted as the test's.
+    _call.close_engines()
     _stats.wait_quiet(timeout=10)  # the plugin reports what is still running
     strays = [t for t in threading.enumerate() if t not in before_threads and not _pooled(t)]
     deadline = time.monotonic() + 5

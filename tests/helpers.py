@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import platform
 import sys
 import threading
 import time
+import types
+from collections.abc import Iterator
 from types import CodeType
+from typing import Any
 
 import anyio
 import pytest
 
-from threadbridge import TargetCancelled, uninterruptible
+import threadbridge as tb
+from threadbridge import TargetCancelled, _locks, uninterruptible
 from threadbridge._loop import Link, current_link
 
 
@@ -40,10 +46,11 @@ class Signal:
 
 
 class RungWatcher(logging.Handler):
-    """Sets a threading.Event when the ladder logs rung 2 or rung 3 for a target."""
+    """Sets a threading.Event when the ladder logs rung 2 or rung 3 for a target.
+    ``messages``: the ladder's records from INFO up (rung 1 and a stop's end are DEBUG)."""
 
     def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
+        super().__init__(logging.INFO)
         self.rung2 = threading.Event()
         self.rung3 = threading.Event()
         self.messages: list[str] = []
@@ -108,6 +115,36 @@ def block_in_c(started: Signal, release: threading.Event) -> None:
     except TargetCancelled:
         pass
     release.wait()
+
+
+# The waits of threading's Condition (Event.wait() too) and of threadbridge's own (a
+# threadbridge.Future's result()).
+_WAIT_CODES = (threading.Condition.wait.__code__, _locks.Condition.wait.__code__)
+
+
+async def until_blocked_in_wait(thread: threading.Thread) -> None:
+    """Wait until ``thread`` is blocked inside the C call of a wait (an ``Event.wait()``,
+    a ``Condition.wait()``, a future's ``result()``): its innermost Python frame is that
+    wait's, and the thread sleeps in the kernel (Linux: its system call is futex;
+    elsewhere the frame alone is checked)."""
+    assert thread.ident is not None
+    assert thread.native_id is not None
+    syscall = f"/proc/self/task/{thread.native_id}/syscall"
+    futex = {"x86_64": "202", "aarch64": "98"}.get(platform.machine())
+    with anyio.fail_after(10):
+        while True:
+            frame = sys._current_frames().get(thread.ident)
+            if frame is not None and frame.f_code in _WAIT_CODES:
+                if futex is None:
+                    return  # not a machine whose futex number is known: the frame it is
+                try:
+                    with open(syscall) as f:  # noqa: ASYNC230 - a /proc read does not block
+                        number = f.read().split()[0]
+                except OSError:
+                    return  # no /proc: the frame is all there is to go by
+                if number == futex:  # parked in the lock's wait
+                    return
+            await anyio.sleep(0.001)
 
 
 async def until_running(thread_id: int, code: CodeType, line: int) -> None:
@@ -192,8 +229,9 @@ class QuietRun:
 
     def __init__(self, ends: list[object], reported: threading.Semaphore | None = None) -> None:
         self.name = "abs()"
-        self.link = None
+        self.link = types.SimpleNamespace(portal=None)  # no event loop for from_thread
         self.attached = False
+        self.span = None  # not traced
         self.ends = ends
         self.reported = reported
 
@@ -223,3 +261,139 @@ def pool_threads_cannot_start(monkeypatch: pytest.MonkeyPatch) -> None:
         real_start(thread)
 
     monkeypatch.setattr(threading.Thread, "start", start)
+
+
+def worker_of(handle: Any) -> Any:
+    """The worker process (threadbridge's ``WorkerProcess``) that runs a process call.
+
+    A named reach-in to threadbridge's internals, the only one of its kind: for the
+    fault-injection tests that break the parent's own end of a worker (close its pipes
+    under it), which nothing public can reach."""
+    from threadbridge._worker_process import WorkerProcess
+
+    work = handle._run._work
+    assert work is not None, "the call has not started in a worker (or has ended)"
+    worker = work.worker
+    assert isinstance(worker, WorkerProcess)
+    return worker
+
+
+def lines_soon(path: Any, count: int, timeout: float = 30) -> list[str]:
+    """The first ``count`` lines a target (in a thread or a worker) has written to
+    ``path``, for plain (not async) tests; bounded."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if path.exists():
+            lines: list[str] = path.read_text().splitlines()
+            if len(lines) >= count:
+                return lines
+        assert time.monotonic() < deadline, f"{path} has not got {count} lines in {timeout}s"
+        time.sleep(0.005)
+
+
+# The target of the Ctrl-C programs (tests that press Ctrl-C in a real program): it
+# says when it runs and when its token is set, and otherwise ignores it.
+IGNORES_ITS_TOKEN = """
+def ignores_its_token():
+    print("started", flush=True)
+    said = False
+    while True:
+        time.sleep(0.01)
+        if tb.cancel_requested() and not said:
+            said = True
+            print("token set", flush=True)
+"""
+
+
+@contextlib.contextmanager
+def executor_loop_held(executor: Any) -> Iterator[None]:
+    """Keep a process Executor's own event loop busy for the block: what is submitted
+    meanwhile waits on its way to the loop. (A reach-in, as worker_of(): the loop is the
+    executor's private.)"""
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        held.set()
+        release.wait()
+
+    executor._core.thread.link.post(hold)
+    assert held.wait(30)
+    try:
+        yield
+    finally:
+        release.set()
+
+
+class CtrlCProgram:
+    """A program run as from a terminal, for tests that press Ctrl-C in it: read its
+    lines as it prints them (bounded: a program stuck on its way shows every thread's
+    stack instead of hanging the suite), press Ctrl-C, then collect its end."""
+
+    def __init__(self, tmp_path: Any, source: str, *args: str) -> None:
+        import subprocess
+
+        script = tmp_path / "program.py"
+        script.write_text(source)
+        self.process = subprocess.Popen(
+            [sys.executable, "-X", "faulthandler", str(script), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+        )
+
+    def expect(self, line: str) -> None:
+        import signal
+
+        process, stdout = self.process, self.process.stdout
+        assert stdout is not None
+        # SIGABRT makes faulthandler print every thread's stack.
+        timer = threading.Timer(60, process.send_signal, (signal.SIGABRT,))
+        timer.start()
+        try:
+            got = stdout.readline().strip()
+        finally:
+            timer.cancel()
+        if got != line:
+            process.kill()
+            raise AssertionError(f"expected {line!r}, got {got!r}:\n{process.communicate()[1]}")
+
+    def press_ctrl_c(self) -> None:
+        import signal
+
+        self.process.send_signal(signal.SIGINT)
+
+    def end(self) -> tuple[list[str], str]:
+        """Its remaining stdout lines and its stderr, once it has exited (it is killed if
+        it has not within a minute)."""
+        try:
+            out, err = self.process.communicate(timeout=60)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.communicate()
+        return out.splitlines(), err
+
+
+class Blocked:
+    """A thread target that blocks in a C call (a lock's wait) until ``release`` is set:
+    rung 2 cannot land there, so the ladder abandons it (rung 3)."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self) -> None:
+        self.entered.set()
+        self.release.wait()
+
+    async def abandoned(self) -> tb.Handle[None]:
+        """Spawn it, let it block, stop it: abandoned (release it afterwards)."""
+        handle = tb.spawn(self, policy=tb.Policy(grace=0, interrupt_grace=0))
+        await anyio.to_thread.run_sync(self.entered.wait)
+        try:
+            assert await handle.stop() is tb.Stage.ABANDONED
+        except BaseException:
+            self.release.set()
+            raise
+        return handle

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import importlib
 import os
 import signal
 import subprocess
@@ -233,10 +234,10 @@ def mp_grandchild(path: str) -> None:
 
 def die_while_answering() -> None:
     """Send half of an answer frame, then die: a worker killed mid-result."""
-    from threadbridge import _wire, _worker
+    from threadbridge import _in_worker, _wire
 
     header = _wire.HEADER.pack(1000, _wire.ANSWER, 0)
-    os.write(_worker._result_fd, header + b"x" * 10)
+    os.write(_in_worker._result_fd, header + b"x" * 10)
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -275,11 +276,19 @@ def long_c_call(n: int) -> int:
     return sum(range(n))
 
 
-def timed_c_call(n: int) -> tuple[float, float]:
-    """long_c_call, timed: (CPU seconds of this thread, wall seconds)."""
-    cpu, wall = time.thread_time(), time.perf_counter()
+def busy_then_c_call(path: str) -> int:
+    """Marks its start, then holds the GIL in one C call for good."""
+    mark(path, "started")
+    return long_c_call(10**12)
+
+
+def timed_c_call(n: int) -> tuple[float, float, float]:
+    """long_c_call, timed: (CPU seconds of this thread, and when it started and ended by
+    time.perf_counter(), which is the system's monotonic clock, the same in every
+    process on Linux)."""
+    cpu, start = time.thread_time(), time.perf_counter()
     long_c_call(n)
-    return time.thread_time() - cpu, time.perf_counter() - wall
+    return time.thread_time() - cpu, start, time.perf_counter()
 
 
 def stress_target(i: int, behaviour: str, amount: float) -> tuple[str, int]:
@@ -347,9 +356,9 @@ def recurse(n: int = 0) -> int:
 
 def pipes_a_child_inherits() -> list[int]:
     """Which of the worker's pipe ends a child started with close_fds=False holds."""
-    from threadbridge import _worker
+    from threadbridge import _in_worker
 
-    ours = {_worker._result_fd, *_worker._pipe_fds}
+    ours = {_in_worker._result_fd, *_in_worker._pipe_fds}
     child = subprocess.run(
         [sys.executable, "-c", "import os; print(' '.join(os.listdir('/proc/self/fd')))"],
         close_fds=False,
@@ -434,6 +443,14 @@ def initialize(path: str, value: object) -> None:
     _initialized = value
 
 
+def initialize_after(path: str, gate: str) -> None:
+    """A ProcessPool initializer that notes its run in ``path``, then holds the worker's
+    boot until the file ``gate`` exists."""
+    mark(path, "waiting")
+    while not os.path.exists(gate):
+        time.sleep(0.005)
+
+
 def initialized() -> tuple[int, object]:
     return os.getpid(), _initialized
 
@@ -490,3 +507,107 @@ def forking_initializer(path: str, child_returns: bool) -> None:
 def exiting_initializer(path: str, code: int) -> None:
     mark(path, "initializer ran")
     os._exit(code)
+
+
+# A module whose import in the parent waits here (see test_fork_while_a_thread_imports).
+IMPORTING = threading.Event()
+IMPORT_GATE = threading.Event()
+
+
+def value_of(module: str) -> object:
+    return importlib.import_module(module).VALUE
+
+
+def sleeps_on_after_rung2(path: str, after: float) -> str:
+    """Ignores its token; when rung 2 lands, notes it and goes on for ``after`` seconds."""
+    mark(path, "started")
+    try:
+        time.sleep(60)
+    except tb.TargetCancelled:
+        mark(path, "interrupted")
+        time.sleep(after)
+        return "ended by itself"
+    return "slept"
+
+
+def spin_marked(path: str) -> None:
+    """Marks its start, then spins in pure Python, never checking its token."""
+    mark(path, "started")
+    while True:
+        pass
+
+
+def sleep_marked(path: str, seconds: float) -> str:
+    mark(path, "started")
+    time.sleep(seconds)
+    return "slept"
+
+
+def kill_own_worker() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def ignore_term_marked(path: str) -> None:
+    """Only rung 3 stops it: SIGTERM ignored, then blocked in a C call."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    mark(path, "started")
+    time.sleep(60)
+
+
+@tb.killable(timeout=30, backend="process")
+def killable_parent() -> int:
+    """A decorated target: in a worker of the calling process (not of a nested one)."""
+    return os.getppid()
+
+
+def raise_after_file(path: str) -> None:
+    busy_until_file(path)
+    raise Exception("this is an exception")  # noqa: TRY002 - any exception will do
+
+
+def capture(*args: object, **kwargs: object) -> tuple[tuple[object, ...], dict[str, object]]:
+    return args, kwargs
+
+
+class Thing:
+    def method(self) -> None:
+        pass
+
+
+def make_thing(_: object) -> Thing:
+    return Thing()
+
+
+# --- OpenTelemetry (tests/test_otel.py) --------------------------------------------------
+
+
+def current_trace() -> tuple[int, int]:
+    """The trace and span ids of the span current where the target runs (0, 0: none)."""
+    from opentelemetry import trace
+
+    context = trace.get_current_span().get_span_context()
+    return context.trace_id, context.span_id
+
+
+def open_child_span() -> tuple[int, int]:
+    """Opens a span with this interpreter's tracer provider: (its trace id, its parent's
+    span id); (0, 0) if no provider records spans here."""
+    from opentelemetry import trace
+
+    with trace.get_tracer("tests").start_as_current_span("inner") as span:
+        parent = getattr(span, "parent", None)
+        if parent is None:
+            return 0, 0
+        return span.get_span_context().trace_id, parent.span_id
+
+
+def install_tracer_provider() -> None:
+    """A worker's initializer: spans opened there are recorded (and never exported)."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    trace.set_tracer_provider(TracerProvider())
+
+
+def otel_imported() -> list[str]:
+    return sorted(name for name in list(sys.modules) if name.split(".")[0] == "opentelemetry")

@@ -244,9 +244,14 @@ async def test_sleep_in_the_event_loop_thread_is_refused() -> None:
     assert time.monotonic() - t0 < 0.4
 
 
-def test_sleep_outside_any_loop_is_time_sleep() -> None:
-    """Outside targets and loops, threadbridge.sleep() is plain time.sleep()."""
+def test_sleep_outside_any_loop_is_time_sleep(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside targets and loops, threadbridge.sleep() is plain time.sleep(): it calls it
+    once, with the same length."""
+    calls: list[float] = []
+    monkeypatch.setattr(time, "sleep", calls.append)
+    tb.sleep(0.25)
     tb.sleep(0)
+    assert calls == [0.25, 0]
 
 
 def test_stop_from_another_loop_is_a_clear_error() -> None:
@@ -288,7 +293,7 @@ def test_ray_backend_without_ray_names_the_extra(loop: str) -> None:
         import anyio, threadbridge as tb
         async def main():
             assert await tb.run_killable(int, "7") == 7
-            assert "ray" not in [m for m in sys.modules if sys.modules[m] is not None]
+            assert sys.modules.copy().get("ray") is None  # never imported
             try:
                 await tb.run_killable(int, backend="ray")
             except ImportError as exc:

@@ -20,8 +20,10 @@ class Gate:
         self.loop = loop
         self.started = asyncio.Event()
         self.events: list[str] = []
+        self.ran = threading.Event()
 
     def __call__(self) -> str:
+        self.ran.set()
         self.loop.call_soon_threadsafe(self.started.set)
         try:
             tb.current_token().wait()
@@ -38,9 +40,24 @@ async def test_asyncio_timeout() -> None:
     """asyncio.timeout turns into TimeoutError only after the target has stopped."""
     if sys.version_info >= (3, 11):  # also for mypy, which checks as 3.10
         gate = Gate(asyncio.get_running_loop())
-        with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.05):
+
+        async def expire_once_started(cm: asyncio.Timeout) -> None:
+            # The deadline is set once the target runs: a loaded machine may take longer
+            # than any fixed deadline to start its thread (a call stopped before it
+            # started has nothing to show here).
+            await gate.started.wait()
+            cm.reschedule(asyncio.get_running_loop().time() + 0.05)
+
+        helpers: list[asyncio.Task[None]] = []
+
+        async def call_in_timeout() -> None:
+            async with asyncio.timeout(None) as cm:
+                helpers.append(asyncio.ensure_future(expire_once_started(cm)))
                 await tb.run_killable(gate)
+
+        with pytest.raises(TimeoutError):
+            await call_in_timeout()
+        await helpers[0]
         assert gate.events == ["token", "stopped"]
         task = asyncio.current_task()
         assert task is not None
@@ -50,9 +67,15 @@ async def test_asyncio_timeout() -> None:
 @pytest.mark.asyncio
 async def test_asyncio_wait_for() -> None:
     """asyncio.wait_for times out only after the target has stopped."""
-    gate = Gate(asyncio.get_running_loop())
-    with pytest.raises(asyncio.TimeoutError):
-        await asyncio.wait_for(tb.run_killable(gate), 0.05)
+    # wait_for's deadline runs from its call: on a loaded machine it may pass before the
+    # thread starts the target (then there is nothing to stop). Each try gives the start
+    # more time; the first that started must have been stopped before wait_for returned.
+    for deadline in (0.05, 0.5, 5.0, 30.0):
+        gate = Gate(asyncio.get_running_loop())
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(tb.run_killable(gate), deadline)
+        if gate.ran.is_set():
+            break
     assert gate.events == ["token", "stopped"]
 
 

@@ -20,7 +20,7 @@ import anyio
 import pytest
 
 import threadbridge as tb
-from threadbridge import _backend, _ladder, _scheduler
+from threadbridge import _backend, _internal, _scheduler
 from threadbridge._ladder import Ending, Run, Rung, decide_stage
 from threadbridge._loop import Waitable
 
@@ -106,8 +106,10 @@ class FakeWork:
     def request_stop(self) -> None:
         self.calls.append("stop")
 
-    def interrupt(self) -> bool:
+    def interrupt(self, announce: Callable[[], None] | None = None) -> bool:
         self.calls.append("interrupt")
+        if self.running and announce is not None:
+            announce()
         return self.running
 
     def force(self) -> None:
@@ -133,11 +135,11 @@ def make_run(
 def recorded_violations() -> Any:
     """For tests that provoke a contract violation on purpose: hand them over, then
     clear them so that the suite's own check passes."""
-    start = len(_ladder.violations)
+    start = len(_internal.violations)
     found: list[str] = []
     yield found
-    found += _ladder.violations[start:]
-    del _ladder.violations[start:]
+    found += _internal.violations[start:]
+    del _internal.violations[start:]
 
 
 def test_decide_stage_table() -> None:
@@ -278,8 +280,8 @@ def test_forced_then_late_end_is_a_violation(recorded_violations: list[str]) -> 
     run.report(Ending.ENDED, (True, 1))
     assert run.stage is tb.Stage.KILLED
     assert limiter.released == 1
-    assert len(_ladder.violations) >= 1
-    assert "reported ended after it settled" in _ladder.violations[-1]
+    assert len(_internal.violations) >= 1
+    assert "reported ended after it settled" in _internal.violations[-1]
 
 
 def test_token_given_back_twice_is_a_violation(recorded_violations: list[str]) -> None:
@@ -288,7 +290,7 @@ def test_token_given_back_twice_is_a_violation(recorded_violations: list[str]) -
     run, _work, _clock, _limiter = make_run()
     run.report(Ending.ENDED, (True, 1))
     run.release()
-    assert "did not hold" in _ladder.violations[-1]
+    assert "did not hold" in _internal.violations[-1]
 
 
 def test_stop_before_start() -> None:

@@ -152,8 +152,8 @@ def test_affinity_counts_the_cpus_this_process_may_run_on() -> None:
 def test_default_process_limiter_and_pool_size_follow_the_quota(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from threadbridge import _pool
+    from threadbridge import _process_backend
 
     monkeypatch.setattr(_cpus, "cgroup_cpu_quota", lambda: 0.5)
-    assert _pool.ProcessBackend().default_limit() == 1
-    assert _pool.ProcessPool()._workers == 1
+    assert _process_backend.ProcessBackend().default_limit() == 1
+    assert _process_backend.ProcessPool()._workers == 1

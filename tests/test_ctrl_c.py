@@ -4,19 +4,19 @@ ladder, a second one while it climbs skips the rest of the graces."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from .helpers import IGNORES_ITS_TOKEN, CtrlCProgram
+
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT")
 
-PROGRAM = """
-import json, signal, sys, time
+PROGRAM = (
+    """
+import json, signal, sys, threading, time
 # As typed in a terminal: a suite run as a background job hands its children SIGINT
 # ignored, and Python keeps it so.
 signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -25,15 +25,9 @@ import threadbridge as tb
 
 POLICY = tb.Policy(grace=60, interrupt_grace=60)
 
-
-def ignores_its_token():
-    print("started", flush=True)
-    said = False
-    while True:
-        time.sleep(0.01)
-        if tb.cancel_requested() and not said:
-            said = True
-            print("token set", flush=True)
+"""
+    + IGNORES_ITS_TOKEN
+    + """
 
 
 async def main(how, backend):
@@ -42,8 +36,22 @@ async def main(how, backend):
         async with anyio.create_task_group() as tg:
             tg.start_soon(call)
     elif how == "deadline":
-        with anyio.move_on_after(0.1):
-            await call()
+        # The deadline is set once the target runs (a loaded machine may take longer
+        # than any fixed one to start it; then there is no ladder to hurry).
+        started = threading.Event()
+
+        def target():
+            started.set()
+            ignores_its_token()
+
+        async def deadline_once_started(scope):
+            await anyio.to_thread.run_sync(started.wait)
+            scope.deadline = anyio.current_time() + 0.1
+
+        async with anyio.create_task_group() as tg:
+            with anyio.CancelScope() as scope:
+                tg.start_soon(deadline_once_started, scope)
+                await tb.run_killable(target, policy=POLICY, backend=backend)
         print("the program went on, uninterrupted", flush=True)
     else:
         await call()
@@ -66,6 +74,7 @@ if __name__ == "__main__":
     stages = {s.name: n for s, n in tb.stats().stages.items() if n}
     print(json.dumps([ended, stages, time.monotonic()]), flush=True)
 """
+)
 
 # anyio.run() on asyncio before Python 3.11 (its own copy of asyncio.Runner) ends with
 # CancelledError where 3.11+ raise KeyboardInterrupt: its tasks cannot say whether
@@ -81,44 +90,15 @@ def _ctrl_c(tmp_path: Path, *args: str, presses: int) -> tuple[list[str], str, f
     """Run the program; press Ctrl-C once the target runs (unless ``presses`` is 1: a
     deadline's ladder starts it), and again once its token is set. Its stdout lines,
     its stderr, and when the last Ctrl-C was sent."""
-    script = tmp_path / "program.py"
-    script.write_text(PROGRAM)
-    process = subprocess.Popen(
-        [sys.executable, "-X", "faulthandler", str(script), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=tmp_path,
-    )
-    stdout = process.stdout
-    assert stdout is not None
-
-    def expect(line: str) -> None:
-        # Bounded: a program stuck on its way there shows every thread's stack (SIGABRT
-        # makes faulthandler print them) instead of hanging the suite.
-        timer = threading.Timer(60, process.send_signal, (signal.SIGABRT,))
-        timer.start()
-        try:
-            got = stdout.readline().strip()
-        finally:
-            timer.cancel()
-        if got != line:
-            process.kill()
-            raise AssertionError(f"expected {line!r}, got {got!r}:\n{process.communicate()[1]}")
-
-    try:
-        expect("started")
-        if presses == 2:
-            process.send_signal(signal.SIGINT)
-        expect("token set")  # rung 1: the ladder climbs
-        last = time.monotonic()
-        process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
-    return out.splitlines(), err, last
+    program = CtrlCProgram(tmp_path, PROGRAM, *args)
+    program.expect("started")
+    if presses == 2:
+        program.press_ctrl_c()
+    program.expect("token set")  # rung 1: the ladder climbs
+    last = time.monotonic()
+    program.press_ctrl_c()
+    lines, err = program.end()
+    return lines, err, last
 
 
 @pytest.mark.parametrize("backend", ["thread", "process"])

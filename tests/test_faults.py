@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 import signal
@@ -25,11 +26,14 @@ from threadbridge._backend import Backend, resolve
 from threadbridge._ladder import Run, Work
 
 from . import targets
-from .helpers import QuietRun, pool_threads_cannot_start, wait_for_pool_threads
+from .helpers import QuietRun, pool_threads_cannot_start, wait_for_pool_threads, worker_of
+from .test_process import lines_of
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
 P: Literal["process"] = "process"
+# False on a free-threaded build running without its GIL (PYTHON_GIL=0).
+GIL: bool = getattr(sys, "_is_gil_enabled", lambda: True)()
 ROOT = str(Path(__file__).parent.parent)
 
 
@@ -70,13 +74,10 @@ async def test_target_that_closes_the_workers_pipes(target: Callable[[], str]) -
 async def test_control_pipe_closed_under_busy_worker() -> None:
     """A busy worker whose control pipe closes takes itself down at once (it cannot be
     told to stop any more): WorkerCrashed, and the pool goes on."""
-    from threadbridge import _process_worker
-
     handle = tb.spawn(time.sleep, 10, backend=P)
-    worker = handle._run._work.worker  # type: ignore[union-attr]
-    assert isinstance(worker, _process_worker.WorkerProcess)
-    os.close(worker.control_fd)
-    worker.control_fd = os.open(os.devnull, os.O_WRONLY)  # so that cleanup closes something
+    pipes = worker_of(handle).pipes
+    os.close(pipes.control_fd)
+    pipes.control_fd = os.open(os.devnull, os.O_WRONLY)  # so that cleanup closes something
     with anyio.fail_after(5):  # far less than the target's own 10 s
         with pytest.raises(tb.WorkerCrashed):
             await handle
@@ -87,13 +88,10 @@ async def test_control_pipe_closed_under_busy_worker() -> None:
 async def test_job_pipe_closed_by_the_parent() -> None:
     """If the parent's end of a busy worker's job pipe closes, the answer still comes
     back; the worker then exits and a standby serves the next call."""
-    from threadbridge import _process_worker
-
     handle = tb.spawn(time.sleep, 0.3, backend=P)
-    worker = handle._run._work.worker  # type: ignore[union-attr]
-    assert isinstance(worker, _process_worker.WorkerProcess)
-    os.close(worker.job_fd)
-    worker.job_fd = os.open(os.devnull, os.O_WRONLY)  # so that cleanup closes something
+    worker = worker_of(handle)
+    os.close(worker.pipes.job_fd)
+    worker.pipes.job_fd = os.open(os.devnull, os.O_WRONLY)  # so that cleanup closes something
     await handle  # the answer still comes back
     assert handle.stage is tb.Stage.FINISHED
     with anyio.fail_after(10):
@@ -135,31 +133,33 @@ async def test_long_c_call_freezes_loop_only_for_threads(
     backend: Literal["thread", "process"],
 ) -> None:
     """A C call that holds the GIL freezes the event loop too when run in a thread;
-    in a worker process the loop keeps ticking."""
+    in a worker process the loop keeps ticking, and in a thread where there is no GIL
+    (a free-threaded build)."""
     n = 30_000_000
-    gaps: list[float] = []
+    ticks: list[float] = []
     done = anyio.Event()
 
     async def ticker() -> None:
-        last = time.perf_counter()
+        ticks.append(time.perf_counter())
         while not done.is_set():
             await anyio.sleep(0.005)
-            now = time.perf_counter()
-            gaps.append(now - last)
-            last = now
+            ticks.append(time.perf_counter())
 
     await tb.run_killable(targets.add, 0, 0, backend=backend)  # warm up
     async with anyio.create_task_group() as tg:
         tg.start_soon(ticker)
         await anyio.wait_all_tasks_blocked()  # the ticker is ticking
-        cpu, wall = await tb.run_killable(targets.timed_c_call, n, backend=backend)
+        cpu, start, end = await tb.run_killable(targets.timed_c_call, n, backend=backend)
         done.set()
-    if backend == "thread":
+    gaps = [later - earlier for earlier, later in itertools.pairwise(ticks)]
+    if backend == "thread" and GIL:
         # The GIL was held for at least the call's CPU time, whatever else the machine
         # did: the loop could not tick for that long.
         assert max(gaps) >= 0.95 * cpu, "the loop should have been frozen"
     else:
-        assert max(gaps) < wall / 2, "the loop should have kept ticking"
+        # Ticked while the call ran (a loaded machine may still hold the loop back for
+        # a while: how long it ticks between is not what is asked).
+        assert any(start < tick < end for tick in ticks), "the loop should have kept ticking"
 
 
 SIGINT_PROGRAM = """
@@ -457,7 +457,7 @@ def test_forked_child_gets_fresh_pools() -> None:
 async def test_forked_child_leaves_the_parents_workers_alone(tmp_path: Path) -> None:
     """A forked child that exits normally (running threadbridge's exit handler) does not
     end the parent's workers: the parent's busy call still gets its answer."""
-    from threadbridge import _process
+    from threadbridge import _pools
 
     gate = tmp_path / "gate"
     handle = tb.spawn(targets.busy_until_file, str(gate), backend=P)
@@ -467,7 +467,7 @@ async def test_forked_child_leaves_the_parents_workers_alone(tmp_path: Path) -> 
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         try:
-            _process._shutdown_all()  # what the child's normal exit runs
+            _pools._shutdown_all()  # what the child's normal exit runs
         finally:
             os._exit(0)
     await anyio.to_thread.run_sync(os.waitpid, pid, 0)
@@ -478,16 +478,64 @@ async def test_forked_child_leaves_the_parents_workers_alone(tmp_path: Path) -> 
     assert await tb.run_killable(targets.add, 3, 3, backend=P) == 6
 
 
+@pytest.mark.threadbridge_loop_end_expected  # what it tests
 @pytest.mark.parametrize("loop", ["asyncio", "trio"])
 def test_loop_that_ends_right_after_spawn(loop: str) -> None:
     """A loop that ends right after spawn() of a process target ends cleanly (the worker's
     reader, posted to a loop that takes no new tasks, is not an internal error)."""
 
-    async def main() -> None:
-        tb.spawn(targets.add, 1, 1, backend=P)
+    from threadbridge import _internal
 
+    handles: list[tb.Handle[int]] = []
+
+    async def main() -> None:
+        handles.append(tb.spawn(targets.add, 1, 1, backend=P))
+
+    violations = len(_internal.violations)
     for _ in range(10):
-        anyio.run(main, backend=loop)
+        anyio.run(main, backend=loop)  # raises if the loop did not end cleanly
+    assert len(handles) == 10
+    assert _internal.violations[violations:] == []  # no internal error either
+    # Each call ended with its loop: it answered in time, or the loop's end stopped it
+    # (through its ladder) before the loop was done.
+    assert all(handle.done() for handle in handles), [handle.stage for handle in handles]
+
+
+@pytest.mark.threadbridge_loop_end_expected  # what it tests
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+@pytest.mark.parametrize(
+    ("policy", "stage", "lines"),
+    [
+        # No rung 2: the token (ignored), then rung 3 at once.
+        (tb.Policy(grace=0, interrupt=False, interrupt_grace=0), tb.Stage.KILLED, ["started"]),
+        # No rung 3: rung 2, then the target's own end, however long it takes (2 s
+        # here; the pool's own grace for idle workers is 1 s).
+        (
+            tb.Policy(grace=0, interrupt_grace=0, force=False),
+            tb.Stage.INTERRUPTED,
+            ["started", "interrupted"],
+        ),
+    ],
+)
+def test_a_loop_that_ends_stops_its_process_calls_by_their_policy(
+    tmp_path: Path, loop: str, policy: tb.Policy, stage: tb.Stage, lines: list[str]
+) -> None:
+    """A loop that ends with process calls in flight stops each through its own ladder:
+    ``interrupt=False`` is never sent SIGTERM, ``force=False`` is never killed."""
+    path = tmp_path / "log"
+    handles: list[tb.Handle[str]] = []
+
+    async def main() -> None:
+        handles.append(
+            tb.spawn(targets.sleeps_on_after_rung2, str(path), 2.0, backend=P, policy=policy)
+        )
+        await lines_of(path, 1)  # it runs: the loop ends now
+
+    anyio.run(main, backend=loop)
+    (handle,) = handles
+    assert handle.done()  # the loop's end waited for it
+    assert handle.stage is stage
+    assert path.read_text().splitlines() == lines
 
 
 @pytest.mark.anyio
@@ -580,13 +628,13 @@ async def test_a_tour_of_hostile_targets_leaves_nothing_behind(tmp_path: Path) -
                 seen = [(c.pid, c.status(), " ".join(c.cmdline())) for c in children]
             except psutil.NoSuchProcess:
                 seen = [(-1, "gone while looked at", "")]
-            workers_only = all("threadbridge._worker" in cmdline for _, _, cmdline in seen)
+            workers_only = all("threadbridge._in_worker" in cmdline for _, _, cmdline in seen)
             no_zombie = all(status != psutil.STATUS_ZOMBIE for _, status, _ in seen)
             if workers_only and no_zombie and len(seen) == stats.idle_workers:
                 break
             await anyio.sleep(0.01)
     assert stats.active == 0
-    assert all("threadbridge._worker" in cmdline for _, _, cmdline in seen), seen
+    assert all("threadbridge._in_worker" in cmdline for _, _, cmdline in seen), seen
     assert all(status != psutil.STATUS_ZOMBIE for _, status, _ in seen), seen
     assert len(seen) == stats.idle_workers, seen
     if fds_before:  # each idle worker: three pipes and a pidfd, at most
@@ -598,7 +646,7 @@ async def test_a_watcher_that_raises_is_reported_and_stops() -> None:
     """A descriptor watcher that raises (a bug of threadbridge's) is reported as an
     internal error and stops watching: never called again and again (asyncio), never a
     crashed run (trio)."""
-    from threadbridge import _ladder
+    from threadbridge import _internal
     from threadbridge._loop import current_link
 
     link = current_link("test")
@@ -611,7 +659,7 @@ async def test_a_watcher_that_raises_is_reported_and_stops() -> None:
         called.set()
         raise ValueError("a bug")
 
-    start = len(_ladder.violations)
+    start = len(_internal.violations)
     try:
         assert link.watch_readable(read_fd, watcher, "test watcher")
         os.write(write_fd, b"x")  # stays readable: a watcher still watching would be called again
@@ -621,12 +669,12 @@ async def test_a_watcher_that_raises_is_reported_and_stops() -> None:
         for _ in range(20):
             await anyio.lowlevel.checkpoint()
         assert calls == [1]
-        found = _ladder.violations[start:]
+        found = _internal.violations[start:]
         assert len(found) == 1
         assert "test watcher raised" in found[0]
         assert "ValueError: a bug" in found[0]
     finally:
-        del _ladder.violations[start:]
+        del _internal.violations[start:]
         link.unwatch(read_fd)
         os.close(read_fd)
         os.close(write_fd)
@@ -638,9 +686,9 @@ def test_a_forked_worker_lists_its_descriptors_without_proc(
     """Where there is no /proc (macOS), a forked worker lists its open descriptors from
     /dev/fd, which names the same ones (it tried every number up to the limit, which may
     be "unlimited")."""
-    from threadbridge import _worker
+    from threadbridge import _in_worker
 
-    with_proc = set(_worker._open_fds())
+    with_proc = set(_in_worker._open_fds())
     real_listdir = os.listdir
 
     def listdir(path: str) -> list[str]:
@@ -649,7 +697,7 @@ def test_a_forked_worker_lists_its_descriptors_without_proc(
         return real_listdir(path)
 
     monkeypatch.setattr(os, "listdir", listdir)
-    without_proc = set(_worker._open_fds())
+    without_proc = set(_in_worker._open_fds())
     # Each listing also saw the descriptor it read the folder through, closed since.
     assert {fd for fd in with_proc ^ without_proc if _is_open(fd)} == set()
     assert len([fd for fd in without_proc if not _is_open(fd)]) <= 1
@@ -695,7 +743,13 @@ def test_interrupts_while_submitting_leave_the_pool_counts_right(
             hits += 1
             raise _Interrupt
 
-    where = {_thread.__file__, threading.__file__, __file__}
+    where = {_thread.__file__, __file__}
+    if sys.version_info < (3, 14):
+        # On CPython 3.14 threading's own `with` statements can be left holding their
+        # lock (gh-148874): an exception landing in Thread.start() can leave threading's
+        # _active_limbo_lock held, and then no thread of the process can start again.
+        # CPython's, not threadbridge's (docs/hazards.md); threadbridge's code is covered.
+        where.add(threading.__file__)
     previous_hook = sys.unraisablehook
 
     def hook(unraisable: Any) -> None:
@@ -708,9 +762,10 @@ def test_interrupts_while_submitting_leave_the_pool_counts_right(
     old = signal.signal(signal.SIGALRM, handler)
     signal.setitimer(signal.ITIMER_REAL, 0.0001, 0.0001)
     runs: list[QuietRun] = []
+    reported = threading.Semaphore(0)
     try:
         while hits < 1000 and len(runs) < 1_000_000:
-            run = QuietRun(ends)
+            run = QuietRun(ends, reported)
             runs.append(run)
             try:
                 armed = True
@@ -729,9 +784,8 @@ def test_interrupts_while_submitting_leave_the_pool_counts_right(
         signal.signal(signal.SIGALRM, old)
         _stats.unregister(pool)
     attached = sum(run.attached for run in runs)
-    deadline = time.monotonic() + 30
-    while len(ends) < attached and time.monotonic() < deadline:
-        time.sleep(0.01)
+    for _ in range(attached):  # each attached run reports once
+        assert reported.acquire(timeout=30), (len(ends), attached)
     assert hits >= 300, hits
     assert len(ends) == attached
     assert pool.counts()["busy_threads"] == 0, pool.counts()
@@ -775,7 +829,8 @@ def test_a_thread_that_cannot_start_while_withdrawing_is_not_counted_as_coming(
     ends: list[object] = []
     try:
         # Work submitted by another caller, queued, whose thread was the one withdrawn.
-        waiting = _thread.ThreadWork(pool, QuietRun(ends), abs, (-1,))  # type: ignore[arg-type]
+        reported = threading.Semaphore(0)
+        waiting = _thread.ThreadWork(pool, QuietRun(ends, reported), abs, (-1,))  # type: ignore[arg-type]
         with pool.lock:
             pool.pending[waiting.key] = waiting
             waiting.submitted = True
@@ -785,10 +840,9 @@ def test_a_thread_that_cannot_start_while_withdrawing_is_not_counted_as_coming(
         assert pool.withdraw(never_submitted) is True
         assert pool.starting == 0
         monkeypatch.undo()
-        backend.start(QuietRun(ends), (abs, (-3,)))  # type: ignore[arg-type]
-        deadline = time.monotonic() + 10
-        while len(ends) < 2 and time.monotonic() < deadline:
-            time.sleep(0.001)
-        assert len(ends) == 2  # the waiting work and the new one both ran
+        backend.start(QuietRun(ends, reported), (abs, (-3,)))  # type: ignore[arg-type]
+        for _ in range(2):  # the waiting work and the new one both run
+            assert reported.acquire(timeout=10), ends
+        assert len(ends) == 2
     finally:
         _stats.unregister(pool)

@@ -10,6 +10,7 @@ import pytest
 
 import threadbridge as tb
 from threadbridge import _stats
+from threadbridge._target import TargetState
 
 pytestmark = pytest.mark.anyio
 
@@ -109,7 +110,7 @@ async def test_injection_at_return_stays_out_of_the_pool(trailing_calls: int) ->
     def target() -> str:
         ran_on.append(threading.current_thread())
         state = _token._local.state
-        if state is None:
+        if not isinstance(state, TargetState):
             return "not run as a target"
         # Rung 2 at the very end: it fires in the target's last steps or in the pool's
         # bookkeeping right after (where it is withdrawn), never later.

@@ -68,6 +68,7 @@ async def test_rung1_cooperative_stop() -> None:
     assert handle.stage is tb.Stage.COOPERATIVE
     assert events == ["saw token", "finally"]
     assert not watcher.messages
+    assert handle.stopped_at is None  # rung 1 was enough: nothing was taken
 
 
 async def test_rung2_interrupts_pure_python_loop() -> None:
@@ -92,6 +93,15 @@ async def test_rung2_interrupts_pure_python_loop() -> None:
     assert handle.stage is tb.Stage.INTERRUPTED
     assert events == ["TargetCancelled", "finally"]
     assert any("target" in m and "rung 2" in m for m in watcher.messages)
+    # Where it was as rung 2 fired: said in rung 2's record, kept as stopped_at (the
+    # target's frames only, innermost last).
+    (rung2,) = [m for m in watcher.messages if "rung 2" in m]
+    assert "; it was at helpers.py:" in rung2
+    assert rung2.endswith(" in spin_forever()")
+    assert handle.stopped_at is not None
+    frames = handle.stopped_at.splitlines()
+    assert frames[0].endswith(", in target")  # nothing of what ran the target
+    assert frames[-2].endswith(", in spin_forever")
 
 
 async def test_rung3_abandons_thread_blocked_in_c_call(caplog: pytest.LogCaptureFixture) -> None:
@@ -117,6 +127,12 @@ async def test_rung3_abandons_thread_blocked_in_c_call(caplog: pytest.LogCapture
         assert len(warnings) == 1
         assert "blocked_in_c" in warnings[0].getMessage()
         assert "rung 3" in warnings[0].getMessage()
+        # Where it is stuck, as rung 3 fired: in the wait inside block_in_c() (the
+        # program's own frame first, then the standard library's innermost one).
+        assert "; it was at helpers.py:" in warnings[0].getMessage()
+        assert " in block_in_c(), in threading.py:" in warnings[0].getMessage()
+        assert handle.stopped_at is not None
+        assert "in block_in_c\n    release.wait()\n" in handle.stopped_at
     finally:
         release.set()
     with anyio.fail_after(10):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -56,6 +57,49 @@ async def test_initializer_runs_in_each_worker_first(tmp_path: Path) -> None:
         assert pid != os.getpid()
     # The worker that ran the call, and maybe its standby: each initialized once.
     assert 1 <= len(await lines_of(log, 1)) <= 2
+
+
+async def test_a_cold_start_starts_the_standby_once_its_worker_is_ready(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call that found no idle worker starts one of its own; the standby is started
+    only once that worker is ready (two interpreters starting at once on a small machine
+    slow the call's own), even with no standby delay at all."""
+    from threadbridge import _worker_pool
+    from threadbridge._worker_pool import WorkerPool
+
+    monkeypatch.setattr(_worker_pool, "STANDBY_DELAY", 0.0)
+    events: list[str] = []
+    new_worker, booted = WorkerPool._new_worker, WorkerPool.booted
+
+    def noted_new_worker(self: WorkerPool, state: str) -> Any:
+        events.append(f"new {state}")
+        return new_worker(self, state)
+
+    def noted_booted(self: WorkerPool) -> None:
+        events.append("ready")
+        booted(self)
+
+    monkeypatch.setattr(WorkerPool, "_new_worker", noted_new_worker)
+    monkeypatch.setattr(WorkerPool, "booted", noted_booted)
+    log, gate, job = tmp_path / "log", tmp_path / "gate", tmp_path / "job"
+    async with (
+        tb.ProcessPool(
+            2, initializer=targets.initialize_after, initargs=(str(log), str(gate))
+        ) as pool,
+        anyio.create_task_group() as tg,
+    ):
+        # A call that runs until told: its worker is busy when the standby is due.
+        tg.start_soon(
+            functools.partial(tb.run_killable, targets.busy_until_file, str(job), backend=pool)
+        )
+        await lines_of(log, 1)  # the call's worker waits in its initializer
+        gate.touch()
+        with anyio.fail_after(30):
+            while len(events) < 4:  # until the standby is ready too
+                await anyio.sleep(0.005)
+        Path(str(job) + ".go").touch()
+    assert events == ["new busy", "ready", "new idle", "ready"]
 
 
 async def test_failing_initializer_is_one_error_then_a_broken_pool(tmp_path: Path) -> None:
@@ -136,6 +180,42 @@ async def test_use_outside_the_block_is_a_clear_error() -> None:
 async def test_fork_start_method() -> None:
     async with tb.ProcessPool(1, start_method="fork") as pool:
         assert await tb.run_killable(targets.add, 1, 2, backend=pool) == 3
+
+
+HELD_IMPORT = """
+import os
+from tests import targets
+
+if os.getpid() == {parent}:  # in the parent only: a forked worker imports it at once
+    targets.IMPORTING.set()
+    targets.IMPORT_GATE.wait()
+VALUE = 42
+"""
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+async def test_fork_while_a_thread_imports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker forked while another thread of the parent is in the middle of importing a
+    module (threadbridge's own loop thread loads tblib for an answer's traceback) holds
+    that module's import lock with no thread to release it: CPython does not free such
+    locks in a fork's child. The worker imports the module afresh instead of waiting on
+    it for ever."""
+    (tmp_path / "held_import.py").write_text(HELD_IMPORT.format(parent=os.getpid()))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importer = threading.Thread(target=__import__, args=("held_import",))
+    importer.start()
+    try:
+        await anyio.to_thread.run_sync(targets.IMPORTING.wait)
+        async with tb.ProcessPool(1, start_method="fork") as pool:
+            with anyio.fail_after(30):
+                value = await tb.run_killable(targets.value_of, "held_import", backend=pool)
+        assert value == 42
+    finally:
+        targets.IMPORT_GATE.set()
+        importer.join()
+        sys.modules.pop("held_import", None)
+        targets.IMPORTING.clear()
+        targets.IMPORT_GATE.clear()
 
 
 @pytest.mark.parametrize(
@@ -248,16 +328,17 @@ async def test_workers_that_cannot_start_are_not_started_in_a_loop(
     """Workers that end before they are ready (an initializer that exits; an interpreter
     that cannot boot) are not replaced in a loop: the pool stops after a few, with one
     clear error for its calls, and no process is started after that."""
-    from threadbridge import _process
+    from threadbridge import _worker_pool
+    from threadbridge._worker_owner import Process
 
     starts = []
-    start_process = _process.WorkerPool.start_process
+    start_process = _worker_pool.WorkerPool.start_process
 
-    def counted(self: _process.WorkerPool, *fds: int) -> _process.Process:
+    def counted(self: _worker_pool.WorkerPool, *fds: int) -> Process:
         starts.append(self)
         return start_process(self, *fds)
 
-    monkeypatch.setattr(_process.WorkerPool, "start_process", counted)
+    monkeypatch.setattr(_worker_pool.WorkerPool, "start_process", counted)
     options: dict[str, Any] = {"start_method": method}
     if failure == "initializer exits":
         options.update(initializer=targets.exiting_initializer, initargs=(str(tmp_path / "x"), 7))
@@ -281,4 +362,38 @@ async def test_workers_that_cannot_start_are_not_started_in_a_loop(
             with pytest.raises(RuntimeError):
                 await tb.run_killable(targets.pid, backend=pool)
         await wait_for_pool_threads()
-    assert len(starts) == started <= _process.MAX_FAILED_STARTS + 1
+    assert len(starts) == started <= _worker_pool.MAX_FAILED_STARTS + 1
+
+
+def test_a_standby_due_when_no_thread_can_start_is_skipped(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At interpreter exit (3.12 and later) no thread may start: a standby worker that
+    falls due then is skipped quietly (it was an "error while escalating" traceback on
+    the program's stderr)."""
+    import weakref
+
+    from threadbridge import _locks, _worker_pool
+
+    class Pool:  # what _standby_due reads of a pool
+        def __init__(self) -> None:
+            self.lock = _locks.Lock()
+            self.standby_timer: object = object()
+            self.closed = False
+            self.idle: list[object] = []
+            self.added = 0
+
+        def _add_standby(self) -> None:
+            self.added += 1
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    pool = Pool()
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    with caplog.at_level("DEBUG", logger="threadbridge"):
+        _worker_pool._standby_due(weakref.ref(pool))  # type: ignore[arg-type]
+    monkeypatch.undo()
+    assert pool.standby_timer is None
+    assert pool.added == 0
+    assert [r.levelname for r in caplog.records] == ["DEBUG"]

@@ -218,6 +218,10 @@ async def test_rung2_sigterm_interrupts_blocking_sleep(tmp_path: Path) -> None:
         await handle
     assert handle.stage is tb.Stage.INTERRUPTED
     assert path.read_text().splitlines() == ["started", "TargetCancelled", "finally"]
+    # Where it was as rung 2 fired, taken in the worker (its control thread) and sent back
+    # before the answer: the target's frames (from its own), not the worker's.
+    assert handle.stopped_at is not None
+    assert handle.stopped_at.splitlines()[0].endswith(", in blocking_sleeper")
     # The worker survived rung 2 and is reused.
     assert await tb.run_killable(targets.add, 1, 1, backend=P) == 2
 
@@ -454,14 +458,14 @@ async def test_worker_forked_while_an_ended_one_is_still_listed_keeps_its_pipes(
     numbers just closed. A forked child closes its copies of the parent's pipes; it must
     not close those numbers, its own pipes now. (The new worker died at once, without a
     word, and the call given to it raised WorkerCrashed.)"""
-    from threadbridge import _process
-    from threadbridge._process import WorkerPool
-    from threadbridge._process_worker import WorkerProcess
+    from threadbridge import _worker_pool
+    from threadbridge._worker_pool import WorkerPool
+    from threadbridge._worker_process import WorkerProcess
 
     # No standby of the usual kind: the only idle worker must be the one made below, so
     # that the next call is given to it. (On a loaded machine the crash can come after
     # the standby delay, and the call went to that standby.)
-    monkeypatch.setattr(_process, "STANDBY_DELAY", 3600.0)
+    monkeypatch.setattr(_worker_pool, "STANDBY_DELAY", 3600.0)
     made: list[WorkerProcess] = []
     ended = WorkerPool.ended
 
@@ -485,9 +489,9 @@ async def test_a_write_in_progress_keeps_its_pipe_number_from_reuse(
     must not close the job pipe under that write: a new pipe (another worker's) would be
     given its number, and the rest of the frame would go there. The pipe is closed as the
     write ends, and the pool goes on."""
-    from threadbridge import _process_worker, _wire
+    from threadbridge import _wire, _worker_io, _worker_pipes
 
-    real_write = _process_worker.write_frame
+    real_write = _worker_io.write_frame
     writing, go, written = threading.Event(), threading.Event(), threading.Event()
     held: list[tuple[int, int]] = []  # (descriptor, its pipe's inode) of the held write
 
@@ -505,7 +509,7 @@ async def test_a_write_in_progress_keeps_its_pipe_number_from_reuse(
 
     async with tb.ProcessPool(1) as pool:
         pid = await tb.run_killable(os.getpid, backend=pool)
-        monkeypatch.setattr(_process_worker, "write_frame", held_write)
+        monkeypatch.setattr(_worker_pipes, "write_frame", held_write)
         crashed = anyio.Event()
 
         async def call() -> None:
@@ -549,8 +553,8 @@ async def test_a_worker_that_is_ending_is_never_given_a_call(
     A call must not be given to it, whether its end began before the pool chose it for
     the call or just after: the end is handled without that call, which then waited for
     ever, cancelled or not."""
-    from threadbridge._process import WorkerPool
-    from threadbridge._process_worker import WorkerProcess
+    from threadbridge._worker_pool import WorkerPool
+    from threadbridge._worker_process import WorkerProcess
 
     async with tb.ProcessPool(1) as pool:
         pid = await tb.run_killable(os.getpid, backend=pool)
@@ -594,7 +598,7 @@ async def test_a_fork_server_worker_that_died_idle_is_not_given_the_next_call(
     worker's own process descriptor says it has exited, and the next call goes to
     another worker. (It was given to the dead one and failed with WorkerCrashed.)"""
     from threadbridge._forkserver import ForkServed
-    from threadbridge._process_worker import WorkerProcess
+    from threadbridge._worker_process import WorkerProcess
 
     async with tb.ProcessPool(1, start_method="forkserver") as pool:
         pid = await tb.run_killable(os.getpid, backend=pool)
@@ -634,9 +638,9 @@ async def test_idle_workers_retire_but_one_stays(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """Workers idle past IDLE_TIMEOUT exit; one stays on standby."""
-    from threadbridge import _process
+    from threadbridge import _worker_pool
 
-    monkeypatch.setattr(_process, "IDLE_TIMEOUT", 0.2)
+    monkeypatch.setattr(_worker_pool, "IDLE_TIMEOUT", 0.2)
     # Two calls that run at once (each waits for its go file), so two workers end up idle.
     limiter = anyio.CapacityLimiter(2)
     gates = [tmp_path / "a", tmp_path / "b"]
@@ -680,12 +684,12 @@ async def test_unreapable_worker_never_delays_another_ladder(
     """A killed worker that is not reaped within the bound is logged as an error and
     counted in stats(), its handle ends KILLED, and meanwhile another handle's ladder
     climbs as usual: reaping never runs on the ladder's scheduler."""
-    from threadbridge import _process_worker
+    from threadbridge import _worker_process
 
     reaping, bound_passed, reaped_late = threading.Event(), threading.Event(), threading.Event()
-    real_reap = _process_worker.WorkerProcess._reap
+    real_reap = _worker_process.WorkerProcess._reap
 
-    def stuck(self: _process_worker.WorkerProcess, timeout: float | None) -> int | None:
+    def stuck(self: _worker_process.WorkerProcess, timeout: float | None) -> int | None:
         if timeout is not None:  # the bounded reap: as if the process were stuck
             reaping.set()
             bound_passed.wait(30)
@@ -693,7 +697,7 @@ async def test_unreapable_worker_never_delays_another_ladder(
         reaped_late.wait(30)  # the unbounded one that follows, in the same thread
         return real_reap(self, None)
 
-    monkeypatch.setattr(_process_worker.WorkerProcess, "_reap", stuck)
+    monkeypatch.setattr(_worker_process.WorkerProcess, "_reap", stuck)
     path = tmp_path / "pid"
     policy = tb.Policy(grace=0, interrupt=False)
     handle = tb.spawn(targets.write_pid_then_sleep, str(path), 30, backend=P, policy=policy)
@@ -868,12 +872,12 @@ def test_no_sigpipe_when_writing_to_a_dead_worker(sigtimedwait: bool) -> None:
         f"""
         import os, signal, _signal
         {take_away}
-        from threadbridge import _process_worker, _wire
+        from threadbridge import _wire, _worker_io
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         r, w = os.pipe()
         os.close(r)
         try:
-            _process_worker.write_frame(w, _wire.EXIT)
+            _worker_io.write_frame(w, _wire.EXIT)
         except BrokenPipeError:
             print("BrokenPipeError")
         """
@@ -898,6 +902,7 @@ async def test_interrupted_target_leaves_no_process_behind(tmp_path: Path) -> No
     assert await tb.run_killable(targets.add, 2, 5, backend=P) == 7
 
 
+@pytest.mark.threadbridge_loop_end_expected  # what it tests
 @pytest.mark.parametrize("loop", ["asyncio", "trio"])
 def test_loop_end_runs_the_ladder_for_busy_workers(tmp_path: Path, loop: str) -> None:
     """A loop that ends with a target still running in a worker stops it through the

@@ -27,7 +27,9 @@ import pytest
 import threadbridge as tb
 
 from . import ray_watchdog, targets
+from .helpers import lines_soon
 from .test_process import lines_of
+from .tracing import Spans
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
 from threadbridge.ray import RayBackend  # noqa: E402 - only once Ray is known to be there
@@ -156,6 +158,12 @@ async def test_results_and_exceptions_come_back_as_themselves() -> None:
     assert "raise_custom" in names
 
 
+async def test_the_trace_context_travels_to_the_task(spans: Spans) -> None:
+    seen = await tb.run_killable(targets.current_trace, backend="ray")
+    call = spans.named("current_trace")
+    assert seen == (call.context.trace_id, call.context.span_id)
+
+
 async def test_rung1_sets_the_token_the_task_sees(tmp_path: Path) -> None:
     """check_cancelled() and sleep() inside the task end it COOPERATIVE."""
     for target in (targets.cooperative, targets.tb_sleeper):
@@ -174,6 +182,28 @@ async def test_rung2_lands_inside_time_sleep_and_runs_finally(tmp_path: Path) ->
     with anyio.fail_after(20):
         assert await handle.stop() is tb.Stage.INTERRUPTED
     assert path.read_text().splitlines()[1:] == ["TargetCancelled", "finally"]
+    # Where it was as rung 2 fired: taken by the task's watcher, sent with the answer.
+    assert handle.stopped_at is not None
+    assert handle.stopped_at.splitlines()[0].endswith(", in blocking_sleeper")
+
+
+async def test_running_lists_a_task_and_its_watcher_says_where(tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    policy = tb.Policy(grace=0.05, interrupt_grace=30)
+    handle = tb.spawn(targets.spin_marked, str(path), backend="ray", policy=policy)
+    await lines_of(path, 1)
+    (target,) = tb.running()
+    assert (target.name, target.backend, target.rung) == ("spin_marked", "ray", 0)
+    # Asked through the control actor of the task's watcher (which starts to listen a
+    # moment after the task starts: the first ask may find it not listening yet).
+    for _ in range(10):
+        said = await anyio.to_thread.run_sync(target.where)
+        if said.startswith("  File"):
+            break
+    assert said.splitlines()[0].endswith(", in spin_marked")
+    with anyio.fail_after(20):
+        assert await handle.stop() is tb.Stage.INTERRUPTED
+    assert tb.running() == []
 
 
 async def test_rung2_is_sent_again_until_its_handler_has_run(tmp_path: Path) -> None:
@@ -202,6 +232,22 @@ async def test_rung3_kills_the_worker_and_the_targets_children(tmp_path: Path) -
     await until_gone(child)
 
 
+async def test_a_task_killed_after_rung2_says_where_rung2_found_it(tmp_path: Path) -> None:
+    """A task that swallows rung 2 and goes on is killed at rung 3. It sends no answer,
+    which would carry where rung 2 found it: its watcher told the driver's control actor
+    at once, and that is its stopped_at by the time the kill is reported."""
+    path = tmp_path / "log"
+    # Time for rung 2 to land (and be swallowed) before rung 3, on a loaded machine too.
+    policy = tb.Policy(grace=0.05, interrupt_grace=3.0)
+    handle = tb.spawn(targets.swallows, str(path), backend="ray", policy=policy)
+    await lines_of(path, 1)
+    with anyio.fail_after(30):
+        assert await handle.stop() is tb.Stage.KILLED
+    assert await lines_of(path, 2) == ["started", "swallowed"]
+    assert handle.stopped_at is not None
+    assert handle.stopped_at.splitlines()[0].endswith(", in swallows")
+
+
 async def test_rung3_right_after_rung1_still_kills(tmp_path: Path) -> None:
     """Ray drops a cancel that comes while an earlier one for the same task is still in
     flight: rung 3 straight after rung 1 (no graces at all) still kills the worker. The
@@ -222,13 +268,14 @@ async def test_rung3_right_after_rung1_still_kills(tmp_path: Path) -> None:
 
 RUNG1_WHILE_LOCKED = """
 import signal, threading
-import threadbridge.ray as tr
+from threadbridge._host import HostedJob
 from threadbridge._target import TargetState
 from threadbridge._token import _EVENT_LOCK, Token
+from threadbridge.ray import _task
 
-tr._install_handlers()
+_task.host()
 state = TargetState(Token(), threading.Lock())
-tr._current = tr._RemoteJob("control", 1, state)
+_task._current = _task._RemoteJob("control", HostedJob(1, state))
 with _EVENT_LOCK:  # the task's thread is inside Token.wait() when Ray's SIGINT comes
     signal.raise_signal(signal.SIGINT)
 assert state.token.wait(20), "rung 1 was lost"
@@ -400,6 +447,7 @@ def test_a_program_not_connected_starts_a_local_cluster(tmp_path: Path, loop: st
     assert done.stdout.split() == ["6", "True"]
 
 
+@pytest.mark.threadbridge_loop_end_expected  # what it tests
 async def test_tasks_of_a_loop_that_ends_climb_their_ladder(tmp_path: Path) -> None:
     """A loop that ends with a Ray task running: the task is stopped, not left running."""
     path = tmp_path / "log"
@@ -416,3 +464,22 @@ async def test_tasks_of_a_loop_that_ends_climb_their_ladder(tmp_path: Path) -> N
             await anyio.sleep(0.01)
     assert handle.stage is tb.Stage.INTERRUPTED
     assert path.read_text().splitlines()[1:] == ["TargetCancelled", "finally"]
+
+
+def test_an_executor_and_call_on_ray(tmp_path: Path) -> None:
+    """Plain code on Ray: Executor(backend="ray") and call(backend="ray") climb the same
+    ladder, with no event loop in the caller."""
+    policy = tb.Policy(grace=0.05, interrupt_grace=30)
+    with tb.Executor("ray", max_workers=CPUS, policy=policy) as ex:
+        assert ex.submit(targets.add, 1, 2).result(60) == 3
+        path = tmp_path / "log"
+        future = ex.submit(targets.blocking_sleeper, str(path))
+        lines_soon(path, 1, timeout=60)
+        assert future.cancel()
+        assert future.wait_stopped(60)
+        assert future.stage is tb.Stage.INTERRUPTED
+    assert path.read_text().splitlines()[1:] == ["TargetCancelled", "finally"]
+    spin = tmp_path / "spin"
+    with pytest.raises(tb.CallTimeout) as info:
+        tb.call(targets.spin_marked, str(spin), timeout=1, backend="ray", policy=policy)
+    assert info.value.stage is tb.Stage.INTERRUPTED

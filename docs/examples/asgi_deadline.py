@@ -1,6 +1,6 @@
 """An ASGI service whose endpoint runs blocking work under a deadline.
 
-    python docs/examples/asgi_deadline.py 8000
+    python docs/examples/asgi_deadline.py 8000 [DEADLINE]
     curl 'http://127.0.0.1:8000/crunch?n=1000'        # {"result": ...}
     curl 'http://127.0.0.1:8000/crunch?n=1000000000'  # 504 after the deadline
     curl 'http://127.0.0.1:8000/status'               # nothing left running
@@ -23,7 +23,8 @@ from starlette.routing import Route
 
 import threadbridge
 
-DEADLINE = 0.5  # seconds a request may take
+# Seconds a request may take (the second argument, if given).
+DEADLINE = float(sys.argv[2]) if __name__ == "__main__" and len(sys.argv) > 2 else 0.5
 POLICY = threadbridge.Policy(grace=0.1, interrupt_grace=1.0)
 
 

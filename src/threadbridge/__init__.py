@@ -17,6 +17,11 @@ from typing import TYPE_CHECKING, Any
 # Names load on first use (PEP 562), so that a worker process, which imports threadbridge
 # to run its targets, pays only for the small modules it uses (no anyio, no trio).
 _WHERE = {
+    "CallTimeout": "_call",
+    "call": "_call",
+    "killable": "_call",
+    "Executor": "_executor",
+    "Future": "_future",
     "default_limiter": "_api",
     "from_thread": "from_thread",
     "run_killable": "_api",
@@ -25,11 +30,13 @@ _WHERE = {
     "TargetCancelled": "_errors",
     "WorkerCrashed": "_errors",
     "Handle": "_handle",
-    "ProcessPool": "_pool",
+    "ProcessPool": "_process_backend",
     "set_start_method": "_spawn",
     "Policy": "_policy",
     "Stage": "_policy",
+    "RunningTarget": "_stats",
     "Stats": "_stats",
+    "running": "_stats",
     "stats": "_stats",
     "Token": "_token",
     "cancel_requested": "_token",
@@ -44,15 +51,22 @@ if TYPE_CHECKING:
     from ._api import default_limiter as default_limiter
     from ._api import run_killable as run_killable
     from ._api import spawn as spawn
+    from ._call import CallTimeout as CallTimeout
+    from ._call import call as call
+    from ._call import killable as killable
     from ._errors import RemoteError as RemoteError
     from ._errors import TargetCancelled as TargetCancelled
     from ._errors import WorkerCrashed as WorkerCrashed
+    from ._executor import Executor as Executor
+    from ._future import Future as Future
     from ._handle import Handle as Handle
     from ._policy import Policy as Policy
     from ._policy import Stage as Stage
-    from ._pool import ProcessPool as ProcessPool
+    from ._process_backend import ProcessPool as ProcessPool
     from ._spawn import set_start_method as set_start_method
+    from ._stats import RunningTarget as RunningTarget
     from ._stats import Stats as Stats
+    from ._stats import running as running
     from ._stats import stats as stats
     from ._token import Token as Token
     from ._token import cancel_requested as cancel_requested
@@ -62,21 +76,28 @@ if TYPE_CHECKING:
     from ._token import uninterruptible as uninterruptible
 
 __all__ = (
+    "CallTimeout",
+    "Executor",
+    "Future",
     "Handle",
     "Policy",
     "ProcessPool",
     "RemoteError",
+    "RunningTarget",
     "Stage",
     "Stats",
     "TargetCancelled",
     "Token",
     "WorkerCrashed",
+    "call",
     "cancel_requested",
     "check_cancelled",
     "current_token",
     "default_limiter",
     "from_thread",
+    "killable",
     "run_killable",
+    "running",
     "set_start_method",
     "sleep",
     "spawn",

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
 import sys
 import weakref
 from collections.abc import Callable
@@ -12,10 +10,12 @@ from typing import Any, TypeVar, cast
 import anyio
 
 from ._backend import Backend, BackendName, resolve
+from ._callables import check_func, name_of
 from ._handle import Handle
-from ._ladder import Ending, Limiter, Run
+from ._ladder import Ending, Limiter, Run, Waiting
 from ._loop import Link, current_link
-from ._policy import DEFAULT_POLICY, Policy, Stage
+from ._loop._waits import Canceller, run_cancellable
+from ._policy import Policy, Stage, chosen_policy
 from ._public import export
 
 if sys.version_info >= (3, 11):
@@ -59,32 +59,6 @@ def _default_limiter(link: Link, backend: Backend) -> anyio.CapacityLimiter:
         return limiter
 
 
-def _name_of(func: Callable[..., Any]) -> str:
-    while isinstance(func, functools.partial):
-        func = func.func
-    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None)
-    return name if isinstance(name, str) else repr(func)
-
-
-def _check_func(func: object, what: str) -> None:
-    if inspect.iscoroutine(func):
-        func.close()
-        raise TypeError(
-            f"{what} expected a sync function, but got a coroutine object; pass the "
-            "function itself (without calling it), and make it a plain `def`"
-        )
-    if not callable(func):
-        raise TypeError(f"{what} expected a callable as its first argument, got {func!r}")
-    target: Any = func
-    while isinstance(target, functools.partial):
-        target = target.func
-    if inspect.iscoroutinefunction(target) or inspect.isasyncgenfunction(target):
-        raise TypeError(
-            f"{what} expected a sync function, but {_name_of(func)!r} is an async function; "
-            "await it directly instead of running it in a thread or a process"
-        )
-
-
 def _setup(
     func: Callable[..., Any],
     args: tuple[Any, ...],
@@ -94,12 +68,9 @@ def _setup(
     what: str,
 ) -> tuple[Run, Backend, object]:
     """Check everything the caller gave; make the run (not started yet) and the job."""
-    _check_func(func, what)
+    check_func(func, what)
     chosen = resolve(backend, what)
-    if policy is None:
-        policy = DEFAULT_POLICY
-    elif not isinstance(policy, Policy):
-        raise TypeError(f"{what}: policy must be a threadbridge.Policy or None, got {policy!r}")
+    policy = chosen_policy(policy, what)
     if limiter is not None:
         if not all(hasattr(limiter, m) for m in _LIMITER_METHODS):
             raise TypeError(
@@ -111,7 +82,7 @@ def _setup(
             limiter = _WithoutNowait(limiter)
     link = current_link(what)
     chosen.check_platform(what)
-    name = _name_of(func)
+    name = name_of(func)
     job = chosen.prepare(func, args, name)
     if limiter is None:
         limiter = _default_limiter(link, chosen)
@@ -146,7 +117,7 @@ def _start(run: Run, backend: Backend, job: object) -> None:
     before the backend attached the run's work."""
     try:
         work = backend.start(run, job)
-    except BaseException:
+    except BaseException as exc:
         if run.attached:
             # Interrupted after the hand-over (on asyncio a KeyboardInterrupt can land
             # between any two bytecodes): the target may run. The ladder stops it, and
@@ -154,6 +125,7 @@ def _start(run: Run, backend: Backend, job: object) -> None:
             run.cancel()
         else:
             run.limiter.release_on_behalf_of(run)
+            run.dropped(exc)
         raise
     if not run.attached:
         run.attach(work)  # a backend that leaves attaching to its caller
@@ -217,7 +189,7 @@ async def run_killable(
     run, chosen, job = _setup(func, args, backend, policy, limiter, "run_killable()")
     link = run.link
     await link.checkpoint_if_cancelled()
-    if chosen.not_ready(link):
+    if chosen.may_wait_to_start and chosen.not_ready(link):
         await chosen.ready(link)
     try:
         run.limiter.acquire_on_behalf_of_nowait(run)
@@ -276,19 +248,25 @@ def spawn(
           worker's process group SIGKILLed and reaped.
     """
     run, chosen, job = _setup(func, args, backend, policy, limiter, "spawn()")
-    if chosen.not_ready(run.link):
-        _start_when_admitted(run, chosen, job)
-        return Handle(run)
-    try:
-        run.limiter.acquire_on_behalf_of_nowait(run)
-    except run.link.would_block:
-        _start_when_admitted(run, chosen, job)
-    else:
-        _start(run, chosen, job)
+    launch(run, chosen, job)
     return Handle(run)
 
 
-class _Admission:
+def launch(run: Run, backend: Backend, job: object) -> None:
+    """In the run's loop: start the job now if its limiter has room and its backend is
+    ready, else in a background task once they are."""
+    if backend.may_wait_to_start and backend.not_ready(run.link):
+        _start_when_admitted(run, backend, job)
+        return
+    try:
+        run.limiter.acquire_on_behalf_of_nowait(run)
+    except run.link.would_block:
+        _start_when_admitted(run, backend, job)
+    else:
+        _start(run, backend, job)
+
+
+class _Admission(Waiting):
     """The ladder's Work while a spawned target waits for room in its limiter (or for its
     backend to be ready).
 
@@ -296,27 +274,15 @@ class _Admission:
     COOPERATIVE (stopped before it started).
     """
 
-    __slots__ = ("run", "scope")
+    __slots__ = ("canceller",)
+    waiting_for = "its limiter"
 
     def __init__(self, run: Run) -> None:
-        self.run = run
-        self.scope: anyio.CancelScope | None = None
+        super().__init__(run)
+        self.canceller = Canceller(run.link)
 
     def request_stop(self) -> None:
-        self.run.link.post(self._cancel_in_loop)
-
-    def _cancel_in_loop(self) -> None:
-        if self.scope is not None:
-            self.scope.cancel()
-
-    def interrupt(self) -> bool:
-        return False
-
-    def force(self) -> None:
-        pass
-
-    def describe(self) -> str:
-        return f"{self.run.name} (waiting for its limiter)"
+        self.canceller.cancel()
 
 
 def _start_when_admitted(run: Run, backend: Backend, job: object) -> None:
@@ -325,18 +291,14 @@ def _start_when_admitted(run: Run, backend: Backend, job: object) -> None:
     admission = _Admission(run)
     run.attach(admission)
 
+    async def wait_for_room() -> None:
+        if backend.may_wait_to_start and backend.not_ready(run.link):
+            await backend.ready(run.link)
+        await run.limiter.acquire_on_behalf_of(run)
+
     async def admit() -> None:
-        acquired = False
         try:
-            with anyio.CancelScope() as scope:
-                admission.scope = scope
-                if run.rung:
-                    scope.cancel()
-                if backend.not_ready(run.link):
-                    await backend.ready(run.link)
-                await run.limiter.acquire_on_behalf_of(run)
-                acquired = True
-            if acquired:
+            if await run_cancellable(admission.canceller, wait_for_room):
                 _start(run, backend, job)
             else:
                 run.report(Ending.NOT_STARTED, release=False)

@@ -39,10 +39,14 @@ class Backend(abc.ABC):
         """Everything about the call that can fail on bad input (pickling, for a
         process); returns the job that ``start()`` gets. ``name`` names the target."""
 
+    #: Whether ``not_ready()`` can ever be true: a backend that never waits to start a
+    #: call leaves it False, and its calls never ask (a method call saved on each).
+    may_wait_to_start = False
+
     def not_ready(self, link: Link) -> bool:
         """Whether a call on ``link`` must first ``await ready(link)``: something it needs
         is still starting (a fork server importing the main script). Called for every
-        call: it must be cheap."""
+        call of a backend whose ``may_wait_to_start`` is true: it must be cheap."""
         return False
 
     async def ready(self, link: Link) -> None:  # noqa: B027 - most are always ready
@@ -71,7 +75,7 @@ class Backend(abc.ABC):
 # naming a backend never imports what the others need.
 _NAMED: dict[str, str] = {
     "thread": "threadbridge._thread:backend",
-    "process": "threadbridge._pool:default_backend",
+    "process": "threadbridge._process_backend:default_backend",
     "ray": "threadbridge.ray:RayBackend",  # the "ray" extra; ImportError names it
 }
 _resolved: dict[str, Backend] = {}
@@ -81,6 +85,13 @@ def register(name: str, factory: str) -> None:
     """Make ``backend=name`` mean the backend that ``factory`` ("module:callable") makes."""
     _NAMED[name] = factory
     _resolved.pop(name, None)
+
+
+def check(backend: object, what: str) -> None:
+    """Raise what ``resolve()`` would for a ``backend=`` that names nothing, without
+    making (or importing) the backend."""
+    if not (isinstance(backend, Backend) or (isinstance(backend, str) and backend in _NAMED)):
+        resolve(backend, what)
 
 
 def resolve(backend: object, what: str) -> Backend:

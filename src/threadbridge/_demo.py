@@ -222,7 +222,7 @@ def demo() -> int:
     backends = ["asyncio"]
     if importlib.util.find_spec("trio") is not None:
         backends.append("trio")
-    from ._pool import available
+    from ._process_backend import available
 
     processes = available()
     for backend in backends:

@@ -24,7 +24,7 @@ class TargetCancelled(BaseException):
                         threadbridge.check_cancelled()
                         out.write(render(row))
                 except threadbridge.TargetCancelled:
-                    out.write("# cancelled\n")  # tidy up, then let it propagate
+                    out.write("# cancelled\\n")  # tidy up, then let it propagate
                     raise
     """
 
@@ -77,7 +77,7 @@ class RemoteError(Exception):
         try:
             await run_killable(uses_a_socket, backend="process")
         except threadbridge.RemoteError as exc:
-            log.error("worker raised %s: %s\n%s", exc.type_name, exc.message,
+            log.error("worker raised %s: %s\\n%s", exc.type_name, exc.message,
                       exc.traceback_text)
     """
 

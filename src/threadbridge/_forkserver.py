@@ -30,6 +30,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from . import _locks
+
 _SHORT = struct.Struct("!cq")  # S 0, R pid, P pid, Y 0 (ready: it has imported what it needs)
 _EXIT = struct.Struct("!cqq")  # X pid code
 _BOOT = "from threadbridge._forkserver import serve; serve()"
@@ -56,7 +58,7 @@ class ForkServed:
         self.pid = pid
         self.returncode: int | None = None
         self._status: int | None = None  # reported by the server; not reaped yet
-        self._done = threading.Condition()
+        self._done = _locks.Condition()
 
     def exited(self) -> bool:
         return self._status is not None or self.returncode is not None
@@ -99,7 +101,7 @@ class ForkServer:
     """A fork server, seen from the pool that owns it."""
 
     def __init__(self, settings: dict[str, Any]) -> None:
-        from ._spawn import python_command
+        from ._interpreter import python_command
 
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -120,8 +122,8 @@ class ForkServer:
         # may take long, or never end), or has died: a start no longer waits for it.
         self.ready = False
         self._when_ready: list[Callable[[], object]] = []
-        self.lock = threading.Lock()  # one start at a time
-        self.lock_ready = threading.Lock()
+        self.lock = _locks.Lock()  # one start at a time
+        self.lock_ready = _locks.Lock()
         self.started: queue.Queue[ForkServed | None] = queue.Queue()
         self.workers: dict[int, ForkServed] = {}
         data = pickle.dumps(settings)
@@ -269,9 +271,9 @@ def serve() -> None:
                     job_r, control_r, result_w, fds = fds[0], fds[1], fds[2], fds[3:]
                     pid = os.fork()
                     if pid == 0:  # pragma: no cover - the worker, which never returns
-                        from . import _worker
+                        from . import _in_worker
 
-                        _worker.after_fork(job_r, control_r, result_w)
+                        _in_worker.after_fork(job_r, control_r, result_w)
                     for fd in (job_r, control_r, result_w):
                         os.close(fd)
                     children.add(pid)
@@ -320,7 +322,8 @@ def _report_exits(sock: socket.socket, children: set[int], reported: set[int]) -
 def _preload(settings: dict[str, Any]) -> None:
     """Import what workers need, the way a worker takes its settings, so that every fork
     starts with it."""
-    from . import _worker
+    from . import _settings, _worker_signals
 
-    _worker._pid = os.getpid()  # a fork in the main script's import returns no further
-    _worker._apply(settings)
+    _worker_signals.watch_siginterrupt()  # before the main script can import it by name
+    # A fork in the main script's import returns no further than this process.
+    _settings.apply(settings, pid=os.getpid(), tell=None)

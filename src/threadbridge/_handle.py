@@ -40,6 +40,17 @@ class Handle(Generic[T_co]):
         return self._run.stage
 
     @property
+    def stopped_at(self) -> str | None:
+        """The target's stack as the ladder went past rung 1 (rung 2, or rung 3 for a
+        thread), formatted as a traceback's frames; None while it has not.
+
+        Threads: taken as rung 2 and rung 3 fire (the latest counts). Worker processes
+        and Ray tasks: taken inside the worker as rung 2 fires (a worker killed at rung 3
+        without rung 2 before it, or a Ray task killed at rung 3, may leave it None).
+        """
+        return self._run.stopped_at
+
+    @property
     def policy(self) -> Policy:
         """The escalation policy this handle climbs by."""
         return self._run.policy

@@ -8,6 +8,7 @@ of the documentation says what that means for targets.
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import sys
@@ -16,14 +17,37 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from . import _locks
 from ._errors import TargetCancelled
 from ._token import _local
 
+logger = logging.getLogger("threadbridge")
+
 CAN_INJECT = sys.implementation.name == "cpython"
 
-# ctypes is loaded on first use: worker processes never inject, and it costs a few
-# milliseconds of start-up.
+# ctypes is loaded when a process first starts a pool thread, off the loop and off the
+# ladder (see prepare_soon()): worker processes never inject, and importing it costs a few
+# milliseconds of start-up, seconds on a loaded machine.
 _setters: tuple[object, object] | None = None
+_preparing = False
+
+
+def prepare_soon() -> None:
+    """Have what rung 2 needs loaded on the scheduler thread, before any cancel is likely
+    to come: on rung 2's path, a slow import would eat into rung 3's grace."""
+    global _preparing
+    if _setters is None and not _preparing and CAN_INJECT:
+        _preparing = True
+        from ._scheduler import SCHEDULER
+
+        SCHEDULER.call_later(0.0, _prepare)
+
+
+def _prepare() -> None:
+    try:
+        _async_exc_setters()
+    except Exception:  # pragma: no cover - rung 2 then says why, when it comes
+        logger.exception("could not prepare rung 2 for threads")
 
 
 def _async_exc_setters() -> tuple[object, object]:
@@ -134,14 +158,14 @@ def catch_dropped() -> None:
 
 _queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
 _helper_running = False
-_helper_lock = threading.Lock()
+_helper_lock = _locks.Lock()
 
 
 def _reset_after_fork() -> None:
     global _queue, _helper_running, _helper_lock
     _queue = queue.SimpleQueue()
     _helper_running = False
-    _helper_lock = threading.Lock()
+    _helper_lock = _locks.Lock()
 
 
 if hasattr(os, "register_at_fork"):

@@ -1,23 +1,45 @@
 """What travels between the parent and a worker: jobs one way, answers the other.
 
-A job is ``(func, args)``, pickled by ``_jobs``; an answer is ``(how, value,
-interrupted)``: how the target ended ("returned", "raised", or "not started"), what it
-returned or raised (an exception travels with its traceback and its chain of causes), and
-whether rung 2 reached it. Worker processes import this module: cloudpickle and tblib load
-only when needed.
+A job is ``(func, args)``, pickled by ``_jobs``; an answer is an ``Answer``: how the
+target ended (returned, raised, or never started), what it returned or raised (an
+exception travels with its traceback and its chain of causes), and whether rung 2 was
+sent to it while it ran. Worker processes and remote tasks import this module:
+cloudpickle and tblib load only when needed.
 """
 
 from __future__ import annotations
 
+import enum
 import pickle
 import traceback
-from typing import Any
+from typing import Any, NamedTuple
 
 from ._errors import RemoteError
 
-RETURNED = "returned"
-RAISED = "raised"
-NOT_STARTED = "not started"
+
+class How(enum.Enum):
+    """How a target ended on its host."""
+
+    RETURNED = "returned"
+    RAISED = "raised"
+    NOT_STARTED = "not started"  # a stop came before it started: it never ran
+
+
+class Answer(NamedTuple):
+    """What a target host sends back for one job."""
+
+    how: How
+    value: Any = None  # what it returned, or the exception it raised
+    interrupted: bool = False  # rung 2 was sent to it while it ran
+    where: tuple[str, str] | None = None  # its stack as rung 2 fired: (line, stack)
+
+
+# Looked up once: an enum member's attribute and a lookup by value cost a microsecond or
+# so each, on every call's path.
+RETURNED, RAISED, NOT_STARTED = How.RETURNED, How.RAISED, How.NOT_STARTED
+_NAMES = {how: how.value for how in How}  # how an answer names it on the wire
+_BY_NAME = {how.value: how for how in How}
+_RETURNED, _RAISED = RETURNED.value, RAISED.value
 
 
 def _dumps(value: object) -> bytes:
@@ -107,37 +129,47 @@ def _unpack(
     return exc
 
 
-def dumps_answer(how: str, value: object, interrupted: bool) -> bytes:
-    """In the worker: the answer for the parent, made so that the parent can load it."""
+def dumps_answer(
+    how: How, value: object, interrupted: bool, where: tuple[str, str] | None = None
+) -> bytes:
+    """On the host: the answer for the driver (an ``Answer`` once loaded there), made so
+    that the driver can load it. It travels as a plain tuple (how, by name; value;
+    interrupted; and, if rung 2 found the target running, where it was)."""
+    tail = (interrupted,) if where is None else (interrupted, where)
     # Pickling runs the value's own code (__reduce__, __getstate__), which may raise
-    # anything, SystemExit included: that is an answer too, never the worker's end.
-    if how == RETURNED:
+    # anything, SystemExit included: that is an answer too, never the host's end.
+    if how is RETURNED:
         try:
-            return _dumps((how, value, interrupted))
+            return _dumps((_RETURNED, value, *tail))
         except BaseException as exc:
             error = TypeError(
                 f"the target's result ({type(value).__qualname__}) cannot be pickled to "
                 f"send it back from the worker process: {_describe(exc)}"
             )
-            return _dumps((RAISED, error, interrupted))
-    if how == RAISED:
+            return _dumps((_RAISED, error, *tail))
+    if how is RAISED:
         assert isinstance(value, BaseException)
-        # As itself, with its traceback and its chain; else as a RemoteError. The parent
+        # As itself, with its traceback and its chain; else as a RemoteError. The driver
         # must be able to load it: it is loaded back here first.
         try:
-            data = _dumps((how, _pack_exception(value, 0), interrupted))
+            data = _dumps((_RAISED, _pack_exception(value, 0), *tail))
             pickle.loads(data)
             return data
         except BaseException:
-            return _dumps((RAISED, remote_error(value), interrupted))
-    return _dumps((how, None, interrupted))
+            return _dumps((_RAISED, remote_error(value), *tail))
+    return _dumps((_NAMES[how], None, *tail))
 
 
-def loads_answer(payload: bytes, name: str) -> tuple[str, Any, bool]:
-    """In the parent: (how, value, interrupted) from a worker's answer."""
+def loads_answer(payload: bytes, name: str) -> Answer:
+    """In the driver: the answer a host sent for the job that runs ``name``."""
     try:
-        how, value, interrupted = pickle.loads(payload)
+        loaded = pickle.loads(payload)
+        if len(loaded) == 3:  # the common case: rung 2 never came
+            how, value, interrupted = loaded
+            # tuple.__new__: a NamedTuple's own __new__ is Python code, on every call's path.
+            return tuple.__new__(Answer, (_BY_NAME[how], value, bool(interrupted), None))
+        how, value, interrupted, (line, stack) = loaded
+        return Answer(_BY_NAME[how], value, bool(interrupted), (str(line), str(stack)))
     except BaseException as exc:  # even SystemExit from a __setstate__: never hang the call
         error = TypeError(f"the worker's answer for {name} cannot be unpickled: {exc!r}")
-        return RAISED, error, False
-    return how, value, bool(interrupted)
+        return Answer(How.RAISED, error)

@@ -82,6 +82,16 @@ class Policy:
 
 DEFAULT_POLICY = Policy()
 
+
+def chosen_policy(policy: object, what: str) -> Policy:
+    """The policy a caller's ``policy=`` names (None: the default), or a clear error."""
+    if policy is None:
+        return DEFAULT_POLICY
+    if not isinstance(policy, Policy):
+        raise TypeError(f"{what}: policy must be a threadbridge.Policy or None, got {policy!r}")
+    return policy
+
+
 # Set by threadbridge.testing.set_testing(): caps on every policy's grace periods, so that
 # test suites do not wait out real ones. (grace, interrupt_grace) or None.
 testing_caps: tuple[float, float] | None = None

@@ -16,6 +16,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from . import _locks
+
 logger = logging.getLogger("threadbridge")
 
 
@@ -44,7 +46,7 @@ class Scheduler:
     def _reset(self) -> None:
         """Fresh state; also in a forked child, where the parent's thread (and the ladders
         it timed) do not exist and its lock may have been held at the fork."""
-        self._cond = threading.Condition(threading.Lock())
+        self._cond = _locks.Condition()
         self._heap: list[tuple[float, int, Timer]] = []
         self._running = False
         self._compact_at = 64
@@ -65,8 +67,20 @@ class Scheduler:
                 self._compact_at = max(64, 2 * len(heap))
             heapq.heappush(heap, (when, next(self._seq), timer))
             if not self._running:
+                # Counted as running once it has started: a thread that cannot start (no
+                # new threads at interpreter exit, on 3.12) must not leave the timers of
+                # every later call waiting for a thread that never comes.
+                try:
+                    threading.Thread(
+                        target=self._main, name="threadbridge-ladder", daemon=True
+                    ).start()
+                except RuntimeError:
+                    # The interpreter is exiting (3.12 and later): the timer cannot fire,
+                    # and its caller goes on (a pool's reader of a worker's answers must:
+                    # the answer of the call the program waits for is coming).
+                    logger.debug("no timer can start: the interpreter is exiting", exc_info=True)
+                    return timer
                 self._running = True
-                threading.Thread(target=self._main, name="threadbridge-ladder", daemon=True).start()
             elif heap[0][2] is timer:
                 self._cond.notify()
         return timer

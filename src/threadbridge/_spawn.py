@@ -5,49 +5,17 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-import threading
 import time
 
+from . import _locks
 from ._forkserver import AVAILABLE as _FORKSERVER
+from ._interpreter import python_command
 from ._public import export
 
 START_METHODS = ("spawn", "fork", "forkserver") if _FORKSERVER else ("spawn", "fork")
 _start_method = "spawn"
 
-_BOOT = "from threadbridge._worker import main; main()"
-
-
-# The folder threadbridge was imported from. A program may have found it on a path of its
-# own making (vendored, embedded, sys.path changed at run time), which a new interpreter
-# does not have until the parent's sys.path reaches it.
-_HOME = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def boot_path() -> list[str]:
-    """The import path a new worker (or fork server) boots with: threadbridge's own folder
-    first, then the parent's path, so that threadbridge and what it imports (cloudpickle,
-    tblib) come from where the parent has them. Never the working directory that ``-c``
-    puts first (``""``): a ``threadbridge`` folder, or a module named like one of the
-    standard library's, in the directory the program was started from would run in every
-    worker. The target's own view of ``sys.path`` is the parent's, set once it has booted."""
-    return [_HOME, *(p for p in sys.path if isinstance(p, str) and p and p != _HOME)]
-
-
-def python_command(code: str, *args: str) -> list[str]:
-    """The command line of a new interpreter that runs ``code`` (which imports
-    threadbridge): this interpreter, with the flags it was started with (``-O``,
-    ``-W ...``, ``-X ...``, ``-E``...), as multiprocessing gives its children, so that
-    workers run targets the way the parent would; its import path is ``boot_path()``."""
-    if not sys.executable:
-        raise RuntimeError(
-            "worker processes are started with sys.executable, which is empty here (an "
-            "embedded interpreter?): set it to the path of a Python interpreter, use "
-            'threadbridge.set_start_method("fork"), or backend="thread"'
-        )
-    flags: list[str] = getattr(subprocess, "_args_from_interpreter_flags", list)()
-    boot = f"import sys; sys.path[:] = {boot_path()!r}; {code}"
-    return [sys.executable, *flags, "-c", boot, *args]
+_BOOT = "from threadbridge._in_worker import main; main()"
 
 
 def current_method() -> str:
@@ -102,7 +70,7 @@ class Forked:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.returncode: int | None = None
-        self._lock = threading.Lock()
+        self._lock = _locks.Lock()
 
     def wait(self, timeout: float | None = None) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -134,9 +102,9 @@ def start_worker(
     if (method or _start_method) == "fork":
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child, which never returns
-            from . import _worker
+            from . import _in_worker
 
-            _worker.after_fork(job_r, control_r, result_w)
+            _in_worker.after_fork(job_r, control_r, result_w)
         return Forked(pid)
     return subprocess.Popen(
         python_command(_BOOT, str(job_r), str(control_r), str(result_w)),

@@ -13,11 +13,13 @@ import os
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Protocol
+from typing import Any, Protocol
 
+from . import _locks
 from ._policy import Stage
 from ._public import export
 
@@ -76,6 +78,74 @@ COUNT_FIELDS = (
 )
 
 
+class RunningTarget:
+    """One target running now, as ``threadbridge.running()`` lists it.
+
+    Attributes:
+        name: the target's name, as in log records.
+        backend: ``"thread"``, ``"process"`` or ``"ray"``.
+        started: when it started, by ``time.monotonic()``.
+        rung: how far its ladder has climbed (0: not cancelled; 3: abandoned threads,
+            which still run, are listed too).
+        pid: the process it runs in (this one for threads; None for Ray tasks).
+        thread_id: the thread it runs in, for a thread target (``threading.get_ident()``
+            there); None elsewhere.
+
+    ``where()`` takes its stack now (see ``Handle.stopped_at`` for the format).
+    """
+
+    __slots__ = (
+        "_run",
+        "_said",
+        "_where",
+        "backend",
+        "name",
+        "pid",
+        "rung",
+        "started",
+        "thread_id",
+    )
+
+    def __init__(
+        self,
+        run: Any,
+        backend: str,
+        started: float,
+        pid: int | None,
+        thread_id: int | None,
+        where: Callable[[], str],
+        said: str,
+    ) -> None:
+        self._run = run  # its ladder (a _ladder.Run): the pytest plugin stops a leak by it
+        self._said = said  # what runs it, for leak reports: "thread running crunch"
+        self.name: str = run.name
+        self.backend = backend
+        self.started = started
+        self.rung = int(run.rung)
+        self.pid = pid
+        self.thread_id = thread_id
+        self._where = where
+
+    def where(self) -> str:
+        """The target's stack right now, innermost frame last; or, in parentheses, why it
+        cannot be had (it has ended; a worker that did not answer within a second, as
+        when its target holds the GIL in one long C call).
+
+        Threads: read at once. A worker process is asked, and this waits for its answer
+        (up to a second): call it from a thread, not from the event loop that the
+        worker's call runs in (``await anyio.to_thread.run_sync(target.where)``).
+        """
+        return self._where()
+
+    def __repr__(self) -> str:
+        where = f" pid={self.pid}" if self.thread_id is None else f" thread={self.thread_id}"
+        age = time.monotonic() - self.started
+        return (
+            f"<threadbridge.RunningTarget {self.name} on {self.backend}{where} "
+            f"for {age:.1f}s rung={self.rung}>"
+        )
+
+
 class Source(Protocol):
     """A pool that stats() reads."""
 
@@ -83,24 +153,28 @@ class Source(Protocol):
         """Its share of the ``COUNT_FIELDS``, taken under its own lock."""
         ...
 
-    def describe_running(self) -> list[str]:
-        """One line per target it runs now (busy or abandoned), for leak reports."""
+    def running(self) -> list[RunningTarget]:
+        """Each target it runs now (busy or abandoned)."""
         ...
 
 
 _sources: weakref.WeakSet[Source] = weakref.WeakSet()
-_lock = threading.Lock()
-_cond = threading.Condition(_lock)
-_waiters = 0  # threads in wait_quiet() plus registered quiet callbacks
+lock = _locks.Lock()
+# Waited on and notified under `with lock:`, never entered itself: `with` on a
+# threading.Condition can leave its lock held (see _locks).
+_cond = threading.Condition(lock)
+waiters = 0  # threads in wait_quiet() plus registered quiet callbacks
 _quiet_callbacks: list[Callable[[], object]] = []
-_stages: dict[Stage, int] = {stage: 0 for stage in Stage if stage is not Stage.RUNNING}
+# Keyed by the stage's value: an Enum member hashes in Python, a str in C (every call
+# counts its stage).
+stages: dict[str, int] = {stage._value_: 0 for stage in Stage if stage is not Stage.RUNNING}
 
 
 def _reset_after_fork() -> None:
-    global _lock, _cond, _waiters
-    _lock = threading.Lock()
-    _cond = threading.Condition(_lock)
-    _waiters = 0
+    global lock, _cond, waiters
+    lock = _locks.Lock()
+    _cond = threading.Condition(lock)
+    waiters = 0
     _quiet_callbacks.clear()
 
 
@@ -109,18 +183,13 @@ if hasattr(os, "register_at_fork"):
 
 
 def register(source: Source) -> None:
-    with _lock:
+    with lock:
         _sources.add(source)
 
 
 def unregister(source: Source) -> None:
-    with _lock:
+    with lock:
         _sources.discard(source)
-
-
-def count_stage(stage: Stage) -> None:
-    with _lock:
-        _stages[stage] += 1
 
 
 def _counts() -> dict[str, int]:
@@ -146,9 +215,9 @@ def active_count() -> int:
 
 def changed() -> None:
     """A source's count went down: wake waiters. Call it without holding a source's lock."""
-    if not _waiters:  # read without the lock: a new waiter checks the counts itself
+    if not waiters:  # read without the lock: a new waiter checks the counts itself
         return
-    with _lock:
+    with lock:
         _cond.notify_all()
         if _quiet_callbacks and not _active(_counts()):
             callbacks = _quiet_callbacks[:]
@@ -159,8 +228,8 @@ def changed() -> None:
 
 
 def _set_waiters(delta: int) -> None:
-    global _waiters
-    _waiters += delta
+    global waiters
+    waiters += delta
 
 
 def when_quiet(callback: Callable[[], object]) -> bool:
@@ -168,7 +237,7 @@ def when_quiet(callback: Callable[[], object]) -> bool:
 
     Returns False without registering it if none runs now.
     """
-    with _lock:
+    with lock:
         _set_waiters(1)
         if not _active(_counts()):
             _set_waiters(-1)
@@ -180,7 +249,7 @@ def when_quiet(callback: Callable[[], object]) -> bool:
 def wait_quiet(timeout: float | None) -> bool:
     """Block until no target runs anywhere; False if the timeout passed first."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    with _lock:
+    with lock:
         _set_waiters(1)
         try:
             while _active(_counts()):
@@ -193,8 +262,67 @@ def wait_quiet(timeout: float | None) -> bool:
             _set_waiters(-1)
 
 
+def wait_until(predicate: Callable[[], bool], timeout: float, poll: float | None = None) -> bool:
+    """Block until ``predicate()`` (asked again whenever a count goes down, and every
+    ``poll`` seconds if given: for what no count says) is true; False if ``timeout``
+    passed first."""
+    deadline = time.monotonic() + timeout
+    with lock:
+        _set_waiters(1)
+        try:
+            while not predicate():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                _cond.wait(remaining if poll is None else min(poll, remaining))
+            return True
+        finally:
+            _set_waiters(-1)
+
+
+# Targets still running when their event loop ended (which stopped them, as it stops a
+# process pool's workers): a leak of whatever left them running, e.g. a test's call that
+# was never awaited. Numbered, so that a leak check takes those since its start.
+_outlived: deque[tuple[int, str]] = deque(maxlen=100)
+_outlived_last = 0
+
+
+def note_outlived(said: str) -> None:
+    """``said`` (what ran it) was still running when its event loop ended."""
+    global _outlived_last
+    with lock:
+        _outlived_last += 1
+        _outlived.append((_outlived_last, said))
+
+
+def outlived_mark() -> int:
+    """For ``outlived_since()``: the number of the last target that outlived its loop."""
+    return _outlived_last
+
+
+def outlived_since(mark: int) -> list[str]:
+    with lock:
+        return [said for number, said in _outlived if number > mark]
+
+
+def running() -> list[RunningTarget]:
+    """Every target running now, on every backend, the longest-running first.
+
+    Example:
+
+        # what a debug endpoint or a signal handler might log (from a thread: see
+        # RunningTarget.where())
+        for target in threadbridge.running():
+            print(target, target.where(), sep="\\n")
+    """
+    found = [target for source in list(_sources) for target in source.running()]
+    found.sort(key=lambda target: target.started)
+    return found
+
+
 def describe_running() -> list[str]:
-    return [line for source in list(_sources) for line in source.describe_running()]
+    """One line per running target, for leak reports."""
+    return [target._said for target in running()]
 
 
 def kept_processes() -> set[int]:
@@ -217,9 +345,10 @@ def stats() -> Stats:
         assert s.abandoned_threads == 0, f"{s.abandoned_threads} threads still running"
     """
     counts = _counts()
-    with _lock:
-        stages = MappingProxyType(dict(_stages))
-    return Stats(threads=counts["idle_threads"] + counts["busy_threads"], stages=stages, **counts)
+    with lock:
+        counted = dict(stages)
+    by_stage = MappingProxyType({Stage(key): n for key, n in counted.items()})
+    return Stats(threads=counts["idle_threads"] + counts["busy_threads"], stages=by_stage, **counts)
 
 
-export(Stats, stats)
+export(RunningTarget, Stats, running, stats)

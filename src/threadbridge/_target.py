@@ -83,12 +83,15 @@ class TargetState:
 
     # --- from the ladder (other threads) -----------------------------------------------
 
-    def request_interrupt(self) -> bool:
-        """Rung 2 for a thread target. Returns whether it reached a running target."""
+    def request_interrupt(self, announce: Callable[[], None] | None = None) -> bool:
+        """Rung 2 for a thread target. Returns whether it reached a running target;
+        ``announce`` is called first, once that is certain (see Work.interrupt)."""
         with self.lock:
             if self.interrupted or not self.running:
                 return False
             self.interrupted = True
+            if announce is not None:
+                announce()
             if self.depth:
                 self.deferred = True
             else:
@@ -170,8 +173,10 @@ class TargetState:
         """
         self.thread_id = threading.get_ident()
         _inject.catch_dropped()  # wrapped before the target runs, not as rung 2 comes
-        _local.state = self
-        _local.token = self.token
+        local = _local
+        local.state = self
+        local.token = self.token
+        lock = self.lock
         started = False
         try:
             # From the moment _begin() marks the target running, rung 2 may land: before
@@ -185,14 +190,18 @@ class TargetState:
         if started:
             while True:
                 try:
-                    self._settle()
+                    with lock:
+                        self.running = False
+                        if self.pending:
+                            self.pending = False
+                            _inject.clear_injection(self.thread_id)
                     break
                 except TargetCancelled:
                     # Rung 2 reached the target as it returned and fired on the way into
-                    # _settle() or inside it: it is spent. (After _settle() nothing fires.)
+                    # that block or inside it: it is spent. (After it nothing fires.)
                     self.pending = False
-        _local.state = None
-        _local.token = NEVER_SET
+        local.state = None
+        local.token = NEVER_SET
         return outcome if started else None
 
     def _begin(self) -> bool:
@@ -202,10 +211,3 @@ class TargetState:
                 return False  # stopped before it started: never run it
             self.running = True
             return True
-
-    def _settle(self) -> None:
-        with self.lock:
-            self.running = False
-            if self.pending:
-                self.pending = False
-                _inject.clear_injection(self.thread_id)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import inspect
 import itertools
 import logging
 import os
@@ -13,11 +12,13 @@ import queue
 import sys
 import threading
 import time
+import types
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
-from . import _inject, _stats
+from . import _inject, _locks, _otel, _stats, _where
 from ._backend import Backend
+from ._callables import name_of
 from ._ladder import Ending, Run
 from ._target import Outcome, TargetState
 from ._token import Token
@@ -33,6 +34,8 @@ DEFAULT_THREAD_LIMIT = 40
 # long enough that a bursty service keeps its threads, short enough not to hoard them.
 IDLE_TIMEOUT = 10.0
 
+
+_ENDED = Ending.ENDED  # read on every call's path (see _ladder._ENDED)
 
 _WAKE = -1  # not the number of any work: wakes a waiting pool thread, nothing more
 
@@ -74,7 +77,7 @@ class ThreadPool:
 
     def _reset(self) -> None:
         """Empty; also in a forked child, which has none of the parent's threads."""
-        self.lock = threading.Lock()
+        self.lock = _locks.Lock()
         self.queue: queue.SimpleQueue[int] = queue.SimpleQueue()
         self.numbers = itertools.count()
         self.idle = 0  # pool threads not running a target (waiting, or about to wait)
@@ -87,9 +90,11 @@ class ThreadPool:
         """Hand ``work`` to an idle pool thread, or to a new one. If this raises, the
         caller calls ``withdraw(work)``."""
         with self.lock:
-            self.pending[work.key] = work
+            pending = self.pending
+            pending[work.key] = work
             work.submitted = True
-            ticket = self._reserve(work)
+            # _reserve()'s test first, inline: an idle thread is there (every call's path).
+            ticket = None if len(pending) <= self.idle + self.starting else self._reserve(work)
         self.queue.put(work.key)
         if ticket is not None:
             self._start(ticket)
@@ -114,6 +119,7 @@ class ThreadPool:
 
     def _start(self, ticket: _Ticket) -> None:
         """Start a thread for ``ticket``; if it cannot start, it is not counted as coming."""
+        _inject.prepare_soon()
         try:
             threading.Thread(
                 target=self._main, args=(ticket,), name="threadbridge-worker", daemon=True
@@ -150,10 +156,11 @@ class ThreadPool:
         clock = time.monotonic
         # When this thread retires if no work comes: IDLE_TIMEOUT after its last work. A
         # wake-up that brings no work (a withdrawn number, _WAKE) does not move it.
-        deadline = clock() + IDLE_TIMEOUT
+        timeout = IDLE_TIMEOUT
+        deadline = clock() + timeout
         while True:
             try:
-                key = get(timeout=max(0.0, deadline - clock()))
+                key = get(timeout=timeout)
             except queue.Empty:
                 key = _WAKE
             with self.lock:
@@ -161,14 +168,18 @@ class ThreadPool:
                 if work is not None:
                     self.busy[key] = work
                     self.idle -= 1
-                elif clock() < deadline:
-                    continue  # a _WAKE or a withdrawn number, before this thread's time
-                elif self.idle > len(self.pending):  # no pending work counts on us: retire
-                    self.idle -= 1
-                    others = self.idle > 0
                 else:
-                    deadline = clock() + IDLE_TIMEOUT
-                    continue
+                    now = clock()
+                    if now < deadline:
+                        # A _WAKE or a withdrawn number, before this thread's time.
+                        timeout = deadline - now
+                        continue
+                    if self.idle <= len(self.pending):  # pending work counts on us: stay
+                        timeout = IDLE_TIMEOUT
+                        deadline = now + timeout
+                        continue
+                    self.idle -= 1  # retire
+                    others = self.idle > 0
             if work is None:
                 if others:
                     # SimpleQueue.get() can miss its timeout for good: woken once its time
@@ -181,7 +192,8 @@ class ThreadPool:
             del work  # nothing of a finished call stays reachable from an idle thread
             if not reusable:
                 return
-            deadline = clock() + IDLE_TIMEOUT
+            timeout = IDLE_TIMEOUT
+            deadline = clock() + timeout
 
     def finished(self, work: ThreadWork, *, abandoned: bool) -> None:
         """Count out a work whose thread is done with it (and free, unless abandoned)."""
@@ -191,7 +203,8 @@ class ThreadPool:
             else:
                 del self.busy[work.key]
                 self.idle += 1
-        _stats.changed()
+        if _stats.waiters:  # changed()'s first test, inline: every thread call's path
+            _stats.changed()
 
     def abandon(self, work: ThreadWork) -> bool:
         """Rung 3: give up on a running target. Whether it was still running."""
@@ -212,67 +225,183 @@ class ThreadPool:
                 "abandoned_threads": len(self.abandoned),
             }
 
-    def describe_running(self) -> list[str]:
+    def running(self) -> list[_stats.RunningTarget]:
         with self.lock:
+            # Pending work counts as busy (a thread is coming for it), as in counts().
             busy = [*self.pending.values(), *self.busy.values()]
             abandoned = list(self.abandoned.values())
-        return [w.describe() for w in busy] + [
-            f"abandoned thread still running {w.run_.name}" for w in abandoned
+        seen = [w.seen_running(w.describe()) for w in busy] + [
+            w.seen_running(f"abandoned thread still running {w.name}") for w in abandoned
         ]
+        return [target for target in seen if target is not None]
+
+
+class Plain(Protocol):
+    """The engine of thread calls that start without a ladder (an Executor's): most
+    calls end by themselves, and making the ladder's run for each would cost as much as
+    the rest of the call. It is made when first needed (a cancel, ``running()``)."""
+
+    def ensure_run(self, work: ThreadWork) -> Run | None:
+        """The call's run, made now if it has none; None if the call has ended."""
+        ...
+
+    def ended_plain(self, work: ThreadWork, box: list[Outcome]) -> None:
+        """In the pool thread: the call ended by itself, and never needed its run (the
+        outcome is ``box``'s one item, taken out of it)."""
+        ...
 
 
 class ThreadWork:
     """One target on one pool thread; the ladder's Work for the thread backend."""
 
-    __slots__ = ("args", "context", "func", "key", "pool", "run_", "state", "submitted", "ticket")
+    __slots__ = (
+        "args",
+        "context",
+        "func",
+        "key",
+        "name",
+        "owner",
+        "plain",
+        "pool",
+        "run_",
+        "started",
+        "state",
+        "submitted",
+        "ticket",
+    )
 
     def __init__(
-        self, pool: ThreadPool, run: Run, func: Callable[..., Any], args: tuple[Any, ...]
+        self,
+        pool: ThreadPool,
+        run: Run | None,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        context: contextvars.Context | None = None,
+        plain: Plain | None = None,
     ) -> None:
+        """``run`` None: a call of ``plain``'s, whose run is made when first needed."""
         self.pool = pool
         self.run_ = run
+        self.plain = plain  # until it ends (None then, if it never needed its run)
+        self.owner: Any = None  # what ``plain`` keeps with the call (an Executor's future)
         self.func = func
         self.args = args
-        self.context = context = contextvars.copy_context()
-        sniffio = sys.modules.get("sniffio")
-        if sniffio is not None:
-            # The target runs in no event loop, whatever the caller's context says: as in
-            # anyio's and trio's worker threads, so that sniffio answers "none" and
-            # anyio.run() / trio.run() work inside the target.
-            context.run(sniffio.current_async_library_cvar.set, None)
-        self.state = TargetState(Token(), threading.Lock())
-        self.state.portal = run.link
+        if context is None:  # the caller's, as for anyio's and trio's worker threads
+            context = contextvars.copy_context()
+            sniffio = sys.modules.get("sniffio")
+            # The target runs in no event loop, whatever the caller's context says, so
+            # that sniffio answers "none" and anyio.run() / trio.run() work in it. (Most
+            # callers' contexts say nothing: asyncio's and trio's own runs tell sniffio
+            # otherwise. A context is entered only to change it, at a cost.)
+            if sniffio is not None and context.get(sniffio.current_async_library_cvar):
+                context.run(sniffio.current_async_library_cvar.set, None)
+        self.context = context
+        self.state = TargetState(Token(), _locks.Lock())
+        if run is None:
+            self.name = name_of(func)
+            self.state.portal = plain  # no event loop: the engine is its Link
+        else:
+            self.name = run.name
+            if run.span is not None:  # the call's span is the target's current one
+                _otel.make_current(context, run.span)
+            self.state.portal = run.link  # from_thread finds its loop through it
         self.key = next(pool.numbers)  # its number in the pool's queue
         self.ticket: _Ticket | None = None  # for the thread that submitting it started
         self.submitted = False  # under the pool's lock: it went into ``pending``
+        self.started = time.monotonic()  # handed to the pool: a thread takes it at once
 
     # --- the rungs, called by the ladder ---------------------------------------------
+
+    @property
+    def _run(self) -> Run:
+        """The call's run: only a run climbs the ladder, so the rungs have one."""
+        run = self.run_
+        assert run is not None
+        return run
 
     def request_stop(self) -> None:
         self.state.token._set()
 
-    def interrupt(self) -> bool:
+    def interrupt(self, announce: Callable[[], None] | None = None) -> bool:
         if not _inject.CAN_INJECT:
             logger.info(
                 "%s: rung 2 is not available on this interpreter "
                 "(no PyThreadState_SetAsyncExc); going on to rung 3",
                 self.describe(),
+                extra=self._run.fields("interrupt_unavailable", self),
             )
             return False
-        return self.state.request_interrupt()
+
+        def found_then_announce() -> None:
+            # Under the state's lock, the target running: where it is, before the record.
+            self._seen()
+            if announce is not None:
+                announce()
+
+        return self.state.request_interrupt(found_then_announce)
+
+    def _seen(self) -> None:
+        found = _where.snapshot(self.state.thread_id)  # formatted when asked for
+        if found is not None:
+            self._run.seen_at(found.line, found)
 
     def force(self) -> None:
         if not self.pool.abandon(self):
             return  # it has ended, or has not started (its token stops it): run() reports
+        self._seen()  # given up on, still running: where it is stuck now
         logger.warning(
             "abandoning the %s (rung 3): it did not stop within its grace periods and is "
-            "left running as a daemon; its result will be discarded",
+            "left running as a daemon; its result will be discarded%s",
             self.describe(),
+            self._run.said_where(),
+            extra=self._run.fields("abandon", self),
         )
-        self.run_.report(Ending.ABANDONED, release=False)
+        self._run.report(Ending.ABANDONED, release=False)
+
+    backend = "thread"  # for the records of the ladder (Run.fields)
+
+    @property
+    def pid(self) -> int:
+        return os.getpid()
 
     def describe(self) -> str:
-        return f"thread running {self.run_.name}"
+        return f"thread running {self.name}"
+
+    def ladder(self) -> Run | None:
+        """The call's run, made now if it started without one (see ``Plain``); None if
+        it started without one and has ended."""
+        run = self.run_
+        if run is None:
+            plain = self.plain
+            if plain is not None:
+                run = plain.ensure_run(self)
+        return run
+
+    def seen_running(self, said: str) -> _stats.RunningTarget | None:
+        """What ``threadbridge.running()`` lists for it (None: it has just ended);
+        ``said`` for leak reports."""
+        run = self.ladder()
+        if run is None:
+            return None
+        return _stats.RunningTarget(
+            run,
+            self.backend,
+            self.started,
+            self.pid,
+            self.state.thread_id or None,
+            self.where_now,
+            said,
+        )
+
+    def where_now(self) -> str:
+        """For ``RunningTarget.where()``: the target's stack now."""
+        state = self.state
+        with state.lock:
+            running = state.running
+        if not running:
+            return "(not running: it has ended, or has not started yet)"
+        found = _where.snapshot(state.thread_id)
+        return "(no frames of its own right now)" if found is None else found.stack()
 
     # --- in the pool thread ----------------------------------------------------------
 
@@ -283,7 +412,21 @@ class ThreadWork:
         # What the call used goes now: nothing of it may outlive the await, which can
         # return before this thread does.
         del self.func, self.args, self.context
+        plain = self.plain
+        if plain is not None:
+            with state.lock:  # against ensure_run(): the call has a run, or never will
+                run = self.run_
+                if run is None:
+                    self.plain = None
+            if run is None:  # it ended by itself, and nobody asked for its run
+                self.pool.finished(self, abandoned=False)
+                assert outcome is not None  # only a stop (a run's) keeps it from starting
+                box = [outcome]
+                del outcome
+                plain.ended_plain(self, box)
+                return True
         run = self.run_
+        assert run is not None
         if state.abandoned:
             # Counted out first: whoever sees the limiter token come back must also see
             # stats() without this thread.
@@ -294,7 +437,7 @@ class ThreadWork:
         if outcome is None:
             run.report(Ending.NOT_STARTED)
         else:
-            run.report(Ending.ENDED, outcome, interrupted=state.interrupted, hand_back=False)
+            run.report(_ENDED, outcome, interrupted=state.interrupted, hand_back=False)
             del outcome  # the run has it: the awaiter may take it, and drop it, at once
             run.hand_back()
         return True
@@ -302,10 +445,10 @@ class ThreadWork:
     def _call(self) -> Outcome:
         try:
             result = self.context.run(self.func, *self.args)
-            if inspect.iscoroutine(result):
+            if type(result) is types.CoroutineType:
                 result.close()
                 raise TypeError(
-                    f"threadbridge expected a sync function, but {self.run_.name} returned "
+                    f"threadbridge expected a sync function, but {self.name} returned "
                     "a coroutine; await it in the event loop instead of running it in a thread"
                 )
             return (True, result)
@@ -325,18 +468,18 @@ class ThreadBackend(Backend):
         return (func, args)
 
     def start(self, run: Run, job: Any) -> ThreadWork:
-        func, args = job
-        work = ThreadWork(self.pool, run, func, args)
+        work = ThreadWork(self.pool, run, *job)
         try:
             run.attach(work)  # before a thread can take it: from here the ladder reaches it
             self.pool.submit(work)
-        except BaseException:
+        except BaseException as exc:
             # A thread that could not start, or a Ctrl-C in the middle (the main thread
             # runs signal handlers between any two steps): unless a pool thread has
             # taken it already (that thread reports), the target never runs. Its end is
-            # ours to report once the run is attached; before, the caller's.
+            # ours to report once the run is attached (with what kept it from starting,
+            # for whoever awaits it); before, the caller's.
             if self.pool.withdraw(work) and run.attached:
-                run.report(Ending.NOT_STARTED)
+                run.report(Ending.ENDED, (False, exc))
             raise
         return work
 

@@ -13,22 +13,34 @@ import math
 import os
 import threading
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from . import _locks
 from ._errors import TargetCancelled
 from ._public import export
 
-if TYPE_CHECKING:
-    from ._target import TargetState
+
+class _TargetState(Protocol):
+    """What the running target's state (``_target.TargetState``) offers the functions
+    here."""
+
+    token: Token
+    pending: bool  # rung 2 injected into the thread, not known to have been raised
+    portal: object  # thread targets: the caller's Link, for from_thread
+
+    def hold(self) -> None: ...
+
+    def release(self) -> None: ...
+
 
 # Guards the lazy creation of a token's Event (see Token.wait). One lock for all tokens is
 # fine: it is only taken by wait() and by the ladder's rung 1, never on the hot path.
-_EVENT_LOCK = threading.Lock()
+_EVENT_LOCK = _locks.Lock()
 
 
 def _new_lock_after_fork() -> None:
     global _EVENT_LOCK
-    _EVENT_LOCK = threading.Lock()  # another thread of the parent may have held it
+    _EVENT_LOCK = _locks.Lock()  # another thread of the parent may have held it
 
 
 if hasattr(os, "register_at_fork"):
@@ -112,7 +124,7 @@ NEVER_SET = Token()
 
 
 class _Local(threading.local):
-    state: TargetState | None = None  # the running target's, in its thread
+    state: _TargetState | None = None  # the running target's, in its thread
     token: Token = NEVER_SET  # what code outside a target sees
 
 
@@ -204,7 +216,7 @@ def sleep(seconds: float) -> None:
     if token._flag:
         raise TargetCancelled("a stop was requested (rung 1)")
     if _local.state is None:
-        from ._loop import in_event_loop
+        from ._loop._running import in_event_loop
 
         if in_event_loop():
             raise RuntimeError(

@@ -19,15 +19,23 @@ HEADER = struct.Struct("!QBQ")  # payload length (64 bits: jobs over 4 GiB too),
 INIT = 1  # payload: pickled settings (sys.path, argv, main script, modules to warm)
 RUN = 2  # payload: pickled (func, args)
 EXIT = 3  # no payload: finish and exit
+TRACE = 4  # payload: pickled trace context (W3C headers) of the RUN that follows
 # parent -> worker, on the control pipe
 STOP = 10  # rung 1 for a job: set its token
 INTERRUPT = 11  # rung 2 for a job: SIGTERM to the worker's process group
+ASK_WHERE = 12  # where is the job's target now? (answered by HERE)
 # worker -> parent, on the result pipe
 ANSWER = 21  # payload: pickled (how it ended, value, whether rung 2 reached it)
 NAMES = 22  # payload: pickled (main source, names its import as __mp_main__ bound)
 INIT_FAILED = 23  # payload: an answer (raised, the initializer's error); the worker exits
 INITIALIZING = 24  # no payload: the pool's initializer starts now
 READY = 25  # no payload: the worker has booted (and run the initializer): jobs may come
+WHERE = 26  # payload: pickled (line, stack): where the job's target was as rung 2 fired
+HERE = 27  # payload: pickled stack (or None): where the job's target is, as ASK_WHERE asked
+
+# The exit status of a worker whose pipes to the parent a target closed or replaced
+# (sysexits' EX_IOERR); the parent reports it as such.
+PIPES_LOST = 74
 
 
 def write_frame(fd: int, kind: int, job: int = 0, payload: bytes = b"") -> None:

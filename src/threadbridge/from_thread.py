@@ -121,12 +121,16 @@ class _Call:
 
 def _in_loop(what: str, call_fn: Callable[[], Awaitable[Any]]) -> Any:
     state = _local.state
-    link: Any = state.portal if state is not None else None
+    # The run's Link hands out its loop's (None: the call has no event loop, as in an
+    # Executor's): looked up here, off the path of every call.
+    run_link: Any = state.portal if state is not None else None
+    link: Any = run_link.portal if run_link is not None else None
     if state is None or link is None:
         raise RuntimeError(
             f"threadbridge.from_thread.{what}() must be called from a thread target started "
-            'by threadbridge.run_killable() or spawn() (backend="thread"); from another '
-            f"thread use anyio.from_thread.{what}() with an event loop token"
+            'by threadbridge.run_killable() or spawn() (backend="thread"); an Executor\'s '
+            "or call()'s target has no event loop to call; from another thread use "
+            f"anyio.from_thread.{what}() with an event loop token"
         )
     token = state.token
     call = _Call()

@@ -81,6 +81,13 @@ class Link(Protocol):
         """``fn``, made safe from KeyboardInterrupt landing in its unprotected code."""
         ...
 
+    @property
+    def portal(self) -> Link | None:
+        """The loop's own Link, for what outlives the call (a worker pool, a thread
+        target's ``from_thread`` calls): a Link made for one call hands out its loop's.
+        None: no event loop runs the call."""
+        ...
+
 
 def keep_watching(on_readable: Callable[[], bool], name: str) -> bool:
     """Call a watcher; whether to go on watching. A watcher that raises is a bug of
@@ -91,7 +98,7 @@ def keep_watching(on_readable: Callable[[], bool], name: str) -> bool:
     except Exception:
         import traceback
 
-        from .._ladder import violation
+        from .._internal import violation
 
         violation(f"{name} raised:\n{traceback.format_exc()}")
         return False
@@ -112,20 +119,9 @@ class LinkBase:
             return True
         return self.post(fn)
 
-
-def in_event_loop() -> bool:
-    """Whether the calling thread runs an asyncio or trio event loop (imports neither)."""
-    asyncio = sys.modules.get("asyncio")
-    if asyncio is not None and asyncio._get_running_loop() is not None:
-        return True
-    trio = sys.modules.get("trio")
-    if trio is not None:
-        try:
-            trio.lowlevel.current_trio_token()
-        except RuntimeError:
-            return False
-        return True
-    return False
+    @property
+    def portal(self) -> Link:
+        return self  # type: ignore[return-value]
 
 
 # The Link classes, imported on first use: a program that runs only asyncio never imports

@@ -197,18 +197,24 @@ def check_leaks(timeout: float = 5.0, *, ignore_children: set[int] | None = None
     problems = []
     if not _stats.wait_quiet(timeout):
         problems += _stats.describe_running()
+    problems += _stray_children(ignore_children or set(), timeout)
+    if problems:
+        raise LeakError("left running after the test:\n  " + "\n  ".join(problems))
+
+
+def _stray_children(ignore: set[int], timeout: float) -> list[str]:
+    """This process's children, other than ``ignore`` and those pools keep, that are
+    still there after up to ``timeout`` seconds (a worker being reaped goes meanwhile)."""
     deadline = time.monotonic() + timeout
     while True:
         # The idle workers (and fork servers) of a loop that outlives the test (a session-
         # scoped loop, an async fixture of wider scope) are kept for the next call.
-        ignored = (ignore_children or set()) | _stats.kept_processes()
+        ignored = ignore | _stats.kept_processes()
         children = {pid: what for pid, what in _children().items() if pid not in ignored}
         if not children or time.monotonic() >= deadline:
             break
         time.sleep(0.01)
-    problems += [f"child process {pid} ({what})" for pid, what in sorted(children.items())]
-    if problems:
-        raise LeakError("left running after the test:\n  " + "\n  ".join(problems))
+    return [f"child process {pid} ({what})" for pid, what in sorted(children.items())]
 
 
 @contextmanager

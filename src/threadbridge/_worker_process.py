@@ -12,22 +12,20 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import select
 import signal
 import subprocess
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
 
-from . import _jobs, _pickling, _signals, _wire
-from ._errors import WorkerCrashed
+from . import _jobs, _locks, _otel, _pickling, _settings, _wire
 from ._forkserver import ForkServed
 from ._loop import Link
-
-if TYPE_CHECKING:
-    from ._pool import ProcessWork
-    from ._process import WorkerPool
+from ._pickling import Answer, How
+from ._worker_io import close, ready, startup_error
+from ._worker_owner import Job, Owner
+from ._worker_pipes import WorkerPipes
 
 logger = logging.getLogger("threadbridge")
 
@@ -42,25 +40,34 @@ REAP_TIMEOUT = 5.0
 # taken as still running (its target closed the pipe). A dying process closes its
 # descriptors just before it is gone; a guess, generous for a loaded machine.
 PIPE_CLOSED_GRACE = 1.0
+# How long RunningTarget.where() waits for a worker to say where its target is. Its
+# control thread answers at once, unless the target holds the GIL (one long C call).
+WHERE_TIMEOUT = 1.0
+
+
+class _Asked:
+    """One where() call waiting for the worker's answer."""
+
+    __slots__ = ("stack", "told")
+
+    def __init__(self) -> None:
+        self.told = threading.Event()
+        self.stack: str | None = None
 
 
 class WorkerProcess:
     """One worker process and the pipes to it. ``state`` belongs to its pool."""
 
-    def __init__(self, pool: WorkerPool, link: Link, *, standby: bool = False) -> None:
+    def __init__(self, pool: Owner[WorkerProcess], link: Link, *, standby: bool = False) -> None:
         self.pool = pool
         self.link = link
-        self.lock = threading.Lock()  # guards current, killed, finished
-        # Guards the job and control pipes' numbers against reuse: a write in progress
-        # keeps them open, and the last one out closes them once the worker has ended.
-        self.pipe_lock = threading.Lock()
-        self.writers = 0
-        self.pipes_ending = False
-        self.current: ProcessWork | None = None  # the job it runs
-        self.killed: ProcessWork | None = None  # the job rung 3 killed it for
+        self.lock = _locks.Lock()  # guards current, killed, finished
+        self.current: Job | None = None  # the job it runs
+        self.killed: Job | None = None  # the job rung 3 killed it for
         # A job that rung 2 reached, answered; reported once the worker is retired.
-        self.answered: tuple[ProcessWork, tuple[str, Any, bool]] | None = None
+        self.answered: tuple[Job, Answer] | None = None
         self.finished = False
+        self.ended = threading.Event()  # finish() has reported the job it had, if any
         self.fds_closed = False  # loop thread only: the result pipe and pidfd are closed
         self.state = "new"  # the pool's: idle, busy, retiring, dead, unreaped, gone
         self.used = False
@@ -70,18 +77,21 @@ class WorkerProcess:
         self.boot = "starting"
         self.idle_since = time.monotonic()
         self.parser = _wire.FrameParser()
+        # where() calls waiting for the worker to say where a job's target is, by job id.
+        self.asked: dict[int, list[_Asked]] = {}
         fds: list[int] = []
         try:
             for _ in range(3):  # out of descriptors (EMFILE) half-way: nothing stays open
                 fds += os.pipe()
-            job_r, self.job_fd, control_r, self.control_fd, self.result_fd, result_w = fds
+            job_r, job_w, control_r, control_w, self.result_fd, result_w = fds
             self.proc = pool.start_process(job_r, control_r, result_w)
         except BaseException:
             for fd in fds:
-                _close(fd)
+                close(fd)
             raise
         for fd in (job_r, control_r, result_w):  # the worker's ends
-            _close(fd)
+            close(fd)
+        self.pipes = WorkerPipes(job_w, control_w)
         self.pid = self.proc.pid
         # The worker's own end, seen from the process itself where the platform allows
         # (Linux 5.3+): a pipe's end of file comes only once every copy of the pipe is
@@ -92,14 +102,9 @@ class WorkerProcess:
             self.pidfd = None
         os.set_blocking(self.result_fd, False)
         self.has_authkey = False
-        settings = worker_settings(warm=standby)
-        # The parent's import path, directory and environment as this worker last heard
-        # them. It inherited the environment as it started, unless a fork server (which
-        # has the parent's of when it started) made it: that one hears with its first job.
-        self.sys_path: object = settings["sys_path"]
-        self.cwd: object = settings.get("cwd")
+        settings = _settings.collect(warm=standby)
         forked_by_server = isinstance(self.proc, ForkServed)
-        self.environ = None if forked_by_server else _environ_snapshot()
+        self.heard = _settings.Follower(settings, inherited_environ=not forked_by_server)
         if pool.initializer is not None:
             settings["initializer"] = pool.initializer
         self._send_settings(settings)
@@ -114,15 +119,15 @@ class WorkerProcess:
 
             settings["authkey"] = bytes(process.current_process().authkey)
             self.has_authkey = True
-        self._write(_wire.INIT, 0, pickle.dumps(settings))
+        self.pipes.write(_wire.INIT, 0, pickle.dumps(settings))
 
     # --- talking to the worker ---------------------------------------------------------
 
-    def take(self, work: ProcessWork) -> bool:
+    def take(self, work: Job) -> bool:
         """``work`` is this worker's job now (sent next, by ``send()``). False if the
         worker's end is being handled already: that took no job into account, and this
         one would never be reported."""
-        changed = self._changed_settings()
+        changed = self.heard.changes()
         if changed or (not self.has_authkey and "multiprocessing" in sys.modules):
             self._send_settings(changed)
         with self.lock:
@@ -131,23 +136,12 @@ class WorkerProcess:
             self.current = work
         return True
 
-    def _changed_settings(self) -> dict[str, object]:
-        """The parent's import path, working directory and environment, where they have
-        changed since this worker last heard: a target runs with the parent's, as it would
-        in a thread, whether its worker started before or after the change."""
-        changed: dict[str, object] = {}
-        if sys.path != self.sys_path:
-            changed["sys_path"] = self.sys_path = list(sys.path)
-        cwd = _cwd()
-        if cwd is not None and cwd != self.cwd:
-            changed["cwd"] = self.cwd = cwd
-        raw = getattr(os.environ, "_data", None)  # compared raw: 0.2 µs, not 20
-        if raw is not None and raw != self.environ:
-            changed["environ"] = dict(os.environ)
-            self.environ = _environ_snapshot()
-        return changed
-
-    def send(self, work: ProcessWork, payload: bytes) -> None:
+    def send(self, work: Job, payload: bytes) -> None:
+        span = work.run.span
+        if span is not None:  # the program traces: the job's context goes first
+            found = _otel.carrier(span)
+            if found is not None:
+                self.pipes.write(_wire.TRACE, work.job_id, pickle.dumps(found))
         if len(payload) <= _INLINE_WRITE:
             self._write_job(work.job_id, payload)
         else:
@@ -159,55 +153,52 @@ class WorkerProcess:
             ).start()
 
     def _write_job(self, job_id: int, payload: bytes) -> None:
-        self._write(_wire.RUN, job_id, payload)
+        self.pipes.write(_wire.RUN, job_id, payload)
+
+    def where_of(self, work: Job, timeout: float = WHERE_TIMEOUT) -> str:
+        """``RunningTarget.where()`` of a job of this worker: asked of its control thread."""
+        if self.link.is_current():
+            return (
+                "(where() waits for the worker's answer, which this event loop reads: "
+                "call it from another thread, e.g. anyio.to_thread.run_sync(target.where))"
+            )
+        asked = _Asked()
+        with self.lock:
+            if self.current is not work or self.finished:
+                return "(not running: it has ended)"
+            self.asked.setdefault(work.job_id, []).append(asked)
+        try:
+            self.control(_wire.ASK_WHERE, work.job_id)
+        except OSError:
+            return "(not running: its worker has ended)"
+        if not asked.told.wait(timeout):
+            with self.lock:
+                waiting = self.asked.get(work.job_id, [])
+                if asked in waiting:
+                    waiting.remove(asked)
+            return (
+                f"(the worker did not say within {timeout}s: its target may hold the GIL "
+                "in one long C call)"
+            )
+        return asked.stack or "(not running, or no frames of its own right now)"
+
+    def _tell_asked(self, job_id: int | None, stack: str | None) -> None:
+        """Answer the where() calls waiting for ``job_id`` (None: all of them)."""
+        with self.lock:
+            if job_id is None:
+                waiting = [a for asked in self.asked.values() for a in asked]
+                self.asked.clear()
+            else:
+                waiting = self.asked.pop(job_id, [])
+        for asked in waiting:
+            asked.stack = stack
+            asked.told.set()
 
     def control(self, kind: int, job_id: int) -> None:
-        self._write(kind, job_id, control=True)
+        self.pipes.write(kind, job_id, control=True)
 
     def ask_to_exit(self) -> None:
-        self._write(_wire.EXIT)
-
-    def _write(
-        self, kind: int, job_id: int = 0, payload: bytes = b"", *, control: bool = False
-    ) -> None:
-        """A frame to the worker (on its control pipe if ``control``), unless it has
-        ended. The pipe stays open until the write is done: were it closed meanwhile, a
-        new pipe (another worker's) could be given its number, and the rest of the frame
-        would go there."""
-        with self.pipe_lock:
-            if self.pipes_ending:
-                return  # the worker has ended: nothing reads any more
-            self.writers += 1
-            fd = self.control_fd if control else self.job_fd
-        try:
-            write_frame(fd, kind, job_id, payload)
-        except OSError:
-            pass  # the worker has died; end of file on its answers reports it
-        finally:
-            self._done_writing()
-
-    def _done_writing(self) -> None:
-        with self.pipe_lock:
-            self.writers -= 1
-            last = self.pipes_ending and not self.writers
-        if last:
-            self._close_pipes()
-
-    def _end_pipes(self) -> None:
-        """The worker has ended: close its job and control pipes now, or as the last
-        write still in progress (to a pipe a stray process may hold) ends."""
-        with self.pipe_lock:
-            self.pipes_ending = True
-            now = not self.writers
-        if now:
-            self._close_pipes()
-
-    def _close_pipes(self) -> None:
-        # Forgotten before they are closed: a child forked meanwhile must not close
-        # their numbers, which a new pipe may reuse.
-        fds, self.job_fd, self.control_fd = (self.job_fd, self.control_fd), -1, -1
-        for fd in fds:
-            _close(fd)
+        self.pipes.write(_wire.EXIT)
 
     def signal_group(self, signum: int) -> None:
         try:
@@ -219,12 +210,11 @@ class WorkerProcess:
         """In a forked child of the parent: close this copy of the parent's pipes. Only
         those still open in the parent: the number of one it has closed may be in use
         again by now, for the pipes of the very worker this child is about to become."""
-        fds: list[int | None] = [self.job_fd, self.control_fd]
+        self.pipes.forget()
         if not self.fds_closed:
-            fds += [self.result_fd, self.pidfd]
-        for fd in fds:
-            if fd is not None and fd >= 0:
-                _close(fd)
+            for fd in (self.result_fd, self.pidfd):
+                if fd is not None and fd >= 0:
+                    close(fd)
 
     def exited(self) -> bool:
         """Whether the worker process has ended, without reaping it (lock-free)."""
@@ -234,7 +224,7 @@ class WorkerProcess:
             # unset: only the loop's thread, which calls this, sets it.)
             if self.proc.exited():
                 return True
-            return self.pidfd is not None and not self.fds_closed and _ready(self.pidfd)
+            return self.pidfd is not None and not self.fds_closed and ready(self.pidfd)
         if not hasattr(os, "waitid"):
             # macOS before Python 3.13 cannot look without reaping: a worker that died
             # while idle is found out by the call it is given (WorkerCrashed).
@@ -245,19 +235,19 @@ class WorkerProcess:
         except ChildProcessError:
             return True  # reaped already
 
-    def kill_for(self, work: ProcessWork, *, later: bool = False) -> bool:
-        """Rung 3: SIGKILL the process group if it still runs ``work``; reaping and the
-        report follow in ``finish()`` (in a thread of its own, unless ``later``: the
-        caller then calls it). Returns at once."""
+    def kill_for(self, work: Job, announce: Callable[[], None]) -> None:
+        """Rung 3: SIGKILL the process group if it still runs ``work``; ``announce`` is
+        called first (whatever it says comes before the kill can be seen: the exit is
+        watched in the loop). Reaping and the report follow in ``finish()``, in a thread
+        of its own. Returns at once."""
         with self.lock:
             if self.current is not work:
-                return False  # it has just answered: that answer is reported
+                return  # it has just answered: that answer is reported
             self.current = None
             self.killed = work
+        announce()
         self.signal_group(signal.SIGKILL)
-        if not later:
-            self.finish_soon()
-        return True
+        self.finish_soon()
 
     # --- reading answers, in the event loop ---------------------------------------------
 
@@ -275,7 +265,7 @@ class WorkerProcess:
         if self.fds_closed:
             return False
         # What it wrote before exiting is read first, so that an answer is never lost.
-        while _ready(self.result_fd) and self._on_readable():
+        while ready(self.result_fd) and self._on_readable():
             pass
         self.finish_soon()
         return False
@@ -290,9 +280,21 @@ class WorkerProcess:
         # checks fds_closed, for their numbers may belong to something else by then.
         self.fds_closed = True
         self.unwatch()
-        _close(self.result_fd)
+        close(self.result_fd)
         if self.pidfd is not None:
-            _close(self.pidfd)
+            close(self.pidfd)
+
+    def _seen(self, job_id: int, payload: bytes) -> None:
+        """The worker says where the job's target was as rung 2 fired."""
+        work = self.current
+        if work is None or work.job_id != job_id:
+            return
+        try:
+            line, stack = pickle.loads(payload)
+        except Exception:  # plain strings; a worker that sends else is not ours to trust
+            logger.debug("%s: could not load where it was", work.run.name, exc_info=True)
+            return
+        work.run.seen_late(str(line), str(stack))
 
     def _on_readable(self) -> bool:
         if self.fds_closed:
@@ -307,21 +309,26 @@ class WorkerProcess:
             self.finish_soon()  # end of file: the worker has exited or been killed
             return False
         for kind, job_id, payload in self.parser.feed(data):
-            if kind == _wire.NAMES:
-                source, names = pickle.loads(payload)
-                _jobs.set_main_names(tuple(source), frozenset(names))
-                continue
-            if kind == _wire.INITIALIZING:
-                self.boot = "initializer"
-                continue
-            if kind == _wire.READY:
-                self.boot = "ready"
-                self.pool.booted()
-                continue
-            if kind == _wire.INIT_FAILED:
-                self._init_failed(payload)
-                return False
-            if kind != _wire.ANSWER:
+            if kind != _wire.ANSWER:  # the others come once in a worker's life, or never
+                if kind == _wire.NAMES:
+                    source, names = pickle.loads(payload)
+                    _jobs.set_main_names(tuple(source), frozenset(names))
+                elif kind == _wire.INITIALIZING:
+                    self.boot = "initializer"
+                elif kind == _wire.READY:
+                    self.boot = "ready"
+                    self.pool.booted()
+                elif kind == _wire.INIT_FAILED:
+                    self._init_failed(payload)
+                    return False
+                elif kind == _wire.WHERE:
+                    self._seen(job_id, payload)
+                elif kind == _wire.HERE:
+                    try:
+                        stack = pickle.loads(payload)
+                    except Exception:
+                        stack = None
+                    self._tell_asked(job_id, stack if isinstance(stack, str) else None)
                 continue
             work = self.current
             if work is None or work.job_id != job_id:
@@ -334,7 +341,7 @@ class WorkerProcess:
                 # Rung 2's SIGTERM went to the whole process group: what the target started
                 # may still run there, or be a zombie. Such a worker is done: its group is
                 # killed and reaped, then the answer is reported.
-                retire = answer[2] or work.interrupt_sent
+                retire = answer.interrupted or work.interrupt_sent
                 if retire:
                     self.answered = (work, answer)
             if retire:
@@ -342,20 +349,24 @@ class WorkerProcess:
                 self.finish_soon()
                 return False
             self.pool.returned(self)
-            work.answered(*answer)
+            work.answered(answer, hand_back=False)
+            # Whoever awaits the value may drop it at once, and expect it gone: this
+            # thread lets go of the answer before waking them.
+            del answer
+            work.run.hand_back()
         return True
 
     def _init_failed(self, payload: bytes) -> None:
         """The pool's initializer raised in this worker: the pool is broken, this worker
         goes, and the job it had gets the error."""
-        _, error, _ = _pickling.loads_answer(payload, "the ProcessPool's initializer")
+        error = _pickling.loads_answer(payload, "the ProcessPool's initializer").value
         with self.lock:
             work, self.current = self.current, None
         told = self.pool.init_failed(error, for_job=work is not None)
         self.signal_group(signal.SIGKILL)
         self.finish_soon()
         if work is not None:
-            work.answered(_pickling.RAISED, told, False)
+            work.answered(Answer(How.RAISED, told))
 
     # --- the end ------------------------------------------------------------------------
 
@@ -365,14 +376,14 @@ class WorkerProcess:
         # kill would wait for the next look. A fork server's worker is not our child: its
         # server tells when it exits.
         pidfd = None if isinstance(self.proc, ForkServed) else self.pidfd
-        if timeout is not None and pidfd is not None and not _ready(pidfd, timeout):
+        if timeout is not None and pidfd is not None and not ready(pidfd, timeout):
             return None
         try:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             return None
 
-    def _drain(self, work: ProcessWork) -> tuple[str, Any, bool] | None:
+    def _drain(self, work: Job) -> Answer | None:
         """The answer to ``work`` if the pipe holds it (the worker has exited)."""
         chunks = []
         while True:
@@ -389,7 +400,12 @@ class WorkerProcess:
         return None
 
     def finish_soon(self) -> None:
-        threading.Thread(target=self.finish, name="threadbridge-reap", daemon=True).start()
+        try:
+            threading.Thread(target=self.finish, name="threadbridge-reap", daemon=True).start()
+        except RuntimeError:
+            # No thread can start (the interpreter is exiting, on 3.12 and later): reaped
+            # here, then, within its bound; its call must still settle.
+            self.finish()
 
     def finish(self, *, drain: bool = False, loop_gone: bool = False) -> None:
         """The worker is gone or going: clean up once, from any thread but the loop's
@@ -407,6 +423,7 @@ class WorkerProcess:
             crashed, self.current = self.current, None
             killed, self.killed = self.killed, None
             answered, self.answered = self.answered, None
+        self._tell_asked(None, "(not running: its worker has ended)")
         # End of file on its answers while the worker still runs: something in it closed
         # or replaced its answer pipe. A dying worker's descriptors close a moment before
         # it is gone: it is given that moment. Told only where its exit can be awaited
@@ -415,7 +432,7 @@ class WorkerProcess:
             crashed is not None
             and not drain
             and self.pidfd is not None
-            and not _ready(self.pidfd, PIPE_CLOSED_GRACE)
+            and not ready(self.pidfd, PIPE_CLOSED_GRACE)
         )
         # Take down anything its targets left in its process group, while the unreaped
         # worker still holds the group's id (so that it cannot have been reused)...
@@ -428,19 +445,21 @@ class WorkerProcess:
                 self.pid,
                 REAP_TIMEOUT,
             )
-        self._end_pipes()
+        self.pipes.end()
         # The loop may still watch the result pipe: only the loop's thread may stop that
         # and close it, or a new pipe given the same number would meet the old watch.
         if loop_gone or not self.link.call(self._close_result_fd):
             self.fds_closed = True  # the loop has ended (or is ending): nothing watches
-            _close(self.result_fd)
+            close(self.result_fd)
             if self.pidfd is not None:
-                _close(self.pidfd)
+                close(self.pidfd)
         # Ended by itself, not by the pool (rung 3, a kill after rung 2, asked to exit)?
         by_itself = killed is None and answered is None and self.state != "retiring"
         boot_error = None
         if by_itself and self.boot != "ready" and not self.pool.closed:
-            boot_error = self._boot_error(returncode, crashed)
+            then = f"before it could run {crashed.run.name}" if crashed else "while idle"
+            initializer = self.pool.initializer_name if self.boot == "initializer" else None
+            boot_error = startup_error(self.proc, returncode, then, initializer)
         early = by_itself and self.tasks == 0 and (crashed is None or boot_error is not None)
         self.pool.ended(
             self,
@@ -452,132 +471,10 @@ class WorkerProcess:
         if killed is not None:
             killed.killed()
         if answered is not None:
-            answered[0].answered(*answered[1])
+            answered[0].answered(answered[1])
         if crashed is not None:
             crashed.crashed(returncode, pipe_closed=pipe_closed, error=boot_error)
+        self.ended.set()
         if returncode is None:
             self._reap(None)
             self.pool.ended(self, reaped=True)
-
-    def _boot_error(self, returncode: int | None, work: ProcessWork | None) -> WorkerCrashed:
-        """What a worker that ended before it was ready tells the call it had (and the
-        pool, which stops starting workers that cannot start)."""
-        then = f"before it could run {work.run.name}" if work is not None else "while idle"
-        if self.boot == "initializer":
-            name = self.pool.initializer_name
-            how, signum, exitcode = how_it_ended(self.proc, returncode, "in it")
-            message = (
-                f"the ProcessPool's initializer {name} ended its worker process (pid "
-                f"{self.pid}) {then}: the worker {how}. An initializer must return (or "
-                "raise, to fail the pool with its error); it must not exit the process"
-            )
-        else:
-            how, signum, exitcode = how_it_ended(self.proc, returncode, "while starting")
-            message = (
-                f"the worker process (pid {self.pid}) {how}, {then}: it could not start "
-                "(its standard error says why: an interpreter that cannot run, the main "
-                "script or a package that fails to import, the process killed from outside)"
-            )
-        return WorkerCrashed(message, signal=signum, exitcode=exitcode, pid=self.pid)
-
-
-def worker_settings(*, warm: bool) -> dict[str, object]:
-    """What a new worker (or a fork server) takes from the parent before any job: the
-    import path, argv, the main script to import as __mp_main__, and (``warm``: started
-    ahead of need) the modules jobs have needed so far, to import while it idles."""
-    _jobs.alias_main()  # before any worker can answer with a class of the main script
-    settings: dict[str, object] = {
-        "sys_path": list(sys.path),
-        "argv": list(sys.argv),
-        "main": _jobs.main_source(),
-    }
-    cwd = _cwd()
-    if cwd is not None:
-        settings["cwd"] = cwd
-    if warm:
-        settings["warm"] = ["tblib", "threadbridge._jobs", *_jobs.modules_used]
-    return settings
-
-
-def how_it_ended(
-    proc: object, returncode: int | None, when: str = "without answering"
-) -> tuple[str, int | None, int | None]:
-    """How a process of ours (a worker, a fork server) that ended by itself did (``when``
-    it did): words for an error, its signal, its exit code."""
-    if returncode is None:
-        return f"died {when}", None, None
-    if returncode == 0 and _exit_status_discarded(proc):
-        return (
-            f"exited {when}; how it ended is unknown: SIGCHLD is ignored in this process, "
-            "so the system discards its children's exit statuses (restore it with "
-            "signal.signal(signal.SIGCHLD, signal.SIG_DFL) to learn the exit code or signal)",
-            None,
-            None,
-        )
-    if returncode < 0:
-        signum = -returncode
-        try:
-            signame = signal.Signals(signum).name
-        except ValueError:  # pragma: no cover
-            signame = str(signum)
-        return f"was killed by {signame} {when}", signum, None
-    return f"exited with code {returncode} {when}", None, returncode
-
-
-def _exit_status_discarded(proc: object) -> bool:
-    """Whether the system reaps this process itself, keeping no exit status: a child of a
-    process that ignores SIGCHLD (a fork server's workers are its children, not ours)."""
-    if isinstance(proc, ForkServed):
-        return False
-    return signal.getsignal(signal.SIGCHLD) == signal.SIG_IGN
-
-
-def write_frame(fd: int, kind: int, job: int = 0, payload: bytes = b"") -> None:
-    """A frame to a worker. Never raises SIGPIPE, even in a program that has restored its
-    default action (CLI tools do): a dead worker is a BrokenPipeError, handled here."""
-    if _signals.getsignal(signal.SIGPIPE) == signal.SIG_IGN:  # Python's default
-        _wire.write_frame(fd, kind, job, payload)
-        return
-    pipe = {signal.SIGPIPE}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, pipe)
-    try:
-        _wire.write_frame(fd, kind, job, payload)
-    except BrokenPipeError:
-        # The SIGPIPE now pending for this thread: drop it (macOS has no sigtimedwait,
-        # and sigwait returns at once for a signal that is pending).
-        if hasattr(signal, "sigtimedwait"):
-            signal.sigtimedwait(pipe, 0)
-        elif signal.SIGPIPE in signal.sigpending():
-            signal.sigwait(pipe)
-        raise
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-def _environ_snapshot() -> object:
-    raw = getattr(os.environ, "_data", None)
-    return None if raw is None else dict(raw)
-
-
-def _cwd() -> str | None:
-    try:
-        return os.getcwd()
-    except OSError:  # the directory was removed: there is nothing to follow
-        return None
-
-
-def _ready(fd: int, timeout: float = 0.0) -> bool:
-    """Whether reading ``fd`` would not block (data, end of file, or a process descriptor
-    whose process has exited), waiting up to ``timeout`` seconds. poll(), not select():
-    select() cannot take a descriptor numbered 1024 or more, and a busy service's pipes
-    may well be numbered so."""
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(timeout * 1000))
-
-
-def _close(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass

@@ -10,22 +10,26 @@ import logging
 import math
 import os
 import sys
+import time
 import weakref
 from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any
 
-import anyio
-
-from . import _jobs, _pickling, _spawn, _wire, _worker
+from . import _jobs, _settings, _spawn, _wire
 from ._backend import Backend
+from ._callables import check_func, name_of
 from ._cpus import usable_cpus
 from ._errors import WorkerCrashed
 from ._ladder import Ending, Run
 from ._loop import Link, current_link
-from ._process import WorkerPool, pool_for
-from ._process_worker import WorkerProcess, how_it_ended
+from ._loop._waits import shielded, shielded_in_thread
+from ._pickling import Answer
+from ._pools import pool_for, track
 from ._public import export
+from ._worker_io import how_it_ended
+from ._worker_pool import WorkerPool
+from ._worker_process import WorkerProcess
 
 logger = logging.getLogger("threadbridge")
 
@@ -35,47 +39,57 @@ _job_ids = itertools.count(1)
 class ProcessWork:
     """One target in one worker process; the ladder's Work for the process backend."""
 
-    __slots__ = ("interrupt_sent", "job_id", "run", "worker")
+    __slots__ = ("interrupt_sent", "job_id", "run", "started", "worker")
 
     def __init__(self, run: Run, worker: WorkerProcess) -> None:
         self.run = run
         self.worker = worker
         self.job_id = next(_job_ids)
         self.interrupt_sent = False
+        self.started = time.monotonic()  # sent to the worker now
 
     # --- the rungs, called by the ladder ---------------------------------------------
 
     def request_stop(self) -> None:
         self.worker.control(_wire.STOP, self.job_id)
 
-    def interrupt(self) -> bool:
+    def interrupt(self, announce: Callable[[], None] | None = None) -> bool:
         worker = self.worker
         with worker.lock:
             if worker.current is not self:
                 return False
             self.interrupt_sent = True
+        if announce is not None:
+            announce()
         worker.control(_wire.INTERRUPT, self.job_id)
         return True
 
     def force(self) -> None:
-        if self.worker.kill_for(self):
-            logger.warning(
-                "killed the %s and its process group (rung 3): it did not stop within "
-                "its grace periods",
-                self.describe(),
-            )
+        self.worker.kill_for(self, self._say_killed)
+
+    def _say_killed(self) -> None:
+        # Said before the kill: the kill's report may come at once from the loop.
+        logger.warning(
+            "killed the %s and its process group (rung 3): it did not stop within its "
+            "grace periods%s",
+            self.describe(),
+            self.run.said_where(),
+            extra=self.run.fields("kill", self),
+        )
+
+    backend = "process"  # for the records of the ladder (Run.fields)
+
+    @property
+    def pid(self) -> int:
+        return self.worker.pid
 
     def describe(self) -> str:
         return f"worker process {self.worker.pid} running {self.run.name}"
 
     # --- from the worker -------------------------------------------------------------
 
-    def answered(self, how: str, value: Any, interrupted: bool) -> None:
-        if how == _pickling.NOT_STARTED:
-            self.run.report(Ending.NOT_STARTED)
-        else:
-            outcome = (how == _pickling.RETURNED, value)
-            self.run.report(Ending.ENDED, outcome, interrupted=interrupted)
+    def answered(self, answer: Answer, *, hand_back: bool = True) -> None:
+        self.run.report_answer(answer, hand_back=hand_back)
 
     def killed(self) -> None:
         self.run.report(Ending.KILLED)
@@ -96,7 +110,7 @@ class ProcessWork:
     def _crash_error(self, returncode: int | None, pipe_closed: bool) -> WorkerCrashed:
         worker = f"the worker process (pid {self.worker.pid}) running {self.run.name}"
         pid = self.worker.pid
-        if pipe_closed or returncode == _worker.PIPES_LOST:
+        if pipe_closed or returncode == _wire.PIPES_LOST:
             how = "was killed" if pipe_closed else f"exited with code {returncode}"
             return WorkerCrashed(
                 f"{worker} {how} without answering: its pipes to this process were closed "
@@ -123,7 +137,7 @@ def _check_platform(what: str) -> None:
             f'{what}: backend="process" needs process groups and POSIX signals, which '
             'this platform lacks (Windows has neither); use backend="thread" there'
         )
-    if _worker.importing_main:
+    if _settings.importing_main:
         raise RuntimeError(
             f"{what}: this is a worker process importing the main script (as "
             "__mp_main__, so that the functions defined in it can run in workers), and "
@@ -159,6 +173,8 @@ class ProcessBackend(Backend):
 
     def start(self, run: Run, job: Any) -> ProcessWork:
         return _start(pool_for(run.link), run, job)
+
+    may_wait_to_start = True
 
     def not_ready(self, link: Link) -> bool:
         # The default pool forks from a server only under set_start_method("forkserver"):
@@ -247,11 +263,9 @@ class ProcessPool(Backend):
         self._initializer: bytes | None = None
         self._initializer_name = ""
         if initializer is not None:
-            from ._api import _check_func, _name_of
-
-            _check_func(initializer, "ProcessPool(initializer=...)")
+            check_func(initializer, "ProcessPool(initializer=...)")
             args = tuple(initargs)
-            name = self._initializer_name = _name_of(initializer)
+            name = self._initializer_name = name_of(initializer)
             self._initializer = _jobs.dumps_job(initializer, args, f"the initializer {name}")
         self._pool: WorkerPool | None = None
         self._closed = False
@@ -265,13 +279,15 @@ class ProcessPool(Backend):
             raise RuntimeError("a ProcessPool can be entered once; make a new one")
         link = current_link("async with ProcessPool()")
         _check_platform("ProcessPool")
-        pool = self._pool = WorkerPool(
-            link,
-            idle_timeout=self._idle_timeout,
-            max_tasks=self._max_tasks,
-            initializer=self._initializer,
-            initializer_name=self._initializer_name,
-            start_method=self._start_method,
+        pool = self._pool = track(
+            WorkerPool(
+                link,
+                idle_timeout=self._idle_timeout,
+                max_tasks=self._max_tasks,
+                initializer=self._initializer,
+                initializer_name=self._initializer_name,
+                start_method=self._start_method,
+            )
         )
         ref = weakref.ref(pool)
 
@@ -293,13 +309,16 @@ class ProcessPool(Backend):
         self._closed = True
         if pool is None:
             return
-        runs = pool.running()
+        runs = pool.runs()
         for run in runs:
             run.cancel()
-        with anyio.CancelScope(shield=True):
+
+        async def settle() -> None:
             for run in runs:
                 await run.link.wait_settled(run)
-            await anyio.to_thread.run_sync(functools.partial(pool.shutdown, loop_ending=False))
+
+        await shielded(settle)
+        await shielded_in_thread(functools.partial(pool.shutdown, loop_ending=False))
 
     # --- the Backend contract ------------------------------------------------------------
 
@@ -323,6 +342,8 @@ class ProcessPool(Backend):
         self._check_open(run.name)
         assert self._pool is not None  # check_platform() ran first
         return _start(self._pool, run, job)
+
+    may_wait_to_start = True
 
     def not_ready(self, link: Link) -> bool:
         pool = self._pool

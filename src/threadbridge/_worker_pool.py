@@ -7,34 +7,28 @@ standby worker is kept idle so that the call after a kill does not pay a cold st
 
 from __future__ import annotations
 
-import atexit
 import functools
 import logging
 import math
-import os
-import signal
-import subprocess
 import threading
 import time
 import weakref
 
-from . import _spawn, _stats
+from . import _locks, _stats
 from ._errors import WorkerCrashed
-from ._forkserver import ForkServed, ForkServer
 from ._ladder import Run
 from ._loop import Link
-from ._process_worker import WorkerProcess, how_it_ended, worker_settings
 from ._scheduler import SCHEDULER, Timer
+from ._worker_ends import end_workers
+from ._worker_owner import Process
+from ._worker_process import WorkerProcess
+from ._worker_start import Starter
 
 logger = logging.getLogger("threadbridge")
-
-Process = subprocess.Popen[bytes] | _spawn.Forked | ForkServed
 
 # Idle workers beyond the one kept on standby exit after this many seconds. Starting a
 # worker costs tens of milliseconds, so this errs on the side of keeping them.
 IDLE_TIMEOUT = 60.0
-# When a loop ends, its workers get this long to exit on their own before SIGKILL.
-SHUTDOWN_GRACE = 1.0
 # A standby wanted because a call took the last idle worker starts this much later: a
 # starting interpreter competes for the CPUs with the very call that took the worker.
 STANDBY_DELAY = 0.05
@@ -73,22 +67,24 @@ class WorkerPool:
         self.initializer_name = initializer_name
         self.early_ends = 0  # workers in a row that ended by themselves before a first job
         self.failed_starts = 0  # workers in a row that ended before they were ready
-        self.start_method = start_method  # None: set_start_method()'s choice
         # The initializer failed: no worker of this pool runs anything any more.
         self.broken: BaseException | None = None
         self.broken_told = False  # the error itself went to a caller once
-        self.forkserver: ForkServer | None = None  # for start method "forkserver"
-        self.forkserver_lock = threading.Lock()
-        self.lock = threading.Lock()
+        self.starter = Starter(start_method)
+        self.lock = _locks.Lock()
         self.workers: set[WorkerProcess] = set()
         self.idle: list[WorkerProcess] = []  # most recently used last
         self.closed = False
         self.loop_ending = True  # as the pool closes: set by shutdown()
         self.making_standby = False
+        # Waited on and notified under `with self.lock:`, never entered itself: `with` on a
+        # threading.Condition can leave its lock held (see _locks).
         self.standby_made = threading.Condition(self.lock)
         self.retire_timer: Timer | None = None  # withdrawn at shutdown: it holds the pool
         self.standby_timer: Timer | None = None  # the same
-        _all_pools.add(self)
+        # A call started a worker of its own (none was idle): the standby comes once that
+        # worker is ready, not while both interpreters would start at once.
+        self.standby_after_boot = False
         _stats.register(self)
 
     def _set_state(self, worker: WorkerProcess, state: str, *, front: bool = False) -> None:
@@ -121,12 +117,15 @@ class WorkerPool:
                 self._set_state(worker, "busy")
                 break
             want_standby = not self.idle
+        cold = worker is None
         if worker is None:
             worker = self._new_worker("busy")
         worker.used = True
         if want_standby:
             with self.lock:
-                if self.standby_timer is None and not self.closed:
+                if cold:
+                    self.standby_after_boot = True  # see booted()
+                elif self.standby_timer is None and not self.closed:
                     # Held weakly: a pending standby must not keep an ended loop's pool.
                     due = functools.partial(_standby_due, weakref.ref(self))
                     self.standby_timer = SCHEDULER.call_later(STANDBY_DELAY, due)
@@ -168,67 +167,25 @@ class WorkerPool:
                 self.broken = error
             return self._broken_error() if for_job else None
 
-    # --- a fork server that is still starting ---------------------------------------------
+    # --- starting workers ---------------------------------------------------------------
 
     def not_ready(self) -> bool:
         """Whether a call would wait for this pool's fork server to import what workers
-        need (the main script's import may take long): no idle worker to take it, and
-        the server not ready. Cheap: every call of a process pool asks."""
-        if self.idle:
-            return False
-        if (self.start_method or _spawn.current_method()) != "forkserver":
-            return False
-        server = self.forkserver
-        return server is None or not server.ready
+        need: no idle worker to take it, and the server not ready. Cheap: every call of
+        a process pool asks."""
+        return not self.idle and self.starter.not_ready()
 
     async def ready(self) -> None:
-        """Start the fork server if need be, and wait (in the loop, cancellably) until it
-        is ready or has died."""
-        import anyio
-
-        server = self._forkserver()
-        if server.ready:
-            return
-        ready = anyio.Event()
-        server.when_ready(lambda: self.link.post(ready.set))
-        await ready.wait()
-
-    def _forkserver(self) -> ForkServer:
-        with self.forkserver_lock:
-            server = self.forkserver
-            if server is None or not server.alive:
-                if server is not None:
-                    server.close()  # its socket, and it is reaped
-                server = self.forkserver = ForkServer(worker_settings(warm=True))
-            return server
+        await self.starter.ready(self.link)
 
     def start_process(self, job_r: int, control_r: int, result_w: int) -> Process:
         """Start a worker process the pool's way; it gets the three pipe ends."""
-        method = self.start_method or _spawn.current_method()
-        if method != "forkserver":
-            return _spawn.start_worker(job_r, control_r, result_w, method)
-        server = self._forkserver()
         try:
-            return server.start_worker(job_r, control_r, result_w)
-        except OSError:
-            # Its socket failed (the server has died, or is dying), or nothing was left
-            # to start a worker with (out of descriptors, say): which, its exit tells.
-            if server.alive and server.exit_code() is None:
-                raise
-        # The server ended before it could start a worker: it cannot start (its main
-        # script's import ended the process, an interpreter that cannot run...).
-        how, signum, exitcode = how_it_ended(server.proc, server.exit_code(), "as it started")
-        error = WorkerCrashed(
-            f"the fork server of this pool (pid {server.proc.pid}) {how}, before it could "
-            "start a worker: workers could not start (its standard error says why: an "
-            "interpreter that cannot run, a main script whose import ends the process)",
-            signal=signum,
-            exitcode=exitcode,
-            pid=server.proc.pid,
-        )
-        with self.lock:
-            self._failed_start(error, told=True)
-        raise error
+            return self.starter.start(job_r, control_r, result_w)
+        except WorkerCrashed as error:  # its fork server ended before it could start one
+            with self.lock:
+                self._failed_start(error, told=True)
+            raise
 
     def _failed_start(self, error: BaseException, *, told: bool, at_once: bool = False) -> None:
         """Under the lock: a worker (or a fork server) ended before it was ready. The
@@ -254,7 +211,7 @@ class WorkerPool:
             # ProcessPool's block has ended, but its loop runs on and still watches the
             # worker's descriptors (its exit watcher may be waiting already): the loop
             # closes them, after it has stopped watching them.
-            _end_workers([worker], loop_gone=self.loop_ending)
+            end_workers([worker], loop_gone=self.loop_ending)
             raise RuntimeError("the event loop is shutting down; no new process work")
         return worker
 
@@ -291,9 +248,7 @@ class WorkerPool:
         if retire:
             worker.ask_to_exit()
         if replace:  # it did its max_tasks_per_worker jobs: a fresh one takes its place
-            threading.Thread(
-                target=self._add_standby, name="threadbridge-standby", daemon=True
-            ).start()
+            _start_standby(self)
 
     def _retire_idle(self) -> None:
         """Let workers idle for IDLE_TIMEOUT exit; the most recently used one stays."""
@@ -317,6 +272,15 @@ class WorkerPool:
     def booted(self) -> None:
         """A worker is ready for jobs (in the loop's thread)."""
         self.failed_starts = 0
+        with self.lock:
+            if not self.standby_after_boot:
+                return
+            # The call that started it runs now; the standby starts a little later, as
+            # for a call that took the last idle worker (see acquire()).
+            self.standby_after_boot = False
+            if self.standby_timer is None and not self.closed:
+                due = functools.partial(_standby_due, weakref.ref(self))
+                self.standby_timer = SCHEDULER.call_later(STANDBY_DELAY, due)
 
     def ended(
         self,
@@ -371,11 +335,11 @@ class WorkerPool:
         for worker in workers:
             # The loop will not read again (it is ending, or gone).
             worker.unwatch()
-        _end_workers(workers)
-        with self.forkserver_lock:
-            server, self.forkserver = self.forkserver, None
-        if server is not None:
-            server.close()
+            work = worker.current
+            if loop_ending and work is not None:
+                _stats.note_outlived(f"{work.describe()}: still running when its event loop ended")
+        end_workers(workers)
+        self.starter.close()
 
     # --- stats ----------------------------------------------------------------------------
 
@@ -394,21 +358,33 @@ class WorkerPool:
         """Its idle workers and its fork server, which it keeps for the next call."""
         with self.lock:
             kept = {w.pid for w in self.idle}
-            server = self.forkserver
-        if server is not None and server.alive:
-            kept.add(server.proc.pid)
+        server = self.starter.kept()
+        if server is not None:
+            kept.add(server)
         return kept
 
-    def running(self) -> list[Run]:
+    def runs(self) -> list[Run]:
         """The runs its busy workers have."""
         with self.lock:
             works = [w.current for w in self.workers if w.state == "busy"]
         return [work.run for work in works if work is not None]
 
-    def describe_running(self) -> list[str]:
+    def running(self) -> list[_stats.RunningTarget]:
         with self.lock:
-            works = [w.current for w in self.workers if w.state == "busy"]
-        return [work.describe() for work in works if work is not None]
+            busy = [(w, w.current) for w in self.workers if w.state == "busy"]
+        return [
+            _stats.RunningTarget(
+                work.run,
+                "process",
+                work.started,
+                worker.pid,
+                None,
+                functools.partial(worker.where_of, work),
+                work.describe(),
+            )
+            for worker, work in busy
+            if work is not None
+        ]
 
 
 def _standby_due(ref: weakref.ref[WorkerPool]) -> None:
@@ -421,70 +397,14 @@ def _standby_due(ref: weakref.ref[WorkerPool]) -> None:
             # Quick calls one after another: the worker is back already, and no thread
             # is started just to find that out.
             return
-    threading.Thread(target=pool._add_standby, name="threadbridge-standby", daemon=True).start()
+    _start_standby(pool)
 
 
-def _end_workers(workers: list[WorkerProcess], *, loop_gone: bool = False) -> None:
-    """The loop is ending (nothing reads answers any more): the busy workers' targets get
-    rungs 1 and 2 at once, every worker is asked to exit, and what is left after the grace
-    is killed, as rung 3. Each run then reports how it really ended."""
-    for worker in workers:
-        work = worker.current
-        if work is not None:
-            work.run.cancel()  # rung 1, and the ladder's own clock for what follows...
-            work.interrupt()  # ...but rung 2 at once: the loop is going
-        worker.ask_to_exit()
-    deadline = time.monotonic() + SHUTDOWN_GRACE
-    for worker in workers:
-        try:
-            worker.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            work = worker.current
-            if work is None or not worker.kill_for(work, later=True):
-                worker.signal_group(signal.SIGKILL)
-        worker.finish(drain=True, loop_gone=loop_gone)
-
-
-_all_pools: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
-_pools: weakref.WeakKeyDictionary[object, WorkerPool] = weakref.WeakKeyDictionary()
-
-
-@atexit.register
-def _shutdown_all() -> None:
-    for pool in list(_all_pools):
-        pool.shutdown()
-
-
-def _forget_after_fork() -> None:
-    """In a forked child: the parent's pools are not ours. Never end them (at exit or
-    otherwise), and close our copies of their pipes, so that the parent's workers see end
-    of file when the parent dies, whatever its children do."""
-    for pool in list(_all_pools):
-        for worker in list(pool.workers):
-            worker.forget()
-        if pool.forkserver is not None:
-            pool.forkserver.forget()
-        _stats.unregister(pool)
-    _all_pools.clear()
-    _pools.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_after_fork)
-
-
-def pool_for(link: Link) -> WorkerPool:
-    """The default pool of the running loop; made, with its shutdown hook, on first use."""
-    key = link.key
-    pool = _pools.get(key)
-    if pool is None:
-        pool = _pools[key] = WorkerPool(link)
-
-        def close() -> None:
-            # The pool refers to the loop (through its link): dropped from the registry,
-            # it no longer keeps the ended loop alive.
-            _pools.pop(key, None)
-            pool.shutdown()
-
-        link.on_close(close, "threadbridge process pool guard")
-    return pool
+def _start_standby(pool: WorkerPool) -> None:
+    try:
+        threading.Thread(target=pool._add_standby, name="threadbridge-standby", daemon=True).start()
+    except RuntimeError:
+        # The interpreter is exiting (3.12 refuses new threads from then on): a standby
+        # would serve no later call. (A thread that cannot start for want of resources
+        # raises RuntimeError too: the next call starts its worker itself.)
+        logger.debug("threadbridge: no standby worker (no thread could start)", exc_info=True)
