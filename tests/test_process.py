@@ -1246,6 +1246,51 @@ def test_parent_that_blocks_signals(tmp_path: Path, loop: str, method: str) -> N
     assert "did not end within" not in done.stderr
 
 
+BUFFERED_OUTPUT_SCRIPT = """
+import sys
+import anyio
+import threadbridge as tb
+
+
+def to_stderr(text):
+    print(text, file=sys.stderr)
+
+
+async def main():
+    tb.set_start_method(sys.argv[2])
+    sys.stdout.write("the parent wrote this;")  # buffered: not flushed before the fork
+    sys.stderr.write("the parent's partial line;")
+    await tb.run_killable(print, "the worker wrote this", backend="process")
+    await tb.run_killable(to_stderr, "and this", backend="process")
+    sys.stdout.write("the end")
+
+
+if __name__ == "__main__":
+    anyio.run(main, backend=sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("method", _spawn.START_METHODS)
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+def test_output_the_parent_had_not_flushed_is_written_once(
+    tmp_path: Path, loop: str, method: str
+) -> None:
+    """A worker forked while the parent's sys.stdout and sys.stderr hold output not yet
+    flushed does not write that output again when it exits (it came out twice); what the
+    worker itself prints comes out once."""
+    script = tmp_path / "buffered_output.py"
+    script.write_text(BUFFERED_OUTPUT_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    command = [sys.executable, str(script), loop, method]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert sorted(done.stdout.splitlines()) == sorted(
+        ["the worker wrote this", "the parent wrote this;the end"]
+    )
+    assert done.stderr.count("the parent's partial line;") == 1, done.stderr
+    assert done.stderr.count("and this") == 1, done.stderr
+
+
 LIKE_OLD_MACOS = """
 import json, os, signal, sys, time
 import _signal

@@ -7,12 +7,47 @@ CPython resets its own interpreter locks (and threadbridge its own, with
 were in the middle of: the child would wait for ever on the first import of such a
 module. threadbridge's own threads import lazily too (the loop thread loads tblib for an
 answer's traceback), so this can happen in a program that starts no thread of its own.
+
+The child also inherits what the parent had written to ``sys.stdout`` and ``sys.stderr``
+but not yet flushed: written out again by the child, it would appear twice.
 """
 
 from __future__ import annotations
 
+import io
 import sys
 import threading
+
+# The streams a forked child inherited: kept alive, never flushed nor finalized (the child
+# leaves with os._exit()), so the parent's unflushed output in them is never written twice.
+_inherited: list[object] = []
+
+
+def forget_inherited_output() -> None:
+    """In a fork's child: put fresh ``sys.stdout`` and ``sys.stderr`` on the same files in
+    place of the parent's, whose buffers may hold output the parent has not flushed yet
+    (the parent writes it itself). What the child writes goes through the fresh ones."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if getattr(stream, "write_through", False) and isinstance(
+            getattr(stream, "buffer", None), io.FileIO
+        ):
+            continue  # unbuffered (python -u): it holds nothing
+        try:
+            binary = io.BufferedWriter(io.FileIO(stream.fileno(), "w", closefd=False))
+            fresh = io.TextIOWrapper(
+                binary,
+                encoding=stream.encoding,
+                errors=stream.errors,
+                line_buffering=stream.line_buffering,
+                write_through=getattr(stream, "write_through", False),
+            )
+        except (AttributeError, OSError, ValueError, TypeError, LookupError):
+            continue  # not a file (an in-memory capture): nothing of it reaches a file
+        _inherited.append(stream)
+        setattr(sys, name, fresh)
+        if getattr(sys, f"__{name}__") is stream:
+            setattr(sys, f"__{name}__", fresh)
 
 
 def release_imports_of_lost_threads() -> None:

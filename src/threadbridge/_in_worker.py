@@ -115,6 +115,7 @@ def after_fork(job_fd: int, control_fd: int, result_fd: int) -> None:
     global host
     try:
         _fork.release_imports_of_lost_threads()  # before this child imports anything
+        _fork.forget_inherited_output()
         os.setsid()
         keep = {0, 1, 2, job_fd, control_fd, result_fd}
         for fd in _open_fds():
