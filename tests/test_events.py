@@ -30,6 +30,7 @@ class Records(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
         self.seen: list[dict[str, Any]] = []
+        self.messages: list[str] = []  # of the same records
         self.guard = threading.Lock()
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -37,6 +38,7 @@ class Records(logging.Handler):
         if fields is not None:
             with self.guard:
                 self.seen.append({**fields, "level": record.levelname})
+                self.messages.append(record.getMessage())
 
     def events(self) -> list[str]:
         with self.guard:
@@ -128,3 +130,37 @@ async def test_a_worker_process_says_where_as_its_answer_comes(
     assert "stack" not in interrupt
     assert (where["function"], where["pid"]) == ("spin_marked", interrupt["pid"])
     assert where["stack"] == handle.stopped_at
+
+
+async def test_a_worker_process_killed_without_rung2_says_where(
+    records: Records, tmp_path: Path
+) -> None:
+    """With no rung 2 to say it (interrupt=False), rung 3 asks the worker where its
+    target is before the kill: its record says it, and stopped_at keeps it."""
+    path = tmp_path / "log"
+    policy = tb.Policy(grace=0, interrupt=False)
+    handle = tb.spawn(targets.spin_marked, str(path), backend="process", policy=policy)
+    await lines_of(path, 1)
+    assert await handle.stop() is tb.Stage.KILLED
+    assert records.events() == ["stop", "kill", "stopped"]
+    kill = records.seen[1]
+    assert (kill["level"], kill["rung"], kill["function"]) == ("WARNING", 3, "spin_marked")
+    assert kill["file"] == targets.__file__
+    assert kill["stack"] == handle.stopped_at
+    assert records.messages[1].endswith(f"; it was at targets.py:{kill['line']} in spin_marked()")
+
+
+async def test_a_worker_that_cannot_say_where_is_killed_all_the_same(
+    records: Records, tmp_path: Path
+) -> None:
+    """A target that holds the GIL in one C call keeps its worker's control thread from
+    answering: rung 3 kills it after a short wait, with nothing said of where it was."""
+    path = tmp_path / "log"
+    policy = tb.Policy(grace=0, interrupt=False)
+    handle = tb.spawn(targets.busy_then_c_call, str(path), backend="process", policy=policy)
+    await lines_of(path, 1)
+    with anyio.fail_after(30):
+        assert await handle.stop() is tb.Stage.KILLED
+    assert records.events() == ["stop", "kill", "stopped"]
+    assert "stack" not in records.seen[1]
+    assert handle.stopped_at is None

@@ -200,13 +200,21 @@ class Host:
     def where_now(self, job_id: int) -> str | None:
         """The stack of the job's target now (None if it does not run, or shows no frame
         of its own)."""
+        found = self._snapshot(job_id)
+        return None if found is None else found.stack()
+
+    def seen_now(self, job_id: int) -> tuple[str, str] | None:
+        """Where the job's target is now, as rung 2 tells it: (line, stack)."""
+        found = self._snapshot(job_id)
+        return None if found is None else (found.line, found.stack())
+
+    def _snapshot(self, job_id: int) -> _where.Snapshot | None:
         with self.lock:
             job = self.current
             if job is None or job.id != job_id or not job.state.running:
                 return None
             thread_id = job.state.thread_id
-        found = _where.snapshot(thread_id)
-        return None if found is None else found.stack()
+        return _where.snapshot(thread_id)
 
     def send_again(self, job: HostedJob) -> bool:
         """Rung 2's signal once more to the target's thread if the handler has not run

@@ -93,6 +93,11 @@ def _control(fd: int, host: Host, reply: Callable[[int, int, bytes], None]) -> N
                 reply(_wire.HERE, job_id, pickle.dumps(host.where_now(job_id)))
             except OSError:
                 pass  # the parent is gone: the next read says so
+        elif kind == _wire.SAY_WHERE:
+            try:
+                reply(_wire.WHERE, job_id, pickle.dumps(host.seen_now(job_id)))
+            except OSError:
+                pass
         elif kind == _wire.INTERRUPT:
             # To the whole process group: what the target started gets it too.
             job = host.interrupt(job_id, _signal_group)

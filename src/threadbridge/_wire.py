@@ -24,13 +24,15 @@ TRACE = 4  # payload: pickled trace context (W3C headers) of the RUN that follow
 STOP = 10  # rung 1 for a job: set its token
 INTERRUPT = 11  # rung 2 for a job: SIGTERM to the worker's process group
 ASK_WHERE = 12  # where is the job's target now? (answered by HERE)
+SAY_WHERE = 13  # rung 3 comes: where is the job's target? (answered by WHERE)
 # worker -> parent, on the result pipe
 ANSWER = 21  # payload: pickled (how it ended, value, whether rung 2 reached it)
 NAMES = 22  # payload: pickled (main source, names its import as __mp_main__ bound)
 INIT_FAILED = 23  # payload: an answer (raised, the initializer's error); the worker exits
 INITIALIZING = 24  # no payload: the pool's initializer starts now
 READY = 25  # no payload: the worker has booted (and run the initializer): jobs may come
-WHERE = 26  # payload: pickled (line, stack): where the job's target was as rung 2 fired
+WHERE = 26  # payload: pickled (line, stack) or None: where the job's target was as rung 2
+# fired, or as SAY_WHERE asked
 HERE = 27  # payload: pickled stack (or None): where the job's target is, as ASK_WHERE asked
 
 # The exit status of a worker whose pipes to the parent a target closed or replaced

@@ -23,6 +23,7 @@ from . import _jobs, _locks, _otel, _pickling, _settings, _wire
 from ._forkserver import ForkServed
 from ._loop import Link
 from ._pickling import Answer, How
+from ._scheduler import SCHEDULER
 from ._worker_io import close, ready, startup_error
 from ._worker_owner import Job, Owner
 from ._worker_pipes import WorkerPipes
@@ -43,6 +44,10 @@ PIPE_CLOSED_GRACE = 1.0
 # How long RunningTarget.where() waits for a worker to say where its target is. Its
 # control thread answers at once, unless the target holds the GIL (one long C call).
 WHERE_TIMEOUT = 1.0
+# How long rung 3 waits for a worker to say where its target is before the kill, when
+# rung 2 has not said it (Policy(interrupt=False), or a target rung 2 did not reach). It
+# answers within moments, unless its target holds the GIL in one long C call.
+ASK_BEFORE_KILL = 0.2
 
 
 class _Asked:
@@ -64,6 +69,9 @@ class WorkerProcess:
         self.lock = _locks.Lock()  # guards current, killed, finished
         self.current: Job | None = None  # the job it runs
         self.killed: Job | None = None  # the job rung 3 killed it for
+        # The job rung 3 is about to kill it for, once the worker has said where its
+        # target is (see kill_for()), and what to say as it kills.
+        self.killing: tuple[Job, Callable[[], None]] | None = None
         # A job that rung 2 reached, answered; reported once the worker is retired.
         self.answered: tuple[Job, Answer] | None = None
         self.finished = False
@@ -239,10 +247,31 @@ class WorkerProcess:
         """Rung 3: SIGKILL the process group if it still runs ``work``; ``announce`` is
         called first (whatever it says comes before the kill can be seen: the exit is
         watched in the loop). Reaping and the report follow in ``finish()``, in a thread
-        of its own. Returns at once."""
+        of its own. Returns at once.
+
+        If rung 2 has not said where the target is, the worker is asked first: the kill
+        follows its answer, or ``ASK_BEFORE_KILL`` seconds if none comes."""
+        if work.run.where is None:
+            with self.lock:
+                if self.current is not work:
+                    return  # it has just answered: that answer is reported
+                self.killing = (work, announce)
+            try:
+                self.control(_wire.SAY_WHERE, work.job_id)
+            except OSError:
+                pass  # the worker is going: kill what is left of it now
+            else:
+                SCHEDULER.call_later(ASK_BEFORE_KILL, lambda: self._kill(work, announce))
+                return
+        self._kill(work, announce)
+
+    def _kill(self, work: Job, announce: Callable[[], None]) -> None:
         with self.lock:
+            killing = self.killing
+            if killing is not None and killing[0] is work:
+                self.killing = None
             if self.current is not work:
-                return  # it has just answered: that answer is reported
+                return  # answered, or killed already (the answer or the timer came first)
             self.current = None
             self.killed = work
         announce()
@@ -285,16 +314,29 @@ class WorkerProcess:
             close(self.pidfd)
 
     def _seen(self, job_id: int, payload: bytes) -> None:
-        """The worker says where the job's target was as rung 2 fired."""
+        """The worker says where the job's target was as rung 2 fired, or is as rung 3
+        asked (then the kill follows)."""
         work = self.current
         if work is None or work.job_id != job_id:
             return
+        killing = self.killing
+        if killing is not None and killing[0] is not work:
+            killing = None
         try:
-            line, stack = pickle.loads(payload)
+            where = pickle.loads(payload)
+            if where is not None:
+                line, stack = where
+                line, stack = str(line), str(stack)
         except Exception:  # plain strings; a worker that sends else is not ours to trust
             logger.debug("%s: could not load where it was", work.run.name, exc_info=True)
+            where = None
+        if killing is None:
+            if where is not None:
+                work.run.seen_late(line, stack)
             return
-        work.run.seen_late(str(line), str(stack))
+        if where is not None and work.run.where is None:
+            work.run.seen_at(line, stack)  # said by rung 3's record
+        self._kill(*killing)
 
     def _on_readable(self) -> bool:
         if self.fds_closed:
