@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
+from typing import Any
 
 import anyio
 import pytest
@@ -138,24 +139,22 @@ async def test_injection_just_before_the_target_stays_out_of_the_pool(
 ) -> None:
     """Rung 2 landing between "marked running" and the target's first line is caught:
     the call ends INTERRUPTED and its pool thread lives on."""
-    from threadbridge import _target
+    from threadbridge import _thread
 
-    original = _target.TargetState._begin
+    original = _thread.ThreadWork._call
 
-    def begin_then_interrupt(self: _target.TargetState) -> bool:
-        started = original(self)
-        if started:
-            self.request_interrupt()  # fires at the next bytecode boundary, right here
-        return started
+    def interrupt_then_call(self: _thread.ThreadWork) -> Any:
+        self.state.request_interrupt()  # fires at the next bytecode boundary, right here
+        return original(self)
 
-    monkeypatch.setattr(_target.TargetState, "_begin", begin_then_interrupt)
+    monkeypatch.setattr(_thread.ThreadWork, "_call", interrupt_then_call)
     ran: list[str] = []
     handle = tb.spawn(lambda: ran.append("target ran"))
     with pytest.raises(tb.TargetCancelled):
         await handle
     assert handle.stage is tb.Stage.INTERRUPTED
     assert ran == []
-    monkeypatch.setattr(_target.TargetState, "_begin", original)
+    monkeypatch.setattr(_thread.ThreadWork, "_call", original)
     threads = {await tb.run_killable(threading.current_thread) for _ in range(5)}
     assert all(t.is_alive() for t in threads)
     assert tb.stats().busy_threads == 0

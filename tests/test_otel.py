@@ -173,9 +173,10 @@ async def test_the_callers_context_comes_with_the_span(
     spans: Spans, monkeypatch: pytest.MonkeyPatch, api: str
 ) -> None:
     """The span is made current in the target's context, which keeps what else the
-    caller's OpenTelemetry context holds; also where the API keeps its current context
-    elsewhere than threadbridge looks first. (An Executor's call starts from an empty
-    context: test_an_executor_call_is_a_child_of_the_submitters_span.)"""
+    caller's OpenTelemetry context holds, and the caller's is left as it was; also where
+    the API keeps its current context elsewhere than threadbridge looks first. (An
+    Executor's call starts from an empty context:
+    test_an_executor_call_is_a_child_of_the_submitters_span.)"""
     from opentelemetry import baggage, context
 
     from threadbridge import _otel
@@ -184,7 +185,9 @@ async def test_the_callers_context_comes_with_the_span(
         monkeypatch.setattr(_otel, "_current", None)
     token = context.attach(baggage.set_baggage("tenant", "acme"))
     try:
+        before = context.get_current()
         seen = await tb.run_killable(baggage_and_span)
+        assert context.get_current() is before  # the caller's own is left as it was
     finally:
         context.detach(token)
     assert seen == ("acme", ids(spans.named("baggage_and_span")))

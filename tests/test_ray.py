@@ -9,6 +9,7 @@ end: exactly that cluster, never another one of this machine.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -246,6 +247,24 @@ async def test_a_task_killed_after_rung2_says_where_rung2_found_it(tmp_path: Pat
     assert await lines_of(path, 2) == ["started", "swallowed"]
     assert handle.stopped_at is not None
     assert handle.stopped_at.splitlines()[0].endswith(", in swallows")
+
+
+async def test_a_task_killed_without_rung2_says_where(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With no rung 2 to say it (interrupt=False), rung 3 asks the task's watcher where
+    its target is before the kill: the kill's record says it, and stopped_at keeps it."""
+    path = tmp_path / "log"
+    policy = tb.Policy(grace=0, interrupt=False)
+    handle = tb.spawn(targets.spin_marked, str(path), backend="ray", policy=policy)
+    await lines_of(path, 1)
+    with caplog.at_level(logging.WARNING, logger="threadbridge"), anyio.fail_after(30):
+        assert await handle.stop() is tb.Stage.KILLED
+    assert handle.stopped_at is not None
+    assert handle.stopped_at.splitlines()[0].endswith(", in spin_marked")
+    (kill,) = [r for r in caplog.records if r.threadbridge["event"] == "kill"]  # type: ignore[attr-defined]
+    assert kill.getMessage().endswith(" in spin_marked()")
+    assert kill.threadbridge["function"] == "spin_marked"  # type: ignore[attr-defined]
 
 
 async def test_rung3_right_after_rung1_still_kills(tmp_path: Path) -> None:

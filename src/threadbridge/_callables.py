@@ -21,13 +21,13 @@ def name_of(func: Callable[..., Any]) -> str:
 
 # A plain function is async if its code says so (or, from Python 3.12, if it was marked
 # with inspect.markcoroutinefunction(), which sets an attribute on it).
-_ASYNC_CODE = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
+ASYNC_CODE = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
 
 
 def check_func(func: object, what: str) -> None:
     kind = type(func)
     if kind is types.FunctionType:
-        if not (func.__code__.co_flags & _ASYNC_CODE or func.__dict__):  # type: ignore[attr-defined]
+        if not (func.__code__.co_flags & ASYNC_CODE or func.__dict__):  # type: ignore[attr-defined]
             return  # a def, a lambda or a closure, with no attributes: the common case
     elif kind is types.BuiltinFunctionType or kind is type:
         return  # a function written in C, a class: never async

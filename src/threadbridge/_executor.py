@@ -15,10 +15,11 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Iterable
+from types import FunctionType as _FunctionType
 from typing import Any, TypeVar
 
 from ._backend import Backend, resolve
-from ._callables import check_func
+from ._callables import ASYNC_CODE, check_func
 from ._cpus import usable_cpus
 from ._future import Future
 from ._plain import Core, LoopCore, ThreadCore
@@ -127,7 +128,8 @@ class Executor(concurrent.futures.ThreadPoolExecutor):
             TypeError: ``fn`` is async or not callable.
             RuntimeError: the executor has been shut down.
         """
-        check_func(fn, "Executor.submit()")
+        if type(fn) is not _FunctionType or fn.__code__.co_flags & ASYNC_CODE or fn.__dict__:
+            check_func(fn, "Executor.submit()")  # its first test is the one above
         if kwargs:
             fn = functools.partial(fn, **kwargs)
         return self._core.submit(fn, args, None)

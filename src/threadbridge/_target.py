@@ -8,12 +8,14 @@ Worker processes import this module: it stays light (no anyio, no trio, no threa
 
 from __future__ import annotations
 
+import sys as _sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import _inject
 from ._errors import TargetCancelled
+from ._inject import _Redeliver
 from ._token import NEVER_SET, Token, _local
 
 Outcome = tuple[bool, Any]  # (True, value returned) or (False, exception raised)
@@ -172,16 +174,20 @@ class TargetState:
         Once this returns, no rung 2 can reach the calling thread any more.
         """
         self.thread_id = threading.get_ident()
-        _inject.catch_dropped()  # wrapped before the target runs, not as rung 2 comes
+        if type(_sys.unraisablehook) is not _Redeliver:  # catch_dropped()'s test, inline
+            _inject.catch_dropped()  # wrapped before the target runs, not as rung 2 comes
         local = _local
         local.state = self
         local.token = self.token
         lock = self.lock
         started = False
         try:
-            # From the moment _begin() marks the target running, rung 2 may land: before
-            # the target's first line or after its last, so all of this stays in the try.
-            started = self._begin()
+            # From the moment the target is marked running, rung 2 may land: before its
+            # first line or after its last, so all of this stays in the try.
+            with lock:
+                self.started = True
+                if not self.token._flag:  # else stopped before it started: never run it
+                    self.running = started = True
             if started:
                 outcome = call()
         except TargetCancelled as exc:
@@ -203,11 +209,3 @@ class TargetState:
         local.state = None
         local.token = NEVER_SET
         return outcome if started else None
-
-    def _begin(self) -> bool:
-        with self.lock:
-            self.started = True
-            if self.token._flag:
-                return False  # stopped before it started: never run it
-            self.running = True
-            return True

@@ -15,6 +15,7 @@ from .. import _locks, _otel, _pickling, _stats
 from .._errors import WorkerCrashed
 from .._ladder import Ending, Run
 from .._scheduler import SCHEDULER
+from .._where import line_of
 from ._control import GONE, INTERRUPT, STOP, control
 from ._lib import ray
 from ._task import run_remote, wait_gone
@@ -25,6 +26,10 @@ REAP_TIMEOUT = 5.0  # how long a killed worker may take to be gone before it is 
 FORCE_REPEAT = 0.1  # rung 3's cancel is repeated this often until Ray reports the end
 WHERE_TIMEOUT = 1.0  # how long RunningTarget.where() waits for the task's watcher to say
 PLACE_TIMEOUT = 5.0  # how long rung 3 waits for word of where a task that just started runs
+# How long rung 3 waits for the task's watcher to say where its target is, when rung 2 has
+# not said it (Policy(interrupt=False)), before the kill; a little more if the control
+# actor does not answer at all.
+ASK_BEFORE_KILL = 0.5
 
 _job_ids = itertools.count(1)
 _task_function: Any = None
@@ -81,6 +86,7 @@ class RayWork:
         self.job_id = next(_job_ids)
         self.ref: Any = None
         self.forced = False
+        self.killing = False  # rung 3's cancel has been sent, or is being sent
         self.ended = False  # Ray has reported the task's end
         self.lock = _locks.Lock()
         self.control, self.control_name = control()
@@ -131,6 +137,37 @@ class RayWork:
 
     def force(self) -> None:
         self.forced = True
+        if self.run.where is None:
+            # Where the target is, asked of its watcher first: the kill follows the answer.
+            try:
+                ref = self.control.ask_where.remote(self.job_id, ASK_BEFORE_KILL)
+            except Exception:  # the cluster is going: so is the task
+                logger.debug("could not ask where %s is", self.run.name, exc_info=True)
+            else:
+                ref.future().add_done_callback(lambda answer, ref=ref: self._told(answer))
+                SCHEDULER.call_later(ASK_BEFORE_KILL + 0.5, self._kill)
+                return
+        self._kill()
+
+    def _told(self, answer: Future[str | None]) -> None:
+        """The watcher's answer to rung 3's question (in Ray's thread, where nothing is
+        logged: the logging module would count it as a thread of Python's): kill now,
+        from the scheduler's thread."""
+        try:
+            stack = answer.result()
+        except Exception:  # the actor is gone
+            stack = None
+        if isinstance(stack, str) and self.run.where is None:
+            line = line_of(stack)
+            if line is not None:
+                self.run.seen_at(line, stack)  # said by rung 3's record
+        SCHEDULER.call_later(0.0, self._kill)
+
+    def _kill(self) -> None:
+        with self.lock:
+            if self.killing:
+                return  # the answer or its timer came first
+            self.killing = True
         if not self._cancel(force=True, announce=self._say_killed):
             return
         # Ray drops a cancel that comes while an earlier one for the same task is still in
