@@ -17,7 +17,7 @@ import pytest
 import threadbridge as tb
 
 from . import targets
-from .helpers import IGNORES_ITS_TOKEN, CtrlCProgram, lines_soon, spin_forever
+from .helpers import IGNORES_ITS_TOKEN, CtrlCProgram, lines_soon, spin_forever, spin_until
 
 FAST = tb.Policy(grace=0.05, interrupt_grace=0.5)  # for work that only rung 3 ends
 # Rung 2 soon, and all the time it needs to land (rung 3 only if it cannot): a loaded
@@ -252,6 +252,41 @@ if __name__ == "__main__":
     print(json.dumps([ended, stages]), flush=True)
 """
 )
+
+
+def test_a_ctrl_c_as_the_call_is_being_cancelled_still_waits_for_its_stop() -> None:
+    """A second Ctrl-C that lands while the first one's cancel is under way (rung 1
+    sent, the wait not begun yet) skips the graces and waits for the stop, as one that
+    lands in the wait does (it escaped: the call was left climbing its graces)."""
+    from threadbridge import _plain
+
+    started, flag = threading.Event(), threading.Event()
+
+    def work() -> None:
+        started.set()
+        spin_until(flag)
+
+    with tb.Executor(policy=tb.Policy(grace=60, interrupt_grace=60)) as ex:
+        future = ex.submit(work)
+        assert started.wait(30)
+        real_cancel = future.cancel
+        pressed: list[bool] = []
+
+        def cancel_then_ctrl_c() -> bool:
+            cancelled = real_cancel()
+            if not pressed:
+                pressed.append(True)
+                raise KeyboardInterrupt  # where a Ctrl-C lands in the main thread
+            return cancelled
+
+        future.cancel = cancel_then_ctrl_c  # type: ignore[method-assign]
+        try:
+            _plain.stop(future)
+        except KeyboardInterrupt:  # pragma: no cover - what the defect did
+            pytest.fail("the Ctrl-C escaped the wait for the stop")
+        finally:
+            flag.set()
+        assert (pressed, future.stage) == ([True], tb.Stage.ABANDONED)
 
 
 @pytest.mark.skipif(os.name != "posix", reason="sends SIGINT")

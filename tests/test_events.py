@@ -17,7 +17,7 @@ import pytest
 import threadbridge as tb
 
 from . import targets
-from .helpers import Blocked
+from .helpers import Blocked, until_running
 from .test_process import lines_of
 
 pytestmark = pytest.mark.anyio
@@ -91,6 +91,10 @@ async def test_rung2_on_a_thread_says_where(records: Records, tmp_path: Path) ->
     path = tmp_path / "log"
     handle = tb.spawn(targets.spin_marked, str(path), policy=tb.Policy(grace=0, interrupt_grace=30))
     await lines_of(path, 1)
+    # In its loop, past mark() (which a loaded machine may still be returning from).
+    (target,) = tb.running()
+    assert target.thread_id is not None
+    await until_running(target.thread_id, targets.spin_marked.__code__, 3)
     assert await handle.stop() is tb.Stage.INTERRUPTED
     assert records.events() == ["stop", "interrupt", "stopped"]
     interrupt = records.seen[1]

@@ -406,6 +406,31 @@ async def test_the_default_executor_stops_to_thread_work_on_cancel() -> None:
     assert tb.stats().stages[tb.Stage.INTERRUPTED] - before == 2
 
 
+@pytest.mark.anyio
+async def test_a_wait_for_the_stop_begun_before_the_cancel_waits_for_the_ladder() -> None:
+    """wait_stopped() called on a running call before it is cancelled (a call that
+    started without its run) returns once the ladder has stopped the call, not as soon
+    as the future is cancelled (it returned with the stage still RUNNING)."""
+    with tb.Executor(policy=INTERRUPT) as ex:
+        started = threading.Event()
+
+        def work() -> None:
+            started.set()
+            spin_forever()
+
+        future = ex.submit(work)
+        await anyio.to_thread.run_sync(started.wait)
+        seen: list[tuple[bool, tb.Stage]] = []
+        waiter = threading.Thread(
+            target=lambda: seen.append((future.wait_stopped(30), future.stage))
+        )
+        waiter.start()
+        await until_blocked_in_wait(waiter)
+        assert future.cancel()
+        await anyio.to_thread.run_sync(waiter.join, 30)
+        assert seen == [(True, tb.Stage.INTERRUPTED)]
+
+
 @pytest.mark.asyncio
 async def test_wrap_future_takes_an_executor_future_both_ways() -> None:
     """asyncio.wrap_future(): the result comes through, and cancelling the asyncio side

@@ -126,3 +126,49 @@ async def test_targets_are_listed_longest_running_first(tmp_path: Path) -> None:
     assert listed[0].started <= listed[1].started
     for handle in handles:
         await handle.stop()
+
+
+class _Source:
+    """A pool as stats() and running() read it, with nothing running."""
+
+    def counts(self) -> dict[str, int]:
+        return {}
+
+    def running(self) -> list[tb.RunningTarget]:
+        return []
+
+
+def test_listings_while_pools_come_and_go() -> None:
+    """Pools register and go (unregistered, or dropped) in other threads while running()
+    and stats() read them: every read succeeds (they read the pools as a WeakSet, which
+    another thread changed under them: "Set changed size during iteration")."""
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def churn() -> None:
+        try:
+            while not stop.is_set():
+                kept = [_Source() for _ in range(20)]
+                for source in kept:
+                    _stats.register(source)
+                for source in kept[::2]:
+                    _stats.unregister(source)
+                del kept, source  # the others go with their last reference
+        except BaseException as exc:  # pragma: no cover - what the test reports
+            errors.append(exc)
+
+    churners = [threading.Thread(target=churn) for _ in range(2)]
+    for thread in churners:
+        thread.start()
+    try:
+        for _ in range(3000):
+            assert tb.running() == []
+            assert tb.stats().busy_threads == 0
+    finally:
+        stop.set()
+        for thread in churners:
+            thread.join(30)
+    assert errors == []
+    # Every one is gone (unregistered, or dropped), and forgotten once read.
+    assert not [s for s in _stats._live_sources() if isinstance(s, _Source)]
+    assert all(ref() is not None for ref in _stats._sources.values())

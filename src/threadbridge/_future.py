@@ -137,17 +137,18 @@ class Future(concurrent.futures.Future[T]):
 
         A future that finished has stopped; a cancelled one has once its ladder is done.
         """
-        if self._run is None:  # a future made by hand stops when it is done
+        if self._run is None and self._work is None:  # made by hand: stops when done
             done, _ = concurrent.futures.wait((self,), timeout)
             return bool(done)
         with self._condition:
             return self._condition.wait_for(self._has_stopped, timeout)
 
     def _has_stopped(self) -> bool:
-        # The run has settled: the work has stopped, or been given up on at rung 3. A
-        # call that never needed its run has stopped once it is done.
+        # The run has settled: the work has stopped, or been given up on at rung 3; and
+        # the future is done (the run settles first, then hands its outcome over, which
+        # notifies). A call that never needed its run has stopped once it is done.
         run = self._run
-        return self._is_done() if run is None else run.settled
+        return self._is_done() and (run is None or run.settled)
 
     def _wait_done(self, timeout: float | None) -> bool:
         return _wait_in_slices(self._condition, self._is_done, timeout)

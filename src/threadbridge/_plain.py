@@ -46,15 +46,18 @@ _FINISHED = Stage.FINISHED.value  # the key of stats().stages
 
 
 def stop(future: Future[Any]) -> None:
-    """Cancel the call and wait until it has stopped; Ctrl-C meanwhile skips the graces."""
-    future.cancel()
+    """Cancel the call and wait until it has stopped; Ctrl-C meanwhile skips the graces
+    (also one that lands while the call is being cancelled: it used to escape, and the
+    call was left to climb its graces)."""
     while True:
         try:
+            future.cancel()  # again after a Ctrl-C: a no-op once it has done its part
             future._wait_stopped_here()
             return
         except KeyboardInterrupt:
             run = future._run
             if run is not None:
+                run.cancel()  # rung 1, if the Ctrl-C came before cancel() got to it
                 run.hurry()
 
 
@@ -349,9 +352,11 @@ class ThreadCore(Core, _NoLoopLink):
         """The run of a call started without one, made now (its future's cancel, or
         ``running()``, needs it); None if the call has ended by itself meanwhile."""
         state = work.state
-        with state.lock:  # against the end of the call (ThreadWork.run)
+        with state.lock:  # against the end of the target (TargetState.run's last step)
             run = work.run_
-            if run is not None or work.plain is None:
+            # Ended (started, no longer running; or withdrawn before it started): none
+            # is made then, and ThreadWork.run() reads run_ after that step, unlocked.
+            if run is not None or work.plain is None or (state.started and not state.running):
                 return run
             future = work.owner
             run = work.run_ = Run(work.name, self.policy, self, self)  # type: ignore[arg-type]

@@ -158,7 +158,12 @@ class Source(Protocol):
         ...
 
 
-_sources: weakref.WeakSet[Source] = weakref.WeakSet()
+# The sources, by id, each a weak reference (without a callback: a WeakSet's runs in
+# whatever thread drops the last reference, and changes the set while another thread may
+# be reading it). Read and changed only under _sources_lock, never held while another
+# lock is taken.
+_sources: dict[int, weakref.ref[Source]] = {}
+_sources_lock = _locks.Lock()
 lock = _locks.Lock()
 # Waited on and notified under `with lock:`, never entered itself: `with` on a
 # threading.Condition can leave its lock held (see _locks).
@@ -171,11 +176,12 @@ stages: dict[str, int] = {stage._value_: 0 for stage in Stage if stage is not St
 
 
 def _reset_after_fork() -> None:
-    global lock, _cond, waiters
+    global lock, _cond, waiters, _sources_lock
     lock = _locks.Lock()
     _cond = threading.Condition(lock)
     waiters = 0
     _quiet_callbacks.clear()
+    _sources_lock = _locks.Lock()
 
 
 if hasattr(os, "register_at_fork"):
@@ -183,18 +189,33 @@ if hasattr(os, "register_at_fork"):
 
 
 def register(source: Source) -> None:
-    with lock:
-        _sources.add(source)
+    with _sources_lock:
+        _sources[id(source)] = weakref.ref(source)  # a dead one's id may be reused
 
 
 def unregister(source: Source) -> None:
-    with lock:
-        _sources.discard(source)
+    with _sources_lock:
+        ref = _sources.get(id(source))
+        if ref is not None and ref() is source:
+            del _sources[id(source)]
+
+
+def _live_sources() -> list[Source]:
+    """The sources now, the dead ones forgotten."""
+    with _sources_lock:
+        found = []
+        for key, ref in list(_sources.items()):
+            source = ref()
+            if source is None:
+                del _sources[key]
+            else:
+                found.append(source)
+        return found
 
 
 def _counts() -> dict[str, int]:
     totals = dict.fromkeys(COUNT_FIELDS, 0)
-    for source in list(_sources):
+    for source in _live_sources():
         for name, value in source.counts().items():
             totals[name] += value
     return totals
@@ -315,7 +336,7 @@ def running() -> list[RunningTarget]:
         for target in threadbridge.running():
             print(target, target.where(), sep="\\n")
     """
-    found = [target for source in list(_sources) for target in source.running()]
+    found = [target for source in _live_sources() for target in source.running()]
     found.sort(key=lambda target: target.started)
     return found
 
@@ -329,7 +350,7 @@ def kept_processes() -> set[int]:
     """Processes that pools keep on purpose while their event loop lives (idle workers,
     fork servers): reuse, not leaks, as idle pool threads are."""
     found: set[int] = set()
-    for source in list(_sources):
+    for source in _live_sources():
         kept = getattr(source, "kept_processes", None)
         if kept is not None:
             found |= kept()

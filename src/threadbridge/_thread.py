@@ -412,21 +412,19 @@ class ThreadWork:
         # What the call used goes now: nothing of it may outlive the await, which can
         # return before this thread does.
         del self.func, self.args, self.context
-        plain = self.plain
-        if plain is not None:
-            with state.lock:  # against ensure_run(): the call has a run, or never will
-                run = self.run_
-                if run is None:
-                    self.plain = None
-            if run is None:  # it ended by itself, and nobody asked for its run
-                self.pool.finished(self, abandoned=False)
-                assert outcome is not None  # only a stop (a run's) keeps it from starting
-                box = [outcome]
-                del outcome
-                plain.ended_plain(self, box)
-                return True
+        # Read without the state's lock: state.run() took it last to mark the target
+        # ended, and ensure_run() makes no run for an ended target (see there).
         run = self.run_
-        assert run is not None
+        if run is None:  # a call of plain's that ended by itself, and never needed its run
+            plain = self.plain
+            assert plain is not None
+            assert outcome is not None  # only a stop (a run's) keeps it from starting
+            self.plain = None
+            self.pool.finished(self, abandoned=False)
+            box = [outcome]
+            del outcome
+            plain.ended_plain(self, box)
+            return True
         if state.abandoned:
             # Counted out first: whoever sees the limiter token come back must also see
             # stats() without this thread.
