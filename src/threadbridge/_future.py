@@ -169,7 +169,7 @@ class Future(concurrent.futures.Future[T]):
         """The run has settled: hand its outcome to the future, unless it was cancelled."""
         # run.take(), inline (every call's path): the run no longer keeps the result.
         outcome, error = run._outcome, run._release_error
-        run._outcome = run._release_error = None
+        run._outcome = run._release_error = run._span_kept = None
         try:
             if error is None and outcome is not None:
                 if outcome[0]:

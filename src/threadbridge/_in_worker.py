@@ -88,16 +88,17 @@ def _control(fd: int, host: Host, reply: Callable[[int, int, bytes], None]) -> N
         kind, job_id, _ = frame
         if kind == _wire.STOP:
             host.stop(job_id)
-        elif kind == _wire.ASK_WHERE:
+        elif kind == _wire.ASK_WHERE or kind == _wire.SAY_WHERE:
+            # where() asks for the stack (HERE); rung 3 for the line and the stack (WHERE).
+            found: object
+            if kind == _wire.ASK_WHERE:
+                answer, found = _wire.HERE, host.where_now(job_id)
+            else:
+                answer, found = _wire.WHERE, host.seen_now(job_id)
             try:
-                reply(_wire.HERE, job_id, pickle.dumps(host.where_now(job_id)))
+                reply(answer, job_id, pickle.dumps(found))
             except OSError:
                 pass  # the parent is gone: the next read says so
-        elif kind == _wire.SAY_WHERE:
-            try:
-                reply(_wire.WHERE, job_id, pickle.dumps(host.seen_now(job_id)))
-            except OSError:
-                pass
         elif kind == _wire.INTERRUPT:
             # To the whole process group: what the target started gets it too.
             job = host.interrupt(job_id, _signal_group)

@@ -181,6 +181,14 @@ class Core:
             return RuntimeError("cannot schedule new futures after interpreter shutdown")
         return RuntimeError("cannot schedule new futures after shutdown")
 
+    def _admit(self, future: Future[Any], run: Run) -> None:
+        """Under ``lock``: refuse the prepared call if shut down, else count it live."""
+        if self.shut:
+            refused = self.refuse()
+            run.dropped(refused)
+            raise refused
+        self.live[future] = None
+
     def submit(
         self, fn: Callable[..., Any], args: tuple[Any, ...], policy: Policy | None
     ) -> Future[Any]:
@@ -396,11 +404,7 @@ class ThreadCore(Core, _NoLoopLink):
 
     def _begin(self, future: Future[Any], run: Run, job: object) -> None:
         with self.lock:
-            if self.shut:
-                refused = self.refuse()
-                run.dropped(refused)
-                raise refused
-            self.live[future] = None
+            self._admit(future, run)
             if self.in_use >= self.limit:
                 run.attach(_Queued(self, run))
                 self.queue[run] = (future, job)
@@ -550,11 +554,7 @@ class LoopCore(Core):
     def begin(self, future: Future[Any]) -> None:
         run, job = _unpack(future)
         with self.lock:
-            if self.shut:
-                refused = self.refuse()
-                run.dropped(refused)
-                raise refused
-            self.live[future] = None
+            self._admit(future, run)
         if not self.thread.link.post(lambda: self._launch(run, (future, job))):
             with self.lock:
                 del self.live[future]
