@@ -7,7 +7,9 @@ import asyncio
 import concurrent.futures as cf
 import contextvars
 import gc
+import os
 import re
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -474,3 +476,96 @@ def test_from_thread_in_an_executor_target_says_there_is_no_loop() -> None:
         future = ex.submit(tb.from_thread.run_sync, int)
         with pytest.raises(RuntimeError, match="an Executor's or call\\(\\)'s target has no event"):
             future.result(30)
+
+
+def test_calls_that_end_by_themselves_count_as_finished() -> None:
+    """A thread call that never needed its run is counted FINISHED (by its pool) before
+    its future is done, and its thread is idle again by then."""
+    before = tb.stats().stages[tb.Stage.FINISHED]
+    with tb.Executor(max_workers=2) as ex:
+        for i in range(5):
+            assert ex.submit(targets.add, i, 1).result(30) == i + 1
+            after = tb.stats()
+            assert after.stages[tb.Stage.FINISHED] == before + i + 1
+            assert after.busy_threads == 0
+
+
+def test_a_call_that_loses_its_place_as_it_is_admitted_queues(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A call that saw a free place but found none once the pool's lock was held (another
+    thread took it meanwhile) takes the queued path, with its run: it runs, and nothing
+    of the first attempt is left in the pool."""
+    from threadbridge import _plain
+
+    refused: list[object] = []
+    admit = _plain.ThreadCore._admit_plain
+
+    def lose_the_first(self: _plain.ThreadCore, work: Any) -> bool:
+        if not refused:
+            refused.append(work)
+            return False
+        return admit(self, work)
+
+    monkeypatch.setattr(_plain.ThreadCore, "_admit_plain", lose_the_first)
+    with tb.Executor(max_workers=1) as ex:
+        future = ex.submit(targets.add, 2, 3)
+        assert future.result(30) == 5
+        assert future._run is not None  # it went the queued way
+        core = ex._core
+        assert isinstance(core, _plain.ThreadCore)
+        assert refused
+        assert core.in_use == 0
+        pool = core.pool
+        with pool.lock:
+            assert all(w is not refused[0] for w in [*pool.pending.values(), *pool.busy.values()])
+        assert ex.submit(targets.add, 1, 1).result(30) == 2  # the plain way again
+
+
+def test_a_threads_work_is_its_whole_target_state() -> None:
+    """A ThreadWork sets every field of its TargetState (and Token) itself, without the
+    state's __init__: none may be left unset."""
+    from threadbridge import _target, _thread, _token
+
+    work = _thread.ThreadWork(_thread.backend().pool, None, int, ())
+    fields = [*_token.Token.__slots__, *_target.TargetState.__slots__]
+    unset = [name for name in fields if not hasattr(work, name)]
+    assert unset == []
+    fresh = _target.TargetState(threading.Lock())
+    assert {n: getattr(work, n) for n in fields if n not in ("lock", "portal")} == {
+        n: getattr(fresh, n) for n in fields if n not in ("lock", "portal")
+    }
+    assert work.token is work
+    assert not work.is_set()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork() is POSIX only")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_an_executor_goes_on_in_a_forked_child() -> None:
+    """An executor made before a fork works in the child: its lock is the thread pool's,
+    which the child makes anew, and shutdown(wait=True) waits on it there."""
+    ex = tb.Executor(max_workers=2)
+    assert ex.submit(targets.add, 1, 1).result(30) == 2
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            futures = [ex.submit(targets.add, i, i) for i in range(4)]
+            ex.shutdown(wait=True)
+            if [f.result(0) for f in futures] == [0, 2, 4, 6]:
+                code = 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError("the forked child hung")
+        time.sleep(0.01)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert ex.submit(targets.add, 2, 2).result(30) == 4  # the parent's goes on too
+    ex.shutdown(wait=True)

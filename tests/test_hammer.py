@@ -144,7 +144,7 @@ async def test_injection_just_before_the_target_stays_out_of_the_pool(
     original = _thread.ThreadWork._call
 
     def interrupt_then_call(self: _thread.ThreadWork) -> Any:
-        self.state.request_interrupt()  # fires at the next bytecode boundary, right here
+        self.request_interrupt()  # fires at the next bytecode boundary, right here
         return original(self)
 
     monkeypatch.setattr(_thread.ThreadWork, "_call", interrupt_then_call)

@@ -294,11 +294,11 @@ RUNG1_WHILE_LOCKED = """
 import signal, threading
 from threadbridge._host import HostedJob
 from threadbridge._target import TargetState
-from threadbridge._token import _EVENT_LOCK, Token
+from threadbridge._token import _EVENT_LOCK
 from threadbridge.ray import _task
 
 _task.host()
-state = TargetState(Token(), threading.Lock())
+state = TargetState(threading.Lock())
 _task._current = _task._RemoteJob("control", HostedJob(1, state))
 with _EVENT_LOCK:  # the task's thread is inside Token.wait() when Ray's SIGINT comes
     signal.raise_signal(signal.SIGINT)

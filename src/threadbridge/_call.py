@@ -15,7 +15,7 @@ from ._callables import check_func
 from ._errors import TargetCancelled
 from ._policy import DEFAULT_POLICY, Policy, Stage, chosen_policy
 from ._public import export
-from ._token import _local
+from ._token import NEVER_SET, _local
 
 if TYPE_CHECKING:
     from ._future import Future
@@ -155,11 +155,11 @@ def call(
 
 def _wait(future: Future[T], timeout: float | None) -> T:
     """The call's value, or CallTimeout once it has stopped."""
-    state = _local.state
-    if state is None:  # the common case: not inside a target
+    token = _local.token
+    if token is NEVER_SET:  # the common case: not inside a target
         done = future._wait_done(timeout)
     else:
-        done = _wait_in_target(future, timeout, state.token)
+        done = _wait_in_target(future, timeout, token)
     if done or not future.cancel():
         return future.result()
     from ._plain import stop

@@ -201,7 +201,8 @@ class Future(concurrent.futures.Future[T]):
         can run: the thread that settles the future may still be on its way out when
         the caller, woken, has dropped the result and expects it gone (on a
         free-threaded build, at once). Raises InvalidStateError if it was cancelled."""
-        with self._condition:
+        condition: Condition = self._condition  # type: ignore[assignment]  # see __init__
+        with condition:
             if self._state not in _NOT_CANCELLED:
                 box.clear()
                 raise concurrent.futures.InvalidStateError(f"{self._state}: {self!r}")
@@ -209,8 +210,12 @@ class Future(concurrent.futures.Future[T]):
             self._state = FINISHED
             for waiter in self._waiters:
                 waiter.add_result(self)
-            self._condition.notify_all()
-        self._invoke_callbacks()  # type: ignore[attr-defined]
+            # notify_all(), inline (every call's path): wake whoever waits in result().
+            waiting = condition._waiting
+            while waiting:
+                waiting.popleft().release()
+        if self._done_callbacks:
+            self._invoke_callbacks()  # type: ignore[attr-defined]
 
     def __repr__(self) -> str:
         text = super().__repr__()

@@ -23,7 +23,6 @@ from . import _locks, _otel, _pickling, _signals, _where
 from ._errors import TargetCancelled
 from ._pickling import NOT_STARTED, RAISED, RETURNED
 from ._target import Outcome, TargetState, resend_delays
-from ._token import Token
 
 
 class HostedJob:
@@ -103,13 +102,13 @@ class Host:
         """Run one job in this thread; its answer, pickled for the driver. ``started``
         is called with the job once the rungs can reach it, before the target starts.
         ``trace``: the caller's trace context (W3C headers), current while it runs."""
-        state = TargetState(Token(), _locks.Lock())
+        state = TargetState(_locks.Lock())
         state.resend = self.resend
         with self.lock:
             self.last_started = job_id
             if self.early:
                 if job_id in self.early:
-                    state.token._set()  # it will not start
+                    state._set()  # it will not start
                 self.early = {later for later in self.early if later > job_id}
             job = self.current = HostedJob(job_id, state)
         loads, pid = self.loads, self.pid
@@ -139,7 +138,7 @@ class Host:
         try:
             if started is not None:
                 started(job)
-            outcome = state.run(call)
+            outcome = state.run_target(call)
         finally:
             with self.lock:
                 self.current = None
@@ -170,7 +169,7 @@ class Host:
                 if job_id > self.last_started:  # sent right after the job, heard before it
                     self.early.add(job_id)
                 return
-            job.state.token._set()
+            job.state._set()
 
     def interrupt(
         self,

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures._base import RUNNING
 from typing import TYPE_CHECKING, Any, cast
 
-from . import _locks, _otel, _stats
+from . import _locks, _otel
 from ._api import launch
 from ._backend import Backend
 from ._callables import name_of
@@ -42,7 +42,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("threadbridge")
 
 _modules = sys.modules
-_FINISHED = Stage.FINISHED.value  # the key of stats().stages
 
 
 def stop(future: Future[Any]) -> None:
@@ -167,14 +166,21 @@ class Core:
     def __init__(self, limit: float, policy: Policy) -> None:
         self.limit = limit
         self.policy = policy
-        self.lock = _locks.Lock()
-        # Notified when ``live`` empties; waited on under ``with self.lock:``, never
-        # entered itself (see _locks).
-        self.idle = threading.Condition(self.lock)
         self.live: dict[Future[Any], None] = {}
         self.shut = _exiting
         self.keep_open = False  # shut down at exit: the loops and pools end later
         _all.add(self)
+
+    @property
+    def lock(self) -> threading.Lock:
+        """What guards ``live``, ``shut`` and the engine's own counts."""
+        raise NotImplementedError
+
+    @property
+    def idle(self) -> threading.Condition:
+        """Notified when ``live`` empties; waited on under ``with self.lock:``, never
+        entered itself (see _locks)."""
+        raise NotImplementedError
 
     def refuse(self) -> RuntimeError:
         if _exiting:
@@ -296,8 +302,27 @@ class ThreadCore(Core, _NoLoopLink):
     def __init__(self, backend: ThreadBackend, limit: float, policy: Policy) -> None:
         super().__init__(limit, policy)
         self.backend = backend
+        # Its lock is the pool's (a call is admitted and handed to a pool thread in one
+        # locked step); the pool is the same object for good, its lock new in a fork's
+        # child.
+        self.pool = backend.pool
+        self._idle: threading.Condition | None = None
         self.in_use = 0
         self.queue: dict[Run, tuple[Future[Any], object]] = {}
+
+    @property
+    def lock(self) -> threading.Lock:
+        return self.pool.lock
+
+    @property
+    def idle(self) -> threading.Condition:
+        # Made at the first use, under the lock (as every use is), and again for the
+        # pool's new lock in a fork's child.
+        lock = self.pool.lock
+        idle = self._idle
+        if idle is None or idle._lock is not lock:  # type: ignore[attr-defined]
+            idle = self._idle = threading.Condition(lock)
+        return idle
 
     def _new(
         self, fn: Callable[..., Any], args: tuple[Any, ...], policy: Policy | None
@@ -318,49 +343,58 @@ class ThreadCore(Core, _NoLoopLink):
         # themselves, and the run, its report and its hand-back cost as much as the rest.
         if policy is None and self.in_use < self.limit and _otel.TRACE not in _modules:
             future: Future[Any] = Future()
-            with self.lock:
-                if self.shut:
-                    raise self.refuse()
-                started = self.in_use < self.limit
-                if started:
-                    self.in_use += 1
-                    self.live[future] = None
-            if started:
-                future._state = RUNNING  # nobody else has it yet: no lock
-                self._start_plain(future, fn, args)
-                return future
+            future._state = RUNNING  # nobody else has it yet: no lock
+            pool = self.pool
+            # A fresh, empty context per call, as a new thread has (see _new()).
+            work = ThreadWork(pool, None, fn, args, contextvars.Context(), self)
+            work.owner = future
+            future._work = work
+            try:
+                if pool.submit(work, self._admit_plain):
+                    return future
+            except BaseException:
+                self._not_submitted(future, work)
+                raise
+            # No place free after all: queued, with its run, as below.
+            work.plain = work.owner = None
+            del work, future
         # prepare() and begin() in one: the job is handed over directly.
         future, run, job = self._new(fn, args, policy)
         self._begin(future, run, job)
         return future
 
-    def _start_plain(
-        self, future: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...]
-    ) -> None:
-        """Start a call that holds a place and has no run yet."""
-        pool = self.backend.pool
-        # A fresh, empty context per call, as a new thread has (see _new()).
-        work = ThreadWork(pool, None, fn, args, contextvars.Context(), plain=self)
-        work.owner = future
-        future._work = work
-        try:
-            pool.submit(work)
-        except BaseException:
-            if pool.withdraw(work):  # it never runs: its place and its record go
-                work.plain = work.owner = None
-                self.release_on_behalf_of(work)
-                self.ended(future)
-            else:  # a thread took it (Ctrl-C landed after the hand-over): it is stopped
-                run = self.ensure_run(work)
-                if run is not None:
-                    run.cancel()
-            raise
+    def _admit_plain(self, work: ThreadWork) -> bool:
+        """Under the pool's lock, as the pool takes ``work``: whether it has a place (it
+        holds it from now on, and is live), or must queue; refused if shut down."""
+        if self.shut:
+            raise self.refuse()
+        if self.in_use >= self.limit:
+            return False
+        self.in_use += 1
+        self.live[work.owner] = None
+        return True
+
+    def _not_submitted(self, future: Future[Any], work: ThreadWork) -> None:
+        """Submitting a call without its run raised (refused, a thread that could not
+        start, Ctrl-C): forget it if no thread took it, else stop it."""
+        with self.lock:
+            admitted = future in self.live
+        if not admitted:  # refused (or interrupted before it was admitted): nothing ran
+            work.plain = work.owner = None
+        elif self.pool.withdraw(work):  # it never runs: its place and its record go
+            work.plain = work.owner = None
+            self.release_on_behalf_of(work)
+            self.ended(future)
+        else:  # a thread took it (Ctrl-C landed after the hand-over): it is stopped
+            run = self.ensure_run(work)
+            if run is not None:
+                run.cancel()
 
     def ensure_run(self, work: ThreadWork) -> Run | None:
         """The run of a call started without one, made now (its future's cancel, or
         ``running()``, needs it); None if the call has ended by itself meanwhile."""
-        state = work.state
-        with state.lock:  # against the end of the target (TargetState.run's last step)
+        state = work  # its target's state
+        with state.lock:  # against the end of the target (TargetState.run_target's last step)
             run = work.run_
             # Ended (started, no longer running; or withdrawn before it started): none
             # is made then, and ThreadWork.run() reads run_ after that step, unlocked.
@@ -374,14 +408,13 @@ class ThreadCore(Core, _NoLoopLink):
         return run
 
     def ended_plain(self, work: ThreadWork, box: list[Outcome]) -> None:
-        """In the pool thread: a call that never needed its run has ended. What the
-        run's report and hand-back would do: counted, its place given back (the next
-        queued call starts here), its future settled, the call forgotten."""
+        """In the pool thread, counted out of the pool (and its FINISHED stage counted
+        there): a call that never needed its run has ended. Its future is settled; then,
+        in one locked step, its place is given back (or taken by the next queued call,
+        started here) and the call forgotten: ``shutdown(wait=True)`` returns only once
+        every future is done, and the place is free by then."""
         future = work.owner
         work.owner = None  # the future keeps the work (for its repr), not the reverse
-        with _stats.lock:
-            _stats.stages[_FINISHED] += 1
-        self.release_on_behalf_of(work)
         ok, value = box.pop()
         if ok:
             result = [value]
@@ -390,7 +423,31 @@ class ThreadCore(Core, _NoLoopLink):
         else:
             future.set_exception(value)
             del value
-        self.ended(future)
+        queue = self.queue
+        # In the pool thread, the target done: no exception lands here, and the lock is
+        # taken and given back by hand (see _locks).
+        lock = self.pool.lock
+        lock.acquire()
+        try:
+            after: Run | None = None
+            if queue:
+                after = first = next(iter(queue))
+                following, job = queue.pop(first)
+            else:
+                self.in_use -= 1
+            live = self.live
+            if future in live:  # else forgotten by interrupted(): it never started
+                del live[future]
+            last = not live and self.shut
+            if last:
+                self.idle.notify_all()
+        finally:
+            lock.release()
+        del future
+        if after is not None:  # the next queued call takes the place
+            self._start_next(after, following, job)
+        if last and not self.keep_open:
+            self.closed()
 
     def prepare(
         self, fn: Callable[..., Any], args: tuple[Any, ...], policy: Policy | None
@@ -442,6 +499,10 @@ class ThreadCore(Core, _NoLoopLink):
                 return
             run = next(iter(self.queue))
             future, job = self.queue.pop(run)
+        self._start_next(run, future, job)
+
+    def _start_next(self, run: Run, future: Future[Any], job: object) -> None:
+        """Start a queued call that has taken a place given back."""
         future._mark_running()
         try:
             self.start(run, job)
@@ -518,6 +579,8 @@ class LoopCore(Core):
         from ._loop._waits import new_limiter
 
         super().__init__(limit, policy)
+        self._lock = _locks.Lock()
+        self._idle = threading.Condition(self._lock)
         self.backend = backend
         self.started = _Started(backend)
         self.thread: LoopThread = LoopThread(name)
@@ -536,6 +599,14 @@ class LoopCore(Core):
             self.thread.close_soon()
             self.thread.join()
             raise
+
+    @property
+    def lock(self) -> threading.Lock:
+        return self._lock
+
+    @property
+    def idle(self) -> threading.Condition:
+        return self._idle
 
     def prepare(
         self, fn: Callable[..., Any], args: tuple[Any, ...], policy: Policy | None

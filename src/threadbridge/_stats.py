@@ -368,6 +368,12 @@ def stats() -> Stats:
     counts = _counts()
     with lock:
         counted = dict(stages)
+    # Calls that ended without the ladder's run are counted by their pool (see
+    # _thread.ThreadPool.finished).
+    for source in _live_sources():
+        finished = getattr(source, "finished_count", None)
+        if finished is not None:
+            counted[Stage.FINISHED._value_] += finished()
     by_stage = MappingProxyType({Stage(key): n for key, n in counted.items()})
     return Stats(threads=counts["idle_threads"] + counts["busy_threads"], stages=by_stage, **counts)
 

@@ -40,7 +40,7 @@ def resend_delays() -> Iterator[float]:
         delay = min(delay * 2, RESEND_MAX)
 
 
-class TargetState:
+class TargetState(Token):
     """Per-run state shared by the target's thread and whatever delivers rung 2.
 
     A thread target gets rung 2 from the ladder, another thread: everything that decides
@@ -48,6 +48,9 @@ class TargetState:
     is true and outside ``uninterruptible()`` blocks. A worker process gets rung 2 as a
     signal, handled in the target's own thread (``interrupt_here``), which must not take
     the lock: the thread may hold it when the signal arrives.
+
+    It is also the run's ``Token`` (what ``current_token()`` returns): one object per
+    run rather than two, on every call's path.
     """
 
     __slots__ = (
@@ -63,11 +66,19 @@ class TargetState:
         "running",
         "started",
         "thread_id",
-        "token",
     )
 
-    def __init__(self, token: Token, lock: threading.Lock) -> None:
-        self.token = token
+    #: The pool thread's state (``_thread.ThreadWork``): rung 2 comes only from another
+    #: thread, injected under ``lock``, so the target's first locked step may take the
+    #: lock by hand (faster than ``with``, see ``_locks``). Not so where a signal handler
+    #: delivers it, in the target's own thread.
+    lock_by_hand = False
+
+    def __init__(self, lock: threading.Lock) -> None:
+        # A subclass on every call's path (ThreadWork) sets these itself, all of them.
+        self._flag = False
+        self._watchers = None
+        self._event = None
         self.lock = lock  # never held while another lock is taken
         self.started = False  # a thread has picked it up (and decided whether to run it)
         self.running = False  # the target itself may be running: rung 2 may land
@@ -167,7 +178,12 @@ class TargetState:
                 "interrupted (rung 2, held off until uninterruptible() ended)"
             )
 
-    def run(self, call: Callable[[], Outcome]) -> Outcome | None:
+    @property
+    def token(self) -> Token:
+        """The run's token: this state itself."""
+        return self
+
+    def run_target(self, call: Callable[[], Outcome]) -> Outcome | None:
         """Run ``call`` (which returns the target's outcome) as this state's target.
 
         Returns None if a stop was requested before it started: it is then never called.
@@ -177,17 +193,23 @@ class TargetState:
         if type(_sys.unraisablehook) is not _Redeliver:  # catch_dropped()'s test, inline
             _inject.catch_dropped()  # wrapped before the target runs, not as rung 2 comes
         local = _local
-        local.state = self
-        local.token = self.token
+        local.token = self  # and so the state (see _token._Local)
         lock = self.lock
         started = False
         try:
             # From the moment the target is marked running, rung 2 may land: before its
             # first line or after its last, so all of this stays in the try.
-            with lock:
+            if self.lock_by_hand:  # see lock_by_hand: nothing lands before release()
+                lock.acquire()
                 self.started = True
-                if not self.token._flag:  # else stopped before it started: never run it
+                if not self._flag:  # else stopped before it started: never run it
                     self.running = started = True
+                lock.release()
+            else:
+                with lock:
+                    self.started = True
+                    if not self._flag:
+                        self.running = started = True
             if started:
                 outcome = call()
         except TargetCancelled as exc:
@@ -206,6 +228,5 @@ class TargetState:
                     # Rung 2 reached the target as it returned and fired on the way into
                     # that block or inside it: it is spent. (After it nothing fires.)
                     self.pending = False
-        local.state = None
         local.token = NEVER_SET
         return outcome if started else None

@@ -21,7 +21,6 @@ from ._backend import Backend
 from ._callables import name_of
 from ._ladder import Ending, Run
 from ._target import Outcome, TargetState
-from ._token import Token
 
 logger = logging.getLogger("threadbridge")
 
@@ -36,6 +35,7 @@ IDLE_TIMEOUT = 10.0
 
 
 _ENDED = Ending.ENDED  # read on every call's path (see _ladder._ENDED)
+_FunctionType = types.FunctionType
 
 _WAKE = -1  # not the number of any work: wakes a waiting pool thread, nothing more
 
@@ -70,6 +70,10 @@ class ThreadPool:
     """
 
     def __init__(self) -> None:
+        # Calls that ended without the ladder's run (an Executor's, mostly): their
+        # FINISHED stage, counted under the pool's lock, which the call takes anyway
+        # (a fork's child keeps the parent's count, as it keeps _stats.stages).
+        self.ended_by_themselves = 0
         self._reset()
         _stats.register(self)
         if hasattr(os, "register_at_fork"):
@@ -86,10 +90,16 @@ class ThreadPool:
         self.busy: dict[int, ThreadWork] = {}  # running on a pool thread
         self.abandoned: dict[int, ThreadWork] = {}  # given up on at rung 3, still running
 
-    def submit(self, work: ThreadWork) -> None:
+    def submit(self, work: ThreadWork, admit: Callable[[ThreadWork], bool] | None = None) -> bool:
         """Hand ``work`` to an idle pool thread, or to a new one. If this raises, the
-        caller calls ``withdraw(work)``."""
+        caller calls ``withdraw(work)``.
+
+        ``admit``, if given, is asked first, under the pool's lock (an engine that counts
+        its calls under that lock too): if it returns False, or raises, the work is not
+        taken (False, or the error)."""
         with self.lock:
+            if admit is not None and not admit(work):
+                return False
             pending = self.pending
             pending[work.key] = work
             work.submitted = True
@@ -98,6 +108,7 @@ class ThreadPool:
         self.queue.put(work.key)
         if ticket is not None:
             self._start(ticket)
+        return True
 
     def _reserve(self, work: ThreadWork | None = None) -> _Ticket | None:
         """Under ``lock``: a place in ``starting`` if the promise needs another thread,
@@ -163,7 +174,10 @@ class ThreadPool:
                 key = get(timeout=timeout)
             except queue.Empty:
                 key = _WAKE
-            with self.lock:
+            # Taken and given back by hand: no exception can land here (see _locks).
+            lock = self.lock
+            lock.acquire()
+            try:
                 work = self.pending.pop(key, None)
                 if work is not None:
                     self.busy[key] = work
@@ -180,6 +194,9 @@ class ThreadPool:
                         continue
                     self.idle -= 1  # retire
                     others = self.idle > 0
+            finally:
+                lock.release()
+            del lock
             if work is None:
                 if others:
                     # SimpleQueue.get() can miss its timeout for good: woken once its time
@@ -197,24 +214,48 @@ class ThreadPool:
 
     def finished(self, work: ThreadWork, *, abandoned: bool) -> None:
         """Count out a work whose thread is done with it (and free, unless abandoned)."""
-        with self.lock:
+        # In the pool thread, the target done: no exception lands here, and the lock is
+        # taken and given back by hand (see _locks).
+        lock = self.lock
+        lock.acquire()
+        try:
             if abandoned:
                 del self.abandoned[work.key]
             else:
                 del self.busy[work.key]
                 self.idle += 1
+        finally:
+            lock.release()
+        if _stats.waiters:  # changed()'s first test, inline: every thread call's path
+            _stats.changed()
+
+    def finished_by_itself(self, work: ThreadWork) -> None:
+        """``finished()`` for a call that ended without its run: counted FINISHED here
+        (its run would have counted it in ``_stats.stages``; see ``finished_count``)."""
+        lock = self.lock
+        lock.acquire()  # by hand, as in finished()
+        try:
+            del self.busy[work.key]
+            self.idle += 1
+            self.ended_by_themselves += 1
+        finally:
+            lock.release()
         if _stats.waiters:  # changed()'s first test, inline: every thread call's path
             _stats.changed()
 
     def abandon(self, work: ThreadWork) -> bool:
         """Rung 3: give up on a running target. Whether it was still running."""
         with self.lock:
-            if not work.state.abandon():
+            if not work.abandon():
                 return False
             self.abandoned[work.key] = self.busy.pop(work.key)
             return True
 
     # --- stats ------------------------------------------------------------------------
+
+    def finished_count(self) -> int:
+        """Calls counted FINISHED here rather than in ``_stats.stages``."""
+        return self.ended_by_themselves
 
     def counts(self) -> dict[str, int]:
         with self.lock:
@@ -251,8 +292,9 @@ class Plain(Protocol):
         ...
 
 
-class ThreadWork:
-    """One target on one pool thread; the ladder's Work for the thread backend."""
+class ThreadWork(TargetState):
+    """One target on one pool thread; the ladder's Work for the thread backend. It is
+    also the target's state and token (one object per call: see ``TargetState``)."""
 
     __slots__ = (
         "args",
@@ -264,11 +306,12 @@ class ThreadWork:
         "plain",
         "pool",
         "run_",
-        "started",
-        "state",
+        "since",
         "submitted",
         "ticket",
     )
+
+    lock_by_hand = True  # rung 2 comes from another thread, under the lock
 
     def __init__(
         self,
@@ -280,6 +323,18 @@ class ThreadWork:
         plain: Plain | None = None,
     ) -> None:
         """``run`` None: a call of ``plain``'s, whose run is made when first needed."""
+        # TargetState's fields, every one, set here rather than in a call of its
+        # __init__ (every call's path; a test checks that none is missed).
+        self._flag = False
+        self._watchers = None
+        self._event = None
+        self.lock = _locks.Lock()
+        self.started = self.running = False
+        self.thread_id = self.depth = 0
+        self.interrupted = self.pending = self.deferred = self.abandoned = False
+        self.resend = None
+        self.again = False
+        # The work's own.
         self.pool = pool
         self.run_ = run
         self.plain = plain  # until it ends (None then, if it never needed its run)
@@ -296,19 +351,18 @@ class ThreadWork:
             if sniffio is not None and context.get(sniffio.current_async_library_cvar):
                 context.run(sniffio.current_async_library_cvar.set, None)
         self.context = context
-        self.state = TargetState(Token(), _locks.Lock())
         if run is None:
-            self.name = name_of(func)
-            self.state.portal = plain  # no event loop: the engine is its Link
+            self.name = func.__qualname__ if type(func) is _FunctionType else name_of(func)
+            self.portal = plain  # no event loop: the engine is its Link
         else:
             self.name = run.name
             if run.span is not None:  # the call's span is the target's current one
                 _otel.make_current(context, run.span)
-            self.state.portal = run.link  # from_thread finds its loop through it
+            self.portal = run.link  # from_thread finds its loop through it
         self.key = next(pool.numbers)  # its number in the pool's queue
         self.ticket: _Ticket | None = None  # for the thread that submitting it started
         self.submitted = False  # under the pool's lock: it went into ``pending``
-        self.started = time.monotonic()  # handed to the pool: a thread takes it at once
+        self.since = time.monotonic()  # handed to the pool: a thread takes it at once
 
     # --- the rungs, called by the ladder ---------------------------------------------
 
@@ -320,7 +374,7 @@ class ThreadWork:
         return run
 
     def request_stop(self) -> None:
-        self.state.token._set()
+        self._set()
 
     def interrupt(self, announce: Callable[[], None] | None = None) -> bool:
         if not _inject.CAN_INJECT:
@@ -338,10 +392,10 @@ class ThreadWork:
             if announce is not None:
                 announce()
 
-        return self.state.request_interrupt(found_then_announce)
+        return self.request_interrupt(found_then_announce)
 
     def _seen(self) -> None:
-        found = _where.snapshot(self.state.thread_id)  # formatted when asked for
+        found = _where.snapshot(self.thread_id)  # formatted when asked for
         if found is not None:
             self._run.seen_at(found.line, found)
 
@@ -386,16 +440,16 @@ class ThreadWork:
         return _stats.RunningTarget(
             run,
             self.backend,
-            self.started,
+            self.since,
             self.pid,
-            self.state.thread_id or None,
+            self.thread_id or None,
             self.where_now,
             said,
         )
 
     def where_now(self) -> str:
         """For ``RunningTarget.where()``: the target's stack now."""
-        state = self.state
+        state = self
         with state.lock:
             running = state.running
         if not running:
@@ -407,12 +461,12 @@ class ThreadWork:
 
     def run(self) -> bool:
         """Run the target and report how it ended; return whether the thread may be reused."""
-        state = self.state
-        outcome = state.run(self._call)
+        state = self
+        outcome = self.run_target(self._call)
         # What the call used goes now: nothing of it may outlive the await, which can
         # return before this thread does.
         del self.func, self.args, self.context
-        # Read without the state's lock: state.run() took it last to mark the target
+        # Read without the state's lock: run_target() took it last to mark the target
         # ended, and ensure_run() makes no run for an ended target (see there).
         run = self.run_
         if run is None:  # a call of plain's that ended by itself, and never needed its run
@@ -420,7 +474,7 @@ class ThreadWork:
             assert plain is not None
             assert outcome is not None  # only a stop (a run's) keeps it from starting
             self.plain = None
-            self.pool.finished(self, abandoned=False)
+            self.pool.finished_by_itself(self)
             box = [outcome]
             del outcome
             plain.ended_plain(self, box)

@@ -24,7 +24,9 @@ class _TargetState(Protocol):
     """What the running target's state (``_target.TargetState``) offers the functions
     here."""
 
-    token: Token
+    @property
+    def token(self) -> Token: ...  # the state is its own token (see _target)
+
     pending: bool  # rung 2 injected into the thread, not known to have been raised
     portal: object  # thread targets: the caller's Link, for from_thread
 
@@ -124,8 +126,16 @@ NEVER_SET = Token()
 
 
 class _Local(threading.local):
-    state: _TargetState | None = None  # the running target's, in its thread
-    token: Token = NEVER_SET  # what code outside a target sees
+    #: The running target's token, in its thread, which is also its state
+    #: (``_target.TargetState``): one thread-local set as a target starts, one as it
+    #: ends. NEVER_SET is what code outside a target sees.
+    token: Token = NEVER_SET
+
+    @property
+    def state(self) -> _TargetState | None:
+        """The running target's state; None outside a target."""
+        token = self.token
+        return None if token is NEVER_SET else token  # type: ignore[return-value]
 
 
 _local = _Local()

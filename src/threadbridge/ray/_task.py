@@ -79,7 +79,7 @@ def _relay() -> None:
     """Rung 1 from Ray's own cancel, set outside the signal handler (see _on_sigint)."""
     while True:
         job = _relayed.get()
-        job.hosted.state.token._set()
+        job.hosted.state._set()
         job.wake.set()  # its watcher starts now, if it has not yet
 
 
