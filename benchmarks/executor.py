@@ -9,7 +9,9 @@ Run by hand, on a quiet machine:
 
 Every peer is measured in each round, in a new random order (a busy machine's load
 changes from second to second); the table gives the median of the rounds and their
-spread (lowest to highest). The targets are what users write: a function of this script
+spread (lowest to highest). Thread pools are timed three ways: as the scheduler
+places their threads, all on one CPU, and the caller on one CPU with the pool's threads
+on another (see ``placements()``). The targets are what users write: a function of this script
 (which a worker process must import as ``__main__``), a lambda, and a closure. A peer that
 cannot run a kind of target (the stdlib's and pebble's process pools pickle by reference:
 no lambdas, no closures) says so. Nothing here is asserted.
@@ -19,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import os
 import random
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -86,12 +90,35 @@ def process_peers() -> dict[str, Callable[..., cf.Future[Any]]]:
     }
 
 
+def placements() -> dict[str, Callable[[], None]]:
+    """Where the threads run while a thread pool is timed. A call's two threads meet on
+    the same CPU or on two (waking a thread on an idle CPU takes tens of µs on a VM), and
+    the scheduler picks one or the other for seconds at a time: unpinned, a median says
+    which it picked more often. So the threads are also pinned, each way, before every
+    timing: one CPU for all; the caller on one and every other thread on another."""
+    everywhere = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+
+    def pin(caller: set[int], others: set[int]) -> None:
+        main = threading.main_thread()
+        for thread in threading.enumerate():
+            if thread.native_id is not None:
+                os.sched_setaffinity(thread.native_id, caller if thread is main else others)
+
+    chosen: dict[str, Callable[[], None]] = {"as scheduled": lambda: pin(everywhere, everywhere)}
+    if len(everywhere) >= 2:
+        first, second = sorted(everywhere)[:2]
+        chosen["one CPU"] = lambda: pin({first}, {first})
+        chosen["two CPUs"] = lambda: pin({first}, {second})
+    return chosen
+
+
 def measure(
     backend: str,
     peers: dict[str, Callable[..., cf.Future[Any]]],
     n: int,
     rounds: int,
     rows: list[tuple[str, ...]],
+    place: Callable[[], None] | None = None,
 ) -> None:
     kinds = targets()
     runnable: dict[tuple[str, str], bool] = {}
@@ -108,6 +135,8 @@ def measure(
         order = list(results)
         random.shuffle(order)
         for name, kind in order:
+            if place is not None:
+                place()  # threads a peer started since are placed too
             results[(name, kind)].append(latency_us(peers[name], kinds[kind], n))
     for kind in kinds:
         for name in peers:
@@ -133,7 +162,11 @@ def main() -> None:
     args = parser.parse_args()
     rows: list[tuple[str, ...]] = []
     n, rounds = (500, 5) if args.quick else (2000, 15)
-    measure("threads", thread_peers(), n, rounds, rows)
+    threads = thread_peers()
+    chosen = placements()
+    for where, place in chosen.items():
+        measure(f"threads, {where}", threads, n, rounds, rows, place)
+    chosen["as scheduled"]()  # every thread free again
     measure("processes", process_peers(), n // 4, rounds, rows)
     headers = ["backend", "target", "executor", "submit().result()", "spread (µs)"]
     print_table(headers, rows)

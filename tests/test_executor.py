@@ -499,7 +499,7 @@ def test_a_call_that_loses_its_place_as_it_is_admitted_queues(
     from threadbridge import _plain
 
     refused: list[object] = []
-    admit = _plain.ThreadCore._admit_plain
+    admit = _plain.ThreadCore.admit_plain
 
     def lose_the_first(self: _plain.ThreadCore, work: Any) -> bool:
         if not refused:
@@ -507,14 +507,14 @@ def test_a_call_that_loses_its_place_as_it_is_admitted_queues(
             return False
         return admit(self, work)
 
-    monkeypatch.setattr(_plain.ThreadCore, "_admit_plain", lose_the_first)
+    monkeypatch.setattr(_plain.ThreadCore, "admit_plain", lose_the_first)
     with tb.Executor(max_workers=1) as ex:
         future = ex.submit(targets.add, 2, 3)
         assert future.result(30) == 5
+        assert refused
         assert future._run is not None  # it went the queued way
         core = ex._core
         assert isinstance(core, _plain.ThreadCore)
-        assert refused
         assert core.in_use == 0
         pool = core.pool
         with pool.lock:
@@ -569,3 +569,25 @@ def test_an_executor_goes_on_in_a_forked_child() -> None:
     assert os.waitstatus_to_exitcode(status) == 0
     assert ex.submit(targets.add, 2, 2).result(30) == 4  # the parent's goes on too
     ex.shutdown(wait=True)
+
+
+def test_a_call_with_a_free_place_starts_without_its_run() -> None:
+    """Unless it is traced, a thread call with a place free starts without the ladder's
+    run (whether opentelemetry is imported or not: other tests may have imported it);
+    its cancel makes the run, and the ladder stops it."""
+    from opentelemetry import trace  # imported, no provider set here
+
+    assert trace.get_tracer_provider() is not None
+    with tb.Executor(policy=SLOW) as ex:
+        done = ex.submit(targets.add, 1, 1)
+        assert done.result(30) == 2
+        assert (done._run, done.stage) == (None, tb.Stage.FINISHED)
+        waiting = ex.submit(tb.sleep, 60)  # wakes at rung 1
+        runs = [waiting._run]
+        assert waiting._work is not None
+        assert waiting.cancel()
+        runs.append(waiting._run)
+        assert runs[0] is None
+        assert runs[1] is not None
+        assert waiting.wait_stopped(30)
+        assert waiting.stage is tb.Stage.COOPERATIVE

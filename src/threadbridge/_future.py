@@ -213,7 +213,7 @@ class Future(concurrent.futures.Future[T]):
             # notify_all(), inline (every call's path): wake whoever waits in result().
             waiting = condition._waiting
             while waiting:
-                waiting.popleft().release()
+                waiting.pop().release()
         if self._done_callbacks:
             self._invoke_callbacks()  # type: ignore[attr-defined]
 

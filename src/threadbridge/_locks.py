@@ -36,7 +36,6 @@ import _thread
 import contextlib
 import sys
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -75,8 +74,10 @@ class Condition(SafeLock):  # type: ignore[misc]  # (RLock, see above)
     waiters' queue is made by the first wait): every ``threadbridge.Future`` has one.
     """
 
-    # No __slots__: the queue of waiters is set on the instance by its first wait.
-    _waiting: deque[_thread.LockType] | None = None
+    # No __slots__: the queue of waiters is set on the instance by its first wait. A
+    # list, not a deque: a future has one waiter or two, and a deque's first block
+    # (over 512 bytes) comes from the C allocator on every call's path.
+    _waiting: list[_thread.LockType] | None = None
 
     if sys.version_info < (3, 14):
         # Before 3.14 ``with`` enters a lock written in C in one step: its own __enter__,
@@ -98,7 +99,7 @@ class Condition(SafeLock):  # type: ignore[misc]  # (RLock, see above)
         waiter.acquire()
         waiting = self._waiting
         if waiting is None:
-            waiting = self._waiting = deque()
+            waiting = self._waiting = []
         waiting.append(waiter)
         saved = self._release_save()
         notified = False
@@ -138,7 +139,7 @@ class Condition(SafeLock):  # type: ignore[misc]  # (RLock, see above)
             raise RuntimeError("cannot notify on un-acquired lock")
         waiting = self._waiting
         while waiting and n > 0:
-            waiter = waiting.popleft()
+            waiter = waiting.pop(0)
             try:
                 waiter.release()
             except RuntimeError:  # pragma: no cover - each waiter is released once

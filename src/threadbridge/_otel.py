@@ -55,6 +55,19 @@ def start(name: str) -> Any:
     return None if tracer is None else tracer.start_span(name)
 
 
+def tracing() -> bool:
+    """Whether ``start()`` would make a span: opentelemetry is imported and a tracer
+    provider set. (A program may import it, or a library it uses may, and set none.)"""
+    trace = _modules.get(TRACE)
+    if trace is None:
+        return False
+    provider: Any = getattr(trace, _PROVIDER, _UNKNOWN)
+    cached = _tracer
+    if cached is None or cached[0] is not provider:
+        cached = _tracer_of(trace, provider)
+    return cached[1] is not None
+
+
 def _tracer_of(trace: Any, provider: Any) -> tuple[object, Any]:
     """(provider, threadbridge's tracer of it, or None if none is set), remembered: the
     checks of a provider are of abstract classes, and cost as much as the rest of a

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures._base import RUNNING
 from typing import TYPE_CHECKING, Any, cast
 
-from . import _locks, _otel
+from . import _locks, _otel, _stats
 from ._api import launch
 from ._backend import Backend
 from ._callables import name_of
@@ -341,7 +341,12 @@ class ThreadCore(Core, _NoLoopLink):
         # A call with a place free, the executor's policy and no span: it starts without
         # its run, which is made if it is cancelled (see ensure_run()); most calls end by
         # themselves, and the run, its report and its hand-back cost as much as the rest.
-        if policy is None and self.in_use < self.limit and _otel.TRACE not in _modules:
+        # (No span: opentelemetry not imported, or no tracer provider set.)
+        if (
+            policy is None
+            and self.in_use < self.limit
+            and (_otel.TRACE not in _modules or not _otel.tracing())
+        ):
             future: Future[Any] = Future()
             future._state = RUNNING  # nobody else has it yet: no lock
             pool = self.pool
@@ -350,7 +355,7 @@ class ThreadCore(Core, _NoLoopLink):
             work.owner = future
             future._work = work
             try:
-                if pool.submit(work, self._admit_plain):
+                if pool.submit(work, self):
                     return future
             except BaseException:
                 self._not_submitted(future, work)
@@ -363,7 +368,7 @@ class ThreadCore(Core, _NoLoopLink):
         self._begin(future, run, job)
         return future
 
-    def _admit_plain(self, work: ThreadWork) -> bool:
+    def admit_plain(self, work: ThreadWork) -> bool:
         """Under the pool's lock, as the pool takes ``work``: whether it has a place (it
         holds it from now on, and is live), or must queue; refused if shut down."""
         if self.shut:
@@ -408,13 +413,31 @@ class ThreadCore(Core, _NoLoopLink):
         return run
 
     def ended_plain(self, work: ThreadWork, box: list[Outcome]) -> None:
-        """In the pool thread, counted out of the pool (and its FINISHED stage counted
-        there): a call that never needed its run has ended. Its future is settled; then,
-        in one locked step, its place is given back (or taken by the next queued call,
-        started here) and the call forgotten: ``shutdown(wait=True)`` returns only once
-        every future is done, and the place is free by then."""
+        """In the pool thread: a call that never needed its run has ended. In one
+        locked step (the pool's lock is this engine's), its thread is counted free, its
+        FINISHED stage counted, its place given back (or taken by the next queued call);
+        then its future is settled; then, in a second step, the call is forgotten:
+        ``shutdown(wait=True)`` returns only once every future is done. The next queued
+        call, if any, starts last, here."""
         future = work.owner
         work.owner = None  # the future keeps the work (for its repr), not the reverse
+        queue = self.queue
+        # In the pool thread, the target done: no exception lands here, and the lock is
+        # taken and given back by hand (see _locks).
+        lock = self.pool.lock
+        lock.acquire()
+        try:
+            self.pool.finished_locked(work)
+            after: Run | None = None
+            if queue:
+                after = first = next(iter(queue))
+                following, job = queue.pop(first)
+            else:
+                self.in_use -= 1
+        finally:
+            lock.release()
+        if _stats.waiters:  # changed()'s first test, inline (see ThreadPool.finished)
+            _stats.changed()
         ok, value = box.pop()
         if ok:
             result = [value]
@@ -423,18 +446,8 @@ class ThreadCore(Core, _NoLoopLink):
         else:
             future.set_exception(value)
             del value
-        queue = self.queue
-        # In the pool thread, the target done: no exception lands here, and the lock is
-        # taken and given back by hand (see _locks).
-        lock = self.pool.lock
-        lock.acquire()
+        lock.acquire()  # by hand, as above
         try:
-            after: Run | None = None
-            if queue:
-                after = first = next(iter(queue))
-                following, job = queue.pop(first)
-            else:
-                self.in_use -= 1
             live = self.live
             if future in live:  # else forgotten by interrupted(): it never started
                 del live[future]

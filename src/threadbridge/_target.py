@@ -183,13 +183,14 @@ class TargetState(Token):
         """The run's token: this state itself."""
         return self
 
-    def run_target(self, call: Callable[[], Outcome]) -> Outcome | None:
+    def run_target(self, call: Callable[[], Outcome], thread_id: int = 0) -> Outcome | None:
         """Run ``call`` (which returns the target's outcome) as this state's target.
 
         Returns None if a stop was requested before it started: it is then never called.
-        Once this returns, no rung 2 can reach the calling thread any more.
+        Once this returns, no rung 2 can reach the calling thread any more. ``thread_id``:
+        the calling thread's ident, if the caller has it at hand.
         """
-        self.thread_id = threading.get_ident()
+        self.thread_id = thread_id or threading.get_ident()
         if type(_sys.unraisablehook) is not _Redeliver:  # catch_dropped()'s test, inline
             _inject.catch_dropped()  # wrapped before the target runs, not as rung 2 comes
         local = _local

@@ -90,15 +90,15 @@ class ThreadPool:
         self.busy: dict[int, ThreadWork] = {}  # running on a pool thread
         self.abandoned: dict[int, ThreadWork] = {}  # given up on at rung 3, still running
 
-    def submit(self, work: ThreadWork, admit: Callable[[ThreadWork], bool] | None = None) -> bool:
+    def submit(self, work: ThreadWork, plain: Plain | None = None) -> bool:
         """Hand ``work`` to an idle pool thread, or to a new one. If this raises, the
         caller calls ``withdraw(work)``.
 
-        ``admit``, if given, is asked first, under the pool's lock (an engine that counts
-        its calls under that lock too): if it returns False, or raises, the work is not
-        taken (False, or the error)."""
+        ``plain``, if given, is asked first to admit it, under the pool's lock (an engine
+        that counts its calls under that lock too): if it says no, or raises, the work is
+        not taken (False, or the error)."""
         with self.lock:
-            if admit is not None and not admit(work):
+            if plain is not None and not plain.admit_plain(work):
                 return False
             pending = self.pending
             pending[work.key] = work
@@ -163,6 +163,7 @@ class ThreadPool:
             self._give_up(ticket)  # taken up: from here this thread counts as idle
             self.idle += 1
         del ticket
+        ident = threading.get_ident()
         get = self.queue.get
         clock = time.monotonic
         # When this thread retires if no work comes: IDLE_TIMEOUT after its last work. A
@@ -205,7 +206,7 @@ class ThreadPool:
                     # wakes one waiting thread, which retires too if its own time is up.
                     self.queue.put(_WAKE)
                 return
-            reusable = work.run()
+            reusable = work.run(ident)
             del work  # nothing of a finished call stays reachable from an idle thread
             if not reusable:
                 return
@@ -229,19 +230,14 @@ class ThreadPool:
         if _stats.waiters:  # changed()'s first test, inline: every thread call's path
             _stats.changed()
 
-    def finished_by_itself(self, work: ThreadWork) -> None:
-        """``finished()`` for a call that ended without its run: counted FINISHED here
-        (its run would have counted it in ``_stats.stages``; see ``finished_count``)."""
-        lock = self.lock
-        lock.acquire()  # by hand, as in finished()
-        try:
-            del self.busy[work.key]
-            self.idle += 1
-            self.ended_by_themselves += 1
-        finally:
-            lock.release()
-        if _stats.waiters:  # changed()'s first test, inline: every thread call's path
-            _stats.changed()
+    def finished_locked(self, work: ThreadWork) -> None:
+        """``finished()`` for a call that ended without its run, the pool's lock held by
+        its engine: counted FINISHED here (its run would have counted it in
+        ``_stats.stages``; see ``finished_count``). The caller calls
+        ``_stats.changed()`` once it has let go of the lock."""
+        del self.busy[work.key]
+        self.idle += 1
+        self.ended_by_themselves += 1
 
     def abandon(self, work: ThreadWork) -> bool:
         """Rung 3: give up on a running target. Whether it was still running."""
@@ -281,6 +277,11 @@ class Plain(Protocol):
     """The engine of thread calls that start without a ladder (an Executor's): most
     calls end by themselves, and making the ladder's run for each would cost as much as
     the rest of the call. It is made when first needed (a cancel, ``running()``)."""
+
+    def admit_plain(self, work: ThreadWork) -> bool:
+        """Under the pool's lock, as the pool takes ``work``: whether it has a place
+        (else it must queue); raises if the engine refuses calls."""
+        ...
 
     def ensure_run(self, work: ThreadWork) -> Run | None:
         """The call's run, made now if it has none; None if the call has ended."""
@@ -459,10 +460,11 @@ class ThreadWork(TargetState):
 
     # --- in the pool thread ----------------------------------------------------------
 
-    def run(self) -> bool:
-        """Run the target and report how it ended; return whether the thread may be reused."""
+    def run(self, thread_id: int) -> bool:
+        """Run the target (in the pool thread ``thread_id``) and report how it ended;
+        return whether the thread may be reused."""
         state = self
-        outcome = self.run_target(self._call)
+        outcome = self.run_target(self._call, thread_id)
         # What the call used goes now: nothing of it may outlive the await, which can
         # return before this thread does.
         del self.func, self.args, self.context
@@ -474,7 +476,6 @@ class ThreadWork(TargetState):
             assert plain is not None
             assert outcome is not None  # only a stop (a run's) keeps it from starting
             self.plain = None
-            self.pool.finished_by_itself(self)
             box = [outcome]
             del outcome
             plain.ended_plain(self, box)
