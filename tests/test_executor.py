@@ -591,3 +591,30 @@ def test_a_call_with_a_free_place_starts_without_its_run() -> None:
         assert runs[1] is not None
         assert waiting.wait_stopped(30)
         assert waiting.stage is tb.Stage.COOPERATIVE
+
+
+def test_an_executor_dropped_while_the_pool_lock_is_held_lets_go_of_it() -> None:
+    """An executor dropped without shutdown() is shut by a finalizer, which may run
+    anywhere: in a garbage collection, or as the last reference goes, in the middle of a
+    thread's locked step on the thread pool (whose lock the executor's engine shares). It
+    must not take that lock there (it did, and the thread deadlocked on itself)."""
+    from threadbridge import _thread
+
+    held = [tb.Executor()]
+    assert held[0].submit(targets.add, 1, 1).result(30) == 2
+    core = held[0]._core
+    pool = _thread.backend().pool
+    done = threading.Event()
+
+    def drop_it_holding_the_lock() -> None:
+        with pool.lock:
+            held.clear()  # the finalizer runs here, the lock held
+            done.set()
+
+    dropper = threading.Thread(target=drop_it_holding_the_lock, daemon=True)
+    dropper.start()
+    assert done.wait(30), "the finalizer waited for the lock its own thread held"
+    dropper.join(30)
+    assert core.shut
+    with tb.Executor() as ex:  # the pool goes on
+        assert ex.submit(targets.add, 2, 2).result(30) == 4

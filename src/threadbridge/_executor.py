@@ -114,7 +114,7 @@ class Executor(concurrent.futures.ThreadPoolExecutor):
         super().__init__(max_workers=limit, thread_name_prefix="threadbridge")
         self._core = core
         # An executor dropped without shutdown() lets go of its loop and workers.
-        weakref.finalize(self, core.shutdown, False, False)
+        weakref.finalize(self, core.dropped)
 
     @property
     def policy(self) -> Policy:

@@ -264,6 +264,12 @@ class Core:
     def wait_closed(self) -> None:
         """After ``closed()``: wait until what the engine held is gone."""
 
+    def dropped(self) -> None:
+        """Its executor was dropped without ``shutdown()``: no more calls, nothing
+        waited for. Run by a finalizer, so anywhere: in a garbage collection, in the
+        middle of any thread's locked step."""
+        self.shutdown(False, False)
+
 
 # Every engine, for the exit: as with the stdlib's executors, the calls submitted before
 # the program ends run to their end (or their ladder's, if cancelled) before it exits,
@@ -323,6 +329,14 @@ class ThreadCore(Core, _NoLoopLink):
         if idle is None or idle._lock is not lock:  # type: ignore[attr-defined]
             idle = self._idle = threading.Condition(lock)
         return idle
+
+    def dropped(self) -> None:
+        # Not shutdown(): its lock is the thread pool's, which the thread this runs in
+        # may hold (a garbage collection in one of its locked steps), and would wait for
+        # itself. Nothing needs the lock here: no call can come any more (the executor
+        # is gone), and nobody waits for its calls (shutdown(wait=True) would have kept
+        # it alive); the calls still running end as they would, and are forgotten then.
+        self.shut = True
 
     def _new(
         self, fn: Callable[..., Any], args: tuple[Any, ...], policy: Policy | None
