@@ -308,3 +308,34 @@ def test_ctrl_c_climbs_the_ladder_then_interrupts(
     rung3 = "ABANDONED" if backend == "thread" else "KILLED"
     expected = "INTERRUPTED" if presses == 1 else rung3
     assert (ended, stages) == ("KeyboardInterrupt", {expected: 1}), err
+
+
+def test_a_ctrl_c_as_a_process_call_is_being_cancelled_still_waits_for_its_stop(
+    tmp_path: Path,
+) -> None:
+    """The same for a call on a worker process (its engine runs an event loop): a second
+    Ctrl-C landing as the first one's cancel returns, before the wait for the stop has
+    begun, skips the graces and waits (it escaped call(): the program printed its
+    KeyboardInterrupt with the call still climbing a 60 s grace, and hung at its exit)."""
+    log = tmp_path / "log"
+    with tb.Executor("process", policy=tb.Policy(grace=60, interrupt_grace=60)) as ex:
+        future = ex.submit(targets.spin_marked, str(log))
+        lines_soon(log, 1)
+        real_cancel = future.cancel
+        pressed: list[bool] = []
+
+        def cancel_then_ctrl_c() -> bool:
+            cancelled = real_cancel()
+            if not pressed:
+                pressed.append(True)
+                raise KeyboardInterrupt  # where a Ctrl-C lands in the main thread
+            return cancelled
+
+        future.cancel = cancel_then_ctrl_c  # type: ignore[method-assign]
+        try:
+            ex._core.interrupted(future)  # what call() runs on the first Ctrl-C
+        except KeyboardInterrupt:  # pragma: no cover - what the defect did
+            pytest.fail("the Ctrl-C escaped the wait for the stop")
+        assert pressed == [True]
+        assert future.wait_stopped(0)
+        assert future.stage is tb.Stage.KILLED  # hurried: rung 3 at once

@@ -663,16 +663,29 @@ class LoopCore(Core):
     def interrupted(self, future: Future[Any]) -> None:
         run = future._run
         assert run is not None
-        future.cancel()  # a launch on its way finds it stopped, and reports it
 
         # Whether begin() posted the launch or not, this comes after it in the loop: a
-        # call that no launch reached ends here.
+        # call that no launch reached ends here (once: a second post finds it ended).
         def never_launched() -> None:
             if not future._launched and run.stage is Stage.RUNNING:
                 run.report(Ending.NOT_STARTED, release=False)
 
-        if self.thread.link.post(never_launched):
-            stop(future)
+        hurry = False
+        while True:
+            # Another Ctrl-C may land anywhere in here (the main thread runs signal
+            # handlers between any two steps): it skips the graces, and the call is
+            # still stopped and waited for (stop() guards its own wait).
+            try:
+                future.cancel()  # a launch on its way finds it stopped, and reports it
+                posted = self.thread.link.post(never_launched)
+                break
+            except KeyboardInterrupt:
+                hurry = True
+        if not posted:
+            return  # the loop has ended: it ended the call
+        if hurry:
+            run.hurry()
+        stop(future)
 
     def _launch(self, run: Run, job: tuple[Future[Any], object]) -> None:
         """In the engine's loop: start the call, or queue it for its limiter (unless it
