@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from typing import Any
 
 import anyio
@@ -155,6 +156,69 @@ async def test_injection_just_before_the_target_stays_out_of_the_pool(
     assert handle.stage is tb.Stage.INTERRUPTED
     assert ran == []
     monkeypatch.setattr(_thread.ThreadWork, "_call", original)
+    threads = {await tb.run_killable(threading.current_thread) for _ in range(5)}
+    assert all(t.is_alive() for t in threads)
+    assert tb.stats().busy_threads == 0
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["run_killable", "executor"])
+async def test_injection_as_the_target_is_marked_ended_leaves_its_lock_free(
+    monkeypatch: pytest.MonkeyPatch, plain: bool
+) -> None:
+    """Rung 2 pending as the target's thread takes the target's lock to mark it ended
+    fires as that lock is taken (the first check after it): the lock is given back, the
+    call ends with the target's value, and the lock is free for the rungs and listings
+    that take it later; the pool thread lives on."""
+    import sys
+
+    from threadbridge import _inject, _target, _thread
+
+    original = _thread.ThreadWork._call
+    works: list[_thread.ThreadWork] = []
+    returned, go = threading.Event(), threading.Event()
+
+    def call_then_hold(self: _thread.ThreadWork) -> Any:
+        outcome = original(self)
+        works.append(self)
+        returned.set()
+        go.wait(30)  # until the lock is held elsewhere
+        return outcome
+
+    def inject_as_it_takes_the_lock() -> None:
+        assert returned.wait(30)
+        (work,) = works
+        with work.lock:
+            go.set()
+            # Until the target's thread waits for the lock, in run_target().
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                frame = sys._current_frames().get(work.thread_id)
+                if frame is not None and frame.f_code is _target.TargetState.run_target.__code__:
+                    break
+                time.sleep(0.001)
+            work.interrupted = work.pending = True  # what request_interrupt() records
+            _inject.inject(work.thread_id)
+        # Given back: its acquire() returns, and rung 2 fires there.
+
+    monkeypatch.setattr(_thread.ThreadWork, "_call", call_then_hold)
+    helper = threading.Thread(target=inject_as_it_takes_the_lock)
+    helper.start()
+    try:
+        if plain:
+            with tb.Executor() as ex:
+                future = ex.submit(lambda: "value")
+                assert await anyio.to_thread.run_sync(future.result, 30) == "value"
+        else:
+            assert await tb.run_killable(lambda: "value") == "value"
+    finally:
+        go.set()
+        helper.join(30)
+    monkeypatch.setattr(_thread.ThreadWork, "_call", original)
+    (work,) = works
+    assert (work.running, work.pending) == (False, False)
+    assert work.lock.acquire(timeout=5)  # free: not left held by the pool thread
+    work.lock.release()
+    assert work.where_now().startswith("(not running")
     threads = {await tb.run_killable(threading.current_thread) for _ in range(5)}
     assert all(t.is_alive() for t in threads)
     assert tb.stats().busy_threads == 0
