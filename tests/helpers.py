@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import platform
+import signal
 import sys
 import threading
 import time
@@ -397,3 +399,18 @@ class Blocked:
             self.release.set()
             raise
         return handle
+
+
+def forked_child_exit_code(pid: int, what: str, timeout: float = 60) -> int:
+    """The exit code of the forked child ``pid``; killed, and an AssertionError naming
+    ``what``, if it has not exited within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError(f"the forked child hung ({what})")
+        time.sleep(0.01)

@@ -10,6 +10,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -254,6 +255,24 @@ if __name__ == "__main__":
 )
 
 
+def ctrl_c_after_the_first_cancel(future: tb.Future[Any]) -> list[bool]:
+    """Make ``future.cancel()`` raise KeyboardInterrupt once, after it has done its
+    part: where a second Ctrl-C lands in the main thread as the first one's cancel
+    returns. The list says whether it has."""
+    real_cancel = future.cancel
+    pressed: list[bool] = []
+
+    def cancel_then_ctrl_c() -> bool:
+        cancelled = real_cancel()
+        if not pressed:
+            pressed.append(True)
+            raise KeyboardInterrupt
+        return cancelled
+
+    future.cancel = cancel_then_ctrl_c  # type: ignore[method-assign]
+    return pressed
+
+
 def test_a_ctrl_c_as_the_call_is_being_cancelled_still_waits_for_its_stop() -> None:
     """A second Ctrl-C that lands while the first one's cancel is under way (rung 1
     sent, the wait not begun yet) skips the graces and waits for the stop, as one that
@@ -269,17 +288,7 @@ def test_a_ctrl_c_as_the_call_is_being_cancelled_still_waits_for_its_stop() -> N
     with tb.Executor(policy=tb.Policy(grace=60, interrupt_grace=60)) as ex:
         future = ex.submit(work)
         assert started.wait(30)
-        real_cancel = future.cancel
-        pressed: list[bool] = []
-
-        def cancel_then_ctrl_c() -> bool:
-            cancelled = real_cancel()
-            if not pressed:
-                pressed.append(True)
-                raise KeyboardInterrupt  # where a Ctrl-C lands in the main thread
-            return cancelled
-
-        future.cancel = cancel_then_ctrl_c  # type: ignore[method-assign]
+        pressed = ctrl_c_after_the_first_cancel(future)
         try:
             _plain.stop(future)
         except KeyboardInterrupt:  # pragma: no cover - what the defect did
@@ -321,17 +330,7 @@ def test_a_ctrl_c_as_a_process_call_is_being_cancelled_still_waits_for_its_stop(
     with tb.Executor("process", policy=tb.Policy(grace=60, interrupt_grace=60)) as ex:
         future = ex.submit(targets.spin_marked, str(log))
         lines_soon(log, 1)
-        real_cancel = future.cancel
-        pressed: list[bool] = []
-
-        def cancel_then_ctrl_c() -> bool:
-            cancelled = real_cancel()
-            if not pressed:
-                pressed.append(True)
-                raise KeyboardInterrupt  # where a Ctrl-C lands in the main thread
-            return cancelled
-
-        future.cancel = cancel_then_ctrl_c  # type: ignore[method-assign]
+        pressed = ctrl_c_after_the_first_cancel(future)
         try:
             ex._core.interrupted(future)  # what call() runs on the first Ctrl-C
         except KeyboardInterrupt:  # pragma: no cover - what the defect did

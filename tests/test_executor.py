@@ -9,7 +9,6 @@ import contextvars
 import gc
 import os
 import re
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -22,7 +21,13 @@ import pytest
 import threadbridge as tb
 
 from . import targets
-from .helpers import executor_loop_held, lines_soon, spin_forever, until_blocked_in_wait
+from .helpers import (
+    executor_loop_held,
+    forked_child_exit_code,
+    lines_soon,
+    spin_forever,
+    until_blocked_in_wait,
+)
 
 FAST = tb.Policy(grace=0.05, interrupt_grace=0.5)  # for work that only rung 3 ends
 # Rung 2 soon, and all the time it needs to land (rung 3 only if it cannot): a loaded
@@ -556,17 +561,7 @@ def test_an_executor_goes_on_in_a_forked_child() -> None:
                 code = 0
         finally:
             os._exit(code)
-    deadline = time.monotonic() + 60
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            raise AssertionError("the forked child hung")
-        time.sleep(0.01)
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert forked_child_exit_code(pid, "an executor") == 0
     assert ex.submit(targets.add, 2, 2).result(30) == 4  # the parent's goes on too
     ex.shutdown(wait=True)
 

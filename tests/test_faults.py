@@ -26,7 +26,13 @@ from threadbridge._backend import Backend, resolve
 from threadbridge._ladder import Run, Work
 
 from . import targets
-from .helpers import QuietRun, pool_threads_cannot_start, wait_for_pool_threads, worker_of
+from .helpers import (
+    QuietRun,
+    forked_child_exit_code,
+    pool_threads_cannot_start,
+    wait_for_pool_threads,
+    worker_of,
+)
 from .test_process import lines_of
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
@@ -439,17 +445,7 @@ def test_forked_child_gets_fresh_pools() -> None:
                 code = 0
             finally:
                 os._exit(code)
-        deadline = time.monotonic() + 60
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                raise AssertionError(f"the forked child hung ({backend})")
-            time.sleep(0.01)
-        assert os.waitstatus_to_exitcode(status) == 0, backend
+        assert forked_child_exit_code(pid, backend) == 0, backend
 
 
 @pytest.mark.anyio

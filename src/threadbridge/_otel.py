@@ -39,6 +39,21 @@ _ATTRIBUTES = {
 def start(name: str) -> Any:
     """A span for a call of ``name``, child of the caller's current span; None if the
     program traces nothing (no tracer provider set)."""
+    tracer = _current_tracer()
+    # Named after the target, and no attribute at its start: the SDK checks each
+    # attribute it is given, and one more at the start cost a sixth of a thread call.
+    return None if tracer is None else tracer.start_span(name)
+
+
+def tracing() -> bool:
+    """Whether ``start()`` would make a span: opentelemetry is imported and a tracer
+    provider set. (A program may import it, or a library it uses may, and set none.)"""
+    return _current_tracer() is not None
+
+
+def _current_tracer() -> Any:
+    """threadbridge's tracer of the provider set now; None if opentelemetry is not
+    imported or no provider is set."""
     trace = _modules.get(TRACE)
     if trace is None:
         return None
@@ -49,23 +64,7 @@ def start(name: str) -> Any:
     cached = _tracer
     if cached is None or cached[0] is not provider:
         cached = _tracer_of(trace, provider)
-    tracer = cached[1]
-    # Named after the target, and no attribute at its start: the SDK checks each
-    # attribute it is given, and one more at the start cost a sixth of a thread call.
-    return None if tracer is None else tracer.start_span(name)
-
-
-def tracing() -> bool:
-    """Whether ``start()`` would make a span: opentelemetry is imported and a tracer
-    provider set. (A program may import it, or a library it uses may, and set none.)"""
-    trace = _modules.get(TRACE)
-    if trace is None:
-        return False
-    provider: Any = getattr(trace, _PROVIDER, _UNKNOWN)
-    cached = _tracer
-    if cached is None or cached[0] is not provider:
-        cached = _tracer_of(trace, provider)
-    return cached[1] is not None
+    return cached[1]
 
 
 def _tracer_of(trace: Any, provider: Any) -> tuple[object, Any]:
