@@ -189,11 +189,19 @@ async def test_injection_as_the_target_is_marked_ended_leaves_its_lock_free(
         (work,) = works
         with work.lock:
             go.set()
-            # Until the target's thread waits for the lock, in run_target().
+            # Until the target's thread has left the target and is in run_target(),
+            # taking the lock (on 3.14 inside the lock's own __enter__).
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
                 frame = sys._current_frames().get(work.thread_id)
-                if frame is not None and frame.f_code is _target.TargetState.run_target.__code__:
+                codes = set()
+                while frame is not None:
+                    codes.add(frame.f_code)
+                    frame = frame.f_back
+                if (
+                    _target.TargetState.run_target.__code__ in codes
+                    and call_then_hold.__code__ not in codes
+                ):
                     break
                 time.sleep(0.001)
             work.interrupted = work.pending = True  # what request_interrupt() records
