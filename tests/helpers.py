@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 import types
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from types import CodeType
 from typing import Any
 
@@ -126,9 +126,14 @@ _WAIT_CODES = (threading.Condition.wait.__code__, _locks.Condition.wait.__code__
 
 async def until_blocked_in_wait(thread: threading.Thread) -> None:
     """Wait until ``thread`` is blocked inside the C call of a wait (an ``Event.wait()``,
-    a ``Condition.wait()``, a future's ``result()``): its innermost Python frame is that
-    wait's, and the thread sleeps in the kernel (Linux: its system call is futex;
-    elsewhere the frame alone is checked)."""
+    a ``Condition.wait()``, a future's ``result()``): see ``until_parked``."""
+    await until_parked(thread, _WAIT_CODES)
+
+
+async def until_parked(thread: threading.Thread, codes: Collection[CodeType]) -> None:
+    """Wait until ``thread``'s innermost Python frame runs one of ``codes`` and the
+    thread sleeps in the kernel (Linux: its system call is futex; elsewhere the frame
+    alone is checked): it is blocked in a C call of that code (a lock, a wait)."""
     assert thread.ident is not None
     assert thread.native_id is not None
     syscall = f"/proc/self/task/{thread.native_id}/syscall"
@@ -136,7 +141,7 @@ async def until_blocked_in_wait(thread: threading.Thread) -> None:
     with anyio.fail_after(10):
         while True:
             frame = sys._current_frames().get(thread.ident)
-            if frame is not None and frame.f_code in _WAIT_CODES:
+            if frame is not None and frame.f_code in codes:
                 if futex is None:
                     return  # not a machine whose futex number is known: the frame it is
                 try:
@@ -404,13 +409,12 @@ class Blocked:
 def forked_child_exit_code(pid: int, what: str, timeout: float = 60) -> int:
     """The exit code of the forked child ``pid``; killed, and an AssertionError naming
     ``what``, if it has not exited within ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            raise AssertionError(f"the forked child hung ({what})")
-        time.sleep(0.01)
+    statuses: list[int] = []
+    reaper = threading.Thread(target=lambda: statuses.append(os.waitpid(pid, 0)[1]))
+    reaper.start()
+    reaper.join(timeout)
+    if not statuses:
+        os.kill(pid, signal.SIGKILL)
+        reaper.join(30)
+        raise AssertionError(f"the forked child hung ({what})")
+    return os.waitstatus_to_exitcode(statuses[0])

@@ -548,16 +548,31 @@ def test_a_threads_work_is_its_whole_target_state() -> None:
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_an_executor_goes_on_in_a_forked_child() -> None:
     """An executor made before a fork works in the child: its lock is the thread pool's,
-    which the child makes anew, and shutdown(wait=True) waits on it there."""
+    which the child makes anew, and the condition that shutdown(wait=True) waits on is
+    made again for it there (the parent's, on the parent's lock, is made before the fork
+    here: a call ending after shutdown notifies it)."""
+    from threadbridge import _plain
+
     ex = tb.Executor(max_workers=2)
     assert ex.submit(targets.add, 1, 1).result(30) == 2
+    core = ex._core
+    assert isinstance(core, _plain.ThreadCore)
+    with core.lock:
+        parents = core.idle
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         code = 1
         try:
-            futures = [ex.submit(targets.add, i, i) for i in range(4)]
+            errors: list[object] = []
+            threading.excepthook = errors.append  # a pool thread's error would end here
+            gate = threading.Event()
+            futures = [ex.submit(targets.add, i, i) for i in range(3)]
+            futures.append(ex.submit(gate.wait, 30))
+            ex.shutdown(wait=False)  # shut while a call still runs: its end notifies
+            gate.set()
             ex.shutdown(wait=True)
-            if [f.result(0) for f in futures] == [0, 2, 4, 6]:
+            results = [f.result(0) for f in futures]
+            if results == [0, 2, 4, True] and not errors and core.idle is not parents:
                 code = 0
         finally:
             os._exit(code)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 from typing import Any
 
 import anyio
@@ -13,6 +12,8 @@ import pytest
 import threadbridge as tb
 from threadbridge import _stats
 from threadbridge._target import TargetState
+
+from .helpers import until_parked
 
 pytestmark = pytest.mark.anyio
 
@@ -169,13 +170,12 @@ async def test_injection_as_the_target_is_marked_ended_leaves_its_lock_free(
     fires as that lock is taken (the first check after it): the lock is given back, the
     call ends with the target's value, and the lock is free for the rungs and listings
     that take it later; the pool thread lives on."""
-    import sys
-
-    from threadbridge import _inject, _target, _thread
+    from threadbridge import _inject, _locks, _target, _thread
 
     original = _thread.ThreadWork._call
     works: list[_thread.ThreadWork] = []
     returned, go = threading.Event(), threading.Event()
+    results: list[object] = []
 
     def call_then_hold(self: _thread.ThreadWork) -> Any:
         outcome = original(self)
@@ -184,43 +184,35 @@ async def test_injection_as_the_target_is_marked_ended_leaves_its_lock_free(
         go.wait(30)  # until the lock is held elsewhere
         return outcome
 
-    def inject_as_it_takes_the_lock() -> None:
-        assert returned.wait(30)
-        (work,) = works
-        with work.lock:
-            go.set()
-            # Until the target's thread has left the target and is in run_target(),
-            # taking the lock (on 3.14 inside the lock's own __enter__).
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                frame = sys._current_frames().get(work.thread_id)
-                codes = set()
-                while frame is not None:
-                    codes.add(frame.f_code)
-                    frame = frame.f_back
-                if (
-                    _target.TargetState.run_target.__code__ in codes
-                    and call_then_hold.__code__ not in codes
-                ):
-                    break
-                time.sleep(0.001)
-            work.interrupted = work.pending = True  # what request_interrupt() records
-            _inject.inject(work.thread_id)
-        # Given back: its acquire() returns, and rung 2 fires there.
-
-    monkeypatch.setattr(_thread.ThreadWork, "_call", call_then_hold)
-    helper = threading.Thread(target=inject_as_it_takes_the_lock)
-    helper.start()
-    try:
+    async def call_it() -> None:
         if plain:
             with tb.Executor() as ex:
                 future = ex.submit(lambda: "value")
-                assert await anyio.to_thread.run_sync(future.result, 30) == "value"
+                results.append(await anyio.to_thread.run_sync(future.result, 30))
         else:
-            assert await tb.run_killable(lambda: "value") == "value"
+            results.append(await tb.run_killable(lambda: "value"))
+
+    # Where the pool thread waits for the target's lock: in run_target() itself (a C
+    # lock's __enter__), or, on 3.14, in the lock's own Python __enter__.
+    taking_the_lock = {_target.TargetState.run_target.__code__, _locks.SafeLock.__enter__.__code__}
+    monkeypatch.setattr(_thread.ThreadWork, "_call", call_then_hold)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call_it)
+            assert await anyio.to_thread.run_sync(returned.wait, 30)
+            (work,) = works
+            (thread,) = [t for t in threading.enumerate() if t.ident == work.thread_id]
+            work.lock.acquire()  # free: the target's thread holds nothing in the target
+            try:
+                go.set()
+                await until_parked(thread, taking_the_lock)
+                work.interrupted = work.pending = True  # what request_interrupt() records
+                _inject.inject(work.thread_id)
+            finally:
+                work.lock.release()  # its acquire() returns, and rung 2 fires there
     finally:
         go.set()
-        helper.join(30)
+    assert results == ["value"]
     monkeypatch.setattr(_thread.ThreadWork, "_call", original)
     (work,) = works
     assert (work.running, work.pending) == (False, False)

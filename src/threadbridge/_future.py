@@ -210,10 +210,7 @@ class Future(concurrent.futures.Future[T]):
             self._state = FINISHED
             for waiter in self._waiters:
                 waiter.add_result(self)
-            # notify_all(), inline (every call's path): wake whoever waits in result().
-            waiting = condition._waiting
-            while waiting:
-                waiting.pop().release()
+            condition.notify_all()
         if self._done_callbacks:
             self._invoke_callbacks()  # type: ignore[attr-defined]
 

@@ -147,6 +147,10 @@ class Condition(SafeLock):  # type: ignore[misc]  # (RLock, see above)
             n -= 1
 
     def notify_all(self) -> None:
-        """Wake every thread waiting."""
+        """Wake every thread waiting (every threadbridge call's path: one loop, no
+        notify())."""
+        if not self._is_owned():
+            raise RuntimeError("cannot notify on un-acquired lock")
         waiting = self._waiting
-        self.notify(len(waiting) if waiting else 0)
+        while waiting:
+            waiting.pop().release()

@@ -412,12 +412,11 @@ class ThreadCore(Core, _NoLoopLink):
     def ensure_run(self, work: ThreadWork) -> Run | None:
         """The run of a call started without one, made now (its future's cancel, or
         ``running()``, needs it); None if the call has ended by itself meanwhile."""
-        state = work  # its target's state
-        with state.lock:  # against the end of the target (TargetState.run_target's last step)
+        with work.lock:  # against the end of the target (its run_target()'s last step)
             run = work.run_
             # Ended (started, no longer running; or withdrawn before it started): none
             # is made then, and ThreadWork.run() reads run_ after that step, unlocked.
-            if run is not None or work.plain is None or (state.started and not state.running):
+            if run is not None or work.plain is None or (work.started and not work.running):
                 return run
             future = work.owner
             run = work.run_ = Run(work.name, self.policy, self, self)  # type: ignore[arg-type]

@@ -213,9 +213,9 @@ def _live_sources() -> list[Source]:
         return found
 
 
-def _counts() -> dict[str, int]:
+def _counts(sources: list[Source] | None = None) -> dict[str, int]:
     totals = dict.fromkeys(COUNT_FIELDS, 0)
-    for source in _live_sources():
+    for source in _live_sources() if sources is None else sources:
         for name, value in source.counts().items():
             totals[name] += value
     return totals
@@ -365,15 +365,14 @@ def stats() -> Stats:
         s = threadbridge.stats()
         assert s.abandoned_threads == 0, f"{s.abandoned_threads} threads still running"
     """
-    counts = _counts()
+    sources = _live_sources()
+    counts = _counts(sources)
     with lock:
         counted = dict(stages)
-    # Calls that ended without the ladder's run are counted by their pool (see
-    # _thread.ThreadPool.finished).
-    for source in _live_sources():
-        finished = getattr(source, "finished_count", None)
-        if finished is not None:
-            counted[Stage.FINISHED._value_] += finished()
+    # Calls that ended without the ladder's run are counted by their thread pool
+    # (_thread.ThreadPool.ended_by_themselves).
+    for source in sources:
+        counted[Stage.FINISHED._value_] += getattr(source, "ended_by_themselves", 0)
     by_stage = MappingProxyType({Stage(key): n for key, n in counted.items()})
     return Stats(threads=counts["idle_threads"] + counts["busy_threads"], stages=by_stage, **counts)
 

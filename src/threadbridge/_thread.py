@@ -35,7 +35,6 @@ IDLE_TIMEOUT = 10.0
 
 
 _ENDED = Ending.ENDED  # read on every call's path (see _ladder._ENDED)
-_FunctionType = types.FunctionType
 
 _WAKE = -1  # not the number of any work: wakes a waiting pool thread, nothing more
 
@@ -233,7 +232,7 @@ class ThreadPool:
     def finished_locked(self, work: ThreadWork) -> None:
         """``finished()`` for a call that ended without its run, the pool's lock held by
         its engine: counted FINISHED here (its run would have counted it in
-        ``_stats.stages``; see ``finished_count``). The caller calls
+        ``_stats.stages``; ``stats()`` adds ``ended_by_themselves``). The caller calls
         ``_stats.changed()`` once it has let go of the lock."""
         del self.busy[work.key]
         self.idle += 1
@@ -248,10 +247,6 @@ class ThreadPool:
             return True
 
     # --- stats ------------------------------------------------------------------------
-
-    def finished_count(self) -> int:
-        """Calls counted FINISHED here rather than in ``_stats.stages``."""
-        return self.ended_by_themselves
 
     def counts(self) -> dict[str, int]:
         with self.lock:
@@ -353,7 +348,7 @@ class ThreadWork(TargetState):
                 context.run(sniffio.current_async_library_cvar.set, None)
         self.context = context
         if run is None:
-            self.name = func.__qualname__ if type(func) is _FunctionType else name_of(func)
+            self.name = name_of(func)
             self.portal = plain  # no event loop: the engine is its Link
         else:
             self.name = run.name
@@ -450,12 +445,11 @@ class ThreadWork(TargetState):
 
     def where_now(self) -> str:
         """For ``RunningTarget.where()``: the target's stack now."""
-        state = self
-        with state.lock:
-            running = state.running
+        with self.lock:
+            running = self.running
         if not running:
             return "(not running: it has ended, or has not started yet)"
-        found = _where.snapshot(state.thread_id)
+        found = _where.snapshot(self.thread_id)
         return "(no frames of its own right now)" if found is None else found.stack()
 
     # --- in the pool thread ----------------------------------------------------------
@@ -463,7 +457,6 @@ class ThreadWork(TargetState):
     def run(self, thread_id: int) -> bool:
         """Run the target (in the pool thread ``thread_id``) and report how it ended;
         return whether the thread may be reused."""
-        state = self
         outcome = self.run_target(self._call, thread_id)
         # What the call used goes now: nothing of it may outlive the await, which can
         # return before this thread does.
@@ -480,7 +473,7 @@ class ThreadWork(TargetState):
             del outcome
             plain.ended_plain(self, box)
             return True
-        if state.abandoned:
+        if self.abandoned:
             # Counted out first: whoever sees the limiter token come back must also see
             # stats() without this thread.
             self.pool.finished(self, abandoned=True)
@@ -490,7 +483,7 @@ class ThreadWork(TargetState):
         if outcome is None:
             run.report(Ending.NOT_STARTED)
         else:
-            run.report(_ENDED, outcome, interrupted=state.interrupted, hand_back=False)
+            run.report(_ENDED, outcome, interrupted=self.interrupted, hand_back=False)
             del outcome  # the run has it: the awaiter may take it, and drop it, at once
             run.hand_back()
         return True
