@@ -373,12 +373,21 @@ class CtrlCProgram:
     def end(self) -> tuple[list[str], str]:
         """Its remaining stdout lines and its stderr, once it has exited (it is killed if
         it has not within a minute)."""
+        import signal
+        import subprocess
+
         try:
             out, err = self.process.communicate(timeout=60)
-        finally:
-            if self.process.poll() is None:
-                self.process.kill()
-                self.process.communicate()
+        except subprocess.TimeoutExpired:
+            # SIGABRT makes faulthandler print every thread's stack: where it hung.
+            self.process.send_signal(signal.SIGABRT)
+            try:
+                _, err = self.process.communicate(timeout=30)
+            finally:
+                if self.process.poll() is None:
+                    self.process.kill()
+                    self.process.communicate()
+            raise AssertionError(f"the program did not end within 60 s:\n{err}") from None
         return out.splitlines(), err
 
 
