@@ -50,7 +50,7 @@ else:  # threadbridge's pool alone: what every thread call rides on
             self.submitted = False
             self.future, self.fn = future, fn
 
-        def run(self, thread_id):
+        def run(self, thread_id, slot):
             pool.finished(self, abandoned=False)
             self.future.set_result(self.fn())
             return True

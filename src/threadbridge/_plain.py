@@ -33,7 +33,7 @@ from ._ladder import Ending, Limiter, Run, Rung, Waiting, Work
 from ._loop import Link
 from ._policy import Policy, Stage
 from ._target import Outcome
-from ._thread import ThreadBackend, ThreadWork
+from ._thread import OWN_CONTEXT, ThreadBackend, ThreadWork
 
 if TYPE_CHECKING:
     from ._loop import Waitable
@@ -364,8 +364,9 @@ class ThreadCore(Core, _NoLoopLink):
             future: Future[Any] = Future()
             future._state = RUNNING  # nobody else has it yet: no lock
             pool = self.pool
-            # A fresh, empty context per call, as a new thread has (see _new()).
-            work = ThreadWork(pool, None, fn, args, contextvars.Context(), self)
+            # An empty context as it starts, as a new thread has (see _new()): the pool
+            # thread's own, kept empty (no span to make current there: see above).
+            work = ThreadWork(pool, None, fn, args, OWN_CONTEXT, self)
             work.owner = future
             future._work = work
             try:

@@ -16,7 +16,7 @@ from typing import Any
 from . import _inject
 from ._errors import TargetCancelled
 from ._inject import _Redeliver
-from ._token import NEVER_SET, Token, _local
+from ._token import NEVER_SET, Token, thread_slot
 
 Outcome = tuple[bool, Any]  # (True, value returned) or (False, exception raised)
 
@@ -183,18 +183,25 @@ class TargetState(Token):
         """The run's token: this state itself."""
         return self
 
-    def run_target(self, call: Callable[[], Outcome], thread_id: int = 0) -> Outcome | None:
+    def run_target(
+        self,
+        call: Callable[[], Outcome],
+        thread_id: int = 0,
+        slot: dict[str, Any] | None = None,
+    ) -> Outcome | None:
         """Run ``call`` (which returns the target's outcome) as this state's target.
 
         Returns None if a stop was requested before it started: it is then never called.
-        Once this returns, no rung 2 can reach the calling thread any more. ``thread_id``:
-        the calling thread's ident, if the caller has it at hand.
+        Once this returns, no rung 2 can reach the calling thread any more. ``thread_id``
+        and ``slot`` (``_token.thread_slot()``): the calling thread's ident and its
+        namespace of the current token, if the caller has them at hand.
         """
         self.thread_id = thread_id or threading.get_ident()
         if type(_sys.unraisablehook) is not _Redeliver:  # catch_dropped()'s test, inline
             _inject.catch_dropped()  # wrapped before the target runs, not as rung 2 comes
-        local = _local
-        local.token = self  # and so the state (see _token._Local)
+        if slot is None:
+            slot = thread_slot()
+        slot["token"] = self  # and so the state (see _token._Local, thread_slot())
         lock = self.lock
         started = False
         try:
@@ -229,5 +236,5 @@ class TargetState(Token):
                     # Rung 2 reached the target as it returned and fired on the way into
                     # that block or inside it: it is spent. (After it nothing fires.)
                     self.pending = False
-        local.token = NEVER_SET
+        slot["token"] = NEVER_SET
         return outcome if started else None

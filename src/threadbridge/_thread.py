@@ -21,6 +21,7 @@ from ._backend import Backend
 from ._callables import name_of
 from ._ladder import Ending, Run
 from ._target import Outcome, TargetState
+from ._token import thread_slot
 
 logger = logging.getLogger("threadbridge")
 
@@ -37,6 +38,11 @@ IDLE_TIMEOUT = 10.0
 _ENDED = Ending.ENDED  # read on every call's path (see _ladder._ENDED)
 
 _WAKE = -1  # not the number of any work: wakes a waiting pool thread, nothing more
+
+# A ThreadWork's context that says: run the target in the pool thread's own context,
+# which is empty as each such target starts (see ThreadPool._main), rather than enter
+# one of its own. Never entered itself.
+OWN_CONTEXT = contextvars.Context()
 
 
 class _Ticket:
@@ -163,6 +169,19 @@ class ThreadPool:
             self.idle += 1
         del ticket
         ident = threading.get_ident()
+        slot = thread_slot()  # where each target's token is set (see there)
+        # Calls of the thread's own context (OWN_CONTEXT: an Executor's) run in an empty
+        # context of this thread's, made again whenever a target leaves a variable set
+        # in it: each such call starts in an empty context, as in a new thread, without
+        # the cost of entering a new one every time.
+        while True:
+            own = contextvars.Context()
+            if not own.run(self._serve, own, ident, slot):
+                return
+
+    def _serve(self, own: contextvars.Context, ident: int, slot: dict[str, Any]) -> bool:
+        """Take and run work until the thread retires (False), or a target leaves a
+        variable set in ``own``, the context it runs in (True: go on in a new one)."""
         get = self.queue.get
         clock = time.monotonic
         # When this thread retires if no work comes: IDLE_TIMEOUT after its last work. A
@@ -204,11 +223,13 @@ class ThreadPool:
                     # Such a thread is idle and counted, and would never retire: this
                     # wakes one waiting thread, which retires too if its own time is up.
                     self.queue.put(_WAKE)
-                return
-            reusable = work.run(ident)
+                return False
+            reusable = work.run(ident, slot)
             del work  # nothing of a finished call stays reachable from an idle thread
             if not reusable:
-                return
+                return False
+            if len(own):  # a target left a variable set: the next one starts clean
+                return True
             timeout = IDLE_TIMEOUT
             deadline = clock() + timeout
 
@@ -454,10 +475,10 @@ class ThreadWork(TargetState):
 
     # --- in the pool thread ----------------------------------------------------------
 
-    def run(self, thread_id: int) -> bool:
-        """Run the target (in the pool thread ``thread_id``) and report how it ended;
-        return whether the thread may be reused."""
-        outcome = self.run_target(self._call, thread_id)
+    def run(self, thread_id: int, slot: dict[str, Any]) -> bool:
+        """Run the target (in the pool thread ``thread_id``, whose ``thread_slot()`` is
+        ``slot``) and report how it ended; return whether the thread may be reused."""
+        outcome = self.run_target(self._call, thread_id, slot)
         # What the call used goes now: nothing of it may outlive the await, which can
         # return before this thread does.
         del self.func, self.args, self.context
@@ -490,7 +511,11 @@ class ThreadWork(TargetState):
 
     def _call(self) -> Outcome:
         try:
-            result = self.context.run(self.func, *self.args)
+            context = self.context
+            if context is OWN_CONTEXT:
+                result = self.func(*self.args)
+            else:
+                result = context.run(self.func, *self.args)
             if type(result) is types.CoroutineType:
                 result.close()
                 raise TypeError(

@@ -13,7 +13,7 @@ import math
 import os
 import threading
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol
 
 from . import _locks
 from ._errors import TargetCancelled
@@ -139,6 +139,18 @@ class _Local(threading.local):
 
 
 _local = _Local()
+
+
+def thread_slot() -> dict[str, Any]:
+    """The calling thread's own namespace of ``_local``, where its ``token`` lives.
+
+    A thread that runs target after target (a pool thread) takes it once and sets each
+    target's token there as a dict item: an attribute set on a ``threading.local`` finds
+    the thread's namespace first, every time, and two of them (as a target starts and as
+    it ends) cost about 3% of an executor call's time. Reading ``_local.token`` finds
+    what was stored here.
+    """
+    return _local.__dict__
 
 
 def cancel_requested() -> bool:
