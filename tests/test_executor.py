@@ -8,6 +8,7 @@ import concurrent.futures as cf
 import contextvars
 import gc
 import os
+import random
 import re
 import threading
 import time
@@ -226,6 +227,19 @@ def test_shutdown_waits_for_running_calls(backend: str, tmp_path: Path) -> None:
     ex.shutdown(wait=True)
     assert future.done()
     assert future.result() == "slept"
+
+
+def test_shutdown_waits_for_calls_that_end_as_it_begins() -> None:
+    """shutdown(wait=True) returns only once every future is done, also when calls end
+    (and are forgotten, without the engine's lock under the GIL) while it shuts down."""
+    rng = random.Random(20261207)
+    for _ in range(300):
+        ex = tb.Executor(max_workers=4)
+        sizes = [rng.randrange(0, 3000) for _ in range(6)]
+        futures = [ex.submit(sum, range(n)) for n in sizes]
+        ex.shutdown(wait=True)
+        assert all(future.done() for future in futures)
+        assert [future.result() for future in futures] == [n * (n - 1) // 2 for n in sizes]
 
 
 def test_shutdown_without_waiting_lets_go_once_calls_end(backend: str, tmp_path: Path) -> None:

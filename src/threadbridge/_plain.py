@@ -39,6 +39,12 @@ if TYPE_CHECKING:
     from ._loop import Waitable
     from ._loop._private import LoopThread
 
+# Whether this interpreter runs with the GIL (a free-threaded build may, but one that
+# starts without it can only turn it on later, not off): some steps of a call's end are
+# safe without a lock only under it (see ThreadCore.ended_plain).
+_GIL: bool = getattr(sys, "_is_gil_enabled", lambda: True)()
+_GONE = object()  # what live.pop() returns for a future it no longer has
+
 logger = logging.getLogger("threadbridge")
 
 _modules = sys.modules
@@ -222,17 +228,15 @@ class Core:
             return
         # begin() never got as far as handing it over: nothing runs, nothing will.
         with self.lock:
-            if future in self.live:
-                del self.live[future]
-                if not self.live and self.shut:
-                    self.idle.notify_all()
+            forgotten = self.live.pop(future, _GONE) is not _GONE
+            if forgotten and not self.live and self.shut:
+                self.idle.notify_all()
 
     def ended(self, future: Future[Any]) -> None:
         """A call has settled (stopped, or been given up on at rung 3)."""
         with self.lock:
-            if future not in self.live:
+            if self.live.pop(future, _GONE) is _GONE:
                 return  # forgotten by interrupted(): it never started
-            del self.live[future]
             last = not self.live and self.shut
             if last:
                 self.idle.notify_all()
@@ -430,9 +434,9 @@ class ThreadCore(Core, _NoLoopLink):
         """In the pool thread: a call that never needed its run has ended. In one
         locked step (the pool's lock is this engine's), its thread is counted free, its
         FINISHED stage counted, its place given back (or taken by the next queued call);
-        then its future is settled; then, in a second step, the call is forgotten:
-        ``shutdown(wait=True)`` returns only once every future is done. The next queued
-        call, if any, starts last, here."""
+        then its future is settled; then the call is forgotten (under the GIL without
+        the lock, unless the engine is shut down): ``shutdown(wait=True)`` returns only
+        once every future is done. The next queued call, if any, starts last, here."""
         future = work.owner
         work.owner = None  # the future keeps the work (for its repr), not the reverse
         queue = self.queue
@@ -460,16 +464,25 @@ class ThreadCore(Core, _NoLoopLink):
         else:
             future.set_exception(value)
             del value
-        lock.acquire()  # by hand, as above
-        try:
-            live = self.live
-            if future in live:  # else forgotten by interrupted(): it never started
-                del live[future]
-            last = not live and self.shut
-            if last:
-                self.idle.notify_all()
-        finally:
-            lock.release()
+        live = self.live
+        if _GIL:
+            # Forgotten without the lock: under the GIL the pop is one step (a future
+            # hashes and compares by identity: no Python code runs in it), and shut is
+            # read after it, as shutdown() sets shut before it reads live: either
+            # shutdown() sees the future gone, or this sees shut and wakes it.
+            live.pop(future, None)
+            last = self.shut
+        else:
+            last = True  # (without the GIL that argument needs the lock: see below)
+        if last:
+            lock.acquire()  # by hand, as above
+            try:
+                live.pop(future, None)  # (else forgotten by interrupted(): never started)
+                last = not live and self.shut
+                if last:
+                    self.idle.notify_all()
+            finally:
+                lock.release()
         del future
         if after is not None:  # the next queued call takes the place
             self._start_next(after, following, job)

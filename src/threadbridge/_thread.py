@@ -37,6 +37,8 @@ IDLE_TIMEOUT = 10.0
 
 _ENDED = Ending.ENDED  # read on every call's path (see _ladder._ENDED)
 
+_FUNCTION = types.FunctionType
+
 _WAKE = -1  # not the number of any work: wakes a waiting pool thread, nothing more
 
 # A ThreadWork's context that says: run the target in the pool thread's own context,
@@ -369,7 +371,8 @@ class ThreadWork(TargetState):
                 context.run(sniffio.current_async_library_cvar.set, None)
         self.context = context
         if run is None:
-            self.name = name_of(func)
+            # name_of(func), its first case inline (every executor call's path).
+            self.name = func.__qualname__ if type(func) is _FUNCTION else name_of(func)
             self.portal = plain  # no event loop: the engine is its Link
         else:
             self.name = run.name
