@@ -555,9 +555,13 @@ def test_a_threads_work_is_its_whole_target_state() -> None:
     from threadbridge import _target, _thread, _token
 
     work = _thread.ThreadWork(_thread.backend().pool, None, int, ())
-    fields = [*_token.Token.__slots__, *_target.TargetState.__slots__]
+    slots = [*_token.Token.__slots__, *_target.TargetState.__slots__]
+    slots.remove("__dict__")  # for what the class gives defaults (none made here)
+    defaults = ["_watchers", "_event", "depth", "interrupted", "deferred", "abandoned"]
+    fields = [*slots, *defaults, "resend", "again"]
     unset = [name for name in fields if not hasattr(work, name)]
     assert unset == []
+    assert not hasattr(work, "__dict__") or not work.__dict__
     fresh = _target.TargetState(threading.Lock())
     assert {n: getattr(work, n) for n in fields if n not in ("lock", "portal")} == {
         n: getattr(fresh, n) for n in fields if n not in ("lock", "portal")

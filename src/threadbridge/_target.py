@@ -53,20 +53,7 @@ class TargetState(Token):
     run rather than two, on every call's path.
     """
 
-    __slots__ = (
-        "abandoned",
-        "again",
-        "deferred",
-        "depth",
-        "interrupted",
-        "lock",
-        "pending",
-        "portal",
-        "resend",
-        "running",
-        "started",
-        "thread_id",
-    )
+    __slots__ = ("lock", "pending", "portal", "running", "started", "thread_id")
 
     #: The pool thread's state (``_thread.ThreadWork``): rung 2 comes only from another
     #: thread, injected under ``lock``, so the target's first locked step may take the
@@ -74,25 +61,25 @@ class TargetState(Token):
     #: delivers it, in the target's own thread.
     lock_by_hand = False
 
+    # What most runs never change, as defaults of the class (see Token).
+    depth = 0  # nesting of uninterruptible() blocks
+    interrupted = False  # rung 2 was delivered to the running target (once)
+    deferred = False  # delivered inside uninterruptible(); raised when it exits
+    abandoned = False  # rung 3 gave up on it: its thread must never be reused
+    # Worker processes: sends rung 2's signal to the target's thread once more (rung 2
+    # comes as a signal there, and only a signal ends a blocking call such as a sleep).
+    resend: Callable[[int], None] | None = None
+    again = False  # resent: the next interrupt_here() raises once more
+
     def __init__(self, lock: threading.Lock) -> None:
         # A subclass on every call's path (ThreadWork) sets these itself, all of them.
         self._flag = False
-        self._watchers = None
-        self._event = None
         self.lock = lock  # never held while another lock is taken
         self.started = False  # a thread has picked it up (and decided whether to run it)
         self.running = False  # the target itself may be running: rung 2 may land
         self.thread_id = 0
-        self.depth = 0  # nesting of uninterruptible() blocks
-        self.interrupted = False  # rung 2 was delivered to the running target (once)
         self.pending = False  # injected into the thread, not known to have been raised
-        self.deferred = False  # delivered inside uninterruptible(); raised when it exits
-        self.abandoned = False  # rung 3 gave up on it: its thread must never be reused
         self.portal: object = None  # thread targets: the caller's Link, for from_thread
-        # Worker processes: sends rung 2's signal to the target's thread once more (rung 2
-        # comes as a signal there, and only a signal ends a blocking call such as a sleep).
-        self.resend: Callable[[int], None] | None = None
-        self.again = False  # resent: the next interrupt_here() raises once more
 
     # --- from the ladder (other threads) -----------------------------------------------
 

@@ -327,10 +327,10 @@ class ThreadWork(TargetState):
         "run_",
         "since",
         "submitted",
-        "ticket",
     )
 
     lock_by_hand = True  # rung 2 comes from another thread, under the lock
+    ticket: _Ticket | None = None  # for the thread that submitting it started, if any
 
     def __init__(
         self,
@@ -345,14 +345,9 @@ class ThreadWork(TargetState):
         # TargetState's fields, every one, set here rather than in a call of its
         # __init__ (every call's path; a test checks that none is missed).
         self._flag = False
-        self._watchers = None
-        self._event = None
         self.lock = _locks.Lock()
-        self.started = self.running = False
-        self.thread_id = self.depth = 0
-        self.interrupted = self.pending = self.deferred = self.abandoned = False
-        self.resend = None
-        self.again = False
+        self.started = self.running = self.pending = False
+        self.thread_id = 0
         # The work's own.
         self.pool = pool
         self.run_ = run
@@ -380,7 +375,6 @@ class ThreadWork(TargetState):
                 _otel.make_current(context, run.span)
             self.portal = run.link  # from_thread finds its loop through it
         self.key = next(pool.numbers)  # its number in the pool's queue
-        self.ticket: _Ticket | None = None  # for the thread that submitting it started
         self.submitted = False  # under the pool's lock: it went into ``pending``
         self.since = time.monotonic()  # handed to the pool: a thread takes it at once
 

@@ -63,14 +63,18 @@ class Token:
                 dev.poll()
     """
 
-    __slots__ = ("_event", "_flag", "_watchers")
+    # Fields that most runs never change are defaults of the class, written to the
+    # instance only when they change (its __dict__, made then): a token is made for
+    # every call, and each field set costs on every call's path.
+    __slots__ = ("__dict__", "_flag")
+
+    _watchers: list[threading.Event] | None = None  # also set at rung 1
+    # Created on first wait(): most targets never wait, and a threading.Event costs
+    # more than the rest of a call's bookkeeping.
+    _event: threading.Event | None = None
 
     def __init__(self) -> None:
         self._flag = False
-        self._watchers: list[threading.Event] | None = None  # also set at rung 1
-        # Created on first wait(): most targets never wait, and a threading.Event costs
-        # more than the rest of a call's bookkeeping.
-        self._event: threading.Event | None = None
 
     def is_set(self) -> bool:
         """Whether a stop has been requested."""
