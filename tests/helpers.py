@@ -334,7 +334,11 @@ def executor_loop_held(executor: Any) -> Iterator[None]:
 class CtrlCProgram:
     """A program run as from a terminal, for tests that press Ctrl-C in it: read its
     lines as it prints them (bounded: a program stuck on its way shows every thread's
-    stack instead of hanging the suite), press Ctrl-C, then collect its end."""
+    stack instead of hanging the suite), press Ctrl-C, then collect its end.
+
+    Its stdout is read through one reader only (the lines ``expect()`` reads may bring
+    more with them, which ``end()`` must see too); its stderr is read by a thread from
+    the start, so that the program never blocks on a full pipe."""
 
     def __init__(self, tmp_path: Any, source: str, *args: str) -> None:
         import subprocess
@@ -348,6 +352,19 @@ class CtrlCProgram:
             text=True,
             cwd=tmp_path,
         )
+        self._err: list[str] = []
+        stderr = self.process.stderr
+        assert stderr is not None
+        self._err_reader = threading.Thread(target=lambda: self._err.append(stderr.read()))
+        self._err_reader.start()
+
+    def _stderr(self) -> str:
+        """All of its stderr, once it has exited; its pipes closed."""
+        self._err_reader.join(30)
+        for pipe in (self.process.stdout, self.process.stderr):
+            if pipe is not None:
+                pipe.close()
+        return "".join(self._err)
 
     def expect(self, line: str) -> None:
         import signal
@@ -363,7 +380,8 @@ class CtrlCProgram:
             timer.cancel()
         if got != line:
             process.kill()
-            raise AssertionError(f"expected {line!r}, got {got!r}:\n{process.communicate()[1]}")
+            process.wait()
+            raise AssertionError(f"expected {line!r}, got {got!r}:\n{self._stderr()}")
 
     def press_ctrl_c(self) -> None:
         import signal
@@ -376,19 +394,23 @@ class CtrlCProgram:
         import signal
         import subprocess
 
+        process, stdout = self.process, self.process.stdout
+        assert stdout is not None
         try:
-            out, err = self.process.communicate(timeout=60)
+            process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             # SIGABRT makes faulthandler print every thread's stack: where it hung.
-            self.process.send_signal(signal.SIGABRT)
+            process.send_signal(signal.SIGABRT)
             try:
-                _, err = self.process.communicate(timeout=30)
+                process.wait(timeout=30)
             finally:
-                if self.process.poll() is None:
-                    self.process.kill()
-                    self.process.communicate()
-            raise AssertionError(f"the program did not end within 60 s:\n{err}") from None
-        return out.splitlines(), err
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+            stuck = self._stderr()
+            raise AssertionError(f"the program did not end within 60 s:\n{stuck}") from None
+        lines = stdout.read().splitlines()
+        return lines, self._stderr()
 
 
 class Blocked:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
+import socket
 import sys
 import threading
+from collections.abc import Iterator
 
 import pytest
 
@@ -153,3 +157,47 @@ async def _task_cancel_then_unblock() -> list[bool]:
     with pytest.raises(asyncio.CancelledError):
         await task
     return seen
+
+
+@contextlib.contextmanager
+def no_wakeup_fd() -> Iterator[None]:
+    """The test starts with no signal wakeup fd (a loop of an earlier test may still be
+    open, with its own), and that one is put back at the end."""
+    earlier = signal.set_wakeup_fd(-1)
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(earlier)
+
+
+def test_the_loops_signal_wakeup_is_taken_back_when_it_closes() -> None:
+    """The main thread's loop gets a signal wakeup fd at threadbridge's first await there
+    (see docs/asyncio.md, Ctrl-C), and gives it back when asyncio.run() closes it. One
+    that the program set is left as it is."""
+    with no_wakeup_fd():
+        asyncio.run(tb.run_killable(abs, -1))
+        assert signal.set_wakeup_fd(-1) == -1
+
+        reader, writer = socket.socketpair()
+        writer.setblocking(False)
+        try:
+            signal.set_wakeup_fd(writer.fileno())
+            asyncio.run(tb.run_killable(abs, -1))
+            assert signal.set_wakeup_fd(-1) == writer.fileno()
+        finally:
+            reader.close()
+            writer.close()
+
+
+def test_the_loops_signal_wakeup_is_taken_back_when_closed_by_hand() -> None:
+    """A loop closed by hand, its tasks not cancelled, gives the wakeup back too: no
+    signal may write to the number of a closed file (or of one opened since)."""
+    with no_wakeup_fd():
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(tb.run_killable(abs, -1))
+            assert signal.set_wakeup_fd(-1) == loop._csock.fileno()  # type: ignore[attr-defined]
+            signal.set_wakeup_fd(loop._csock.fileno())  # type: ignore[attr-defined]  # back
+        finally:
+            loop.close()
+        assert signal.set_wakeup_fd(-1) == -1

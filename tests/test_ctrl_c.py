@@ -136,3 +136,54 @@ def test_ctrl_c_during_a_deadlines_ladder_hurries_it_and_interrupts(
     else:
         assert (len(lines), ending) == (1, "KeyboardInterrupt"), err
     assert "Ctrl-C while it was being stopped" in err
+
+
+ELSEWHERE = """
+import signal, sys, threading, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as typed in a terminal
+import anyio
+import threadbridge as tb
+
+
+def main_thread_asleep():
+    # Whether the main thread waits in its loop's select() (asyncio's selector, trio's
+    # epoll wait).
+    frame = sys._current_frames().get(threading.main_thread().ident)
+    return frame is not None and frame.f_code.co_name in ("select", "get_events")
+
+
+def target():
+    print("started", flush=True)
+    while not main_thread_asleep():
+        time.sleep(0.001)
+    # The kernel may hand a Ctrl-C to any thread: here it goes to this pool thread, so
+    # that only the C handler runs at once, and the main thread's loop sleeps on.
+    signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+    while not tb.cancel_requested():
+        time.sleep(0.01)
+    print("token set", flush=True)
+
+
+async def main():
+    await tb.run_killable(target)
+
+
+try:
+    anyio.run(main, backend=sys.argv[1])
+except BaseException as exc:
+    print(type(exc).__name__, flush=True)
+"""
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+def test_a_ctrl_c_that_another_thread_takes_still_reaches_the_program(
+    tmp_path: Path, loop: str
+) -> None:
+    """A Ctrl-C handled by a pool thread's C signal handler wakes the idle loop, whose
+    thread runs the Python handler: the ladder climbs (asyncio's loop wakes on a signal
+    only where a wakeup fd is set, which threadbridge does while it awaits)."""
+    program = CtrlCProgram(tmp_path, ELSEWHERE, loop)
+    program.expect("started")
+    program.expect("token set")
+    lines, err = program.end()
+    assert lines == [_interrupted(loop)], (program.process.returncode, err)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import socket
 import threading
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -33,11 +36,94 @@ async def _call(fn: Callable[[], Awaitable[None]]) -> None:
     await fn()
 
 
+# An asyncio loop hears of a signal only if it interrupts the loop's select(): the C
+# handler runs at once, in whichever thread the kernel picked, but the Python handler
+# (asyncio's runner's Ctrl-C, or threadbridge's) runs only once the main thread runs
+# Python again. A signal that comes just before the loop goes to sleep, or that the
+# kernel hands to another thread (a pool thread running a target), leaves an idle loop
+# asleep, and a program that awaits a blocking call would ignore that Ctrl-C. asyncio
+# gives the C handler a file to wake it (signal.set_wakeup_fd) only for its own
+# add_signal_handler(); trio always does. So the first await of threadbridge's in the
+# main thread's asyncio loop gives it one, unless the program has set one already, until
+# that loop closes.
+_woken: weakref.ref[asyncio.AbstractEventLoop] | None = None
+
+
+def _wake_on_signals(link: AsyncioLink) -> None:
+    """In the main thread: have a signal wake ``link``'s loop (see above), through the
+    loop's own self-pipe, as its add_signal_handler() does (no file of ours), or, for a
+    loop without one, a socket pair of ours that the loop reads."""
+    global _woken
+    loop = link.loop
+    _woken = weakref.ref(loop)  # tried once per loop, whatever comes of it
+    own = getattr(loop, "_csock", None)  # asyncio's selector loops: it drains the pipe
+    reader = writer = None
+    if isinstance(own, socket.socket):
+        wakeup = own.fileno()
+    else:
+        reader, writer = socket.socketpair()
+        reader.setblocking(False)
+        writer.setblocking(False)
+        wakeup = writer.fileno()
+    try:
+        previous = signal.set_wakeup_fd(wakeup, warn_on_full_buffer=False)
+    except (OSError, ValueError):  # not the main interpreter, or a blocking socket
+        previous = wakeup  # nothing to take back
+    if previous != -1:  # the program's (or the loop's own): it wakes the loop already
+        if previous != wakeup:
+            signal.set_wakeup_fd(previous)
+        if reader is not None and writer is not None:
+            reader.close()
+            writer.close()
+        return
+    done: list[bool] = []
+
+    def restore() -> None:
+        # Taken back, once, unless another has been set since (then that one stays).
+        if done:
+            return
+        done.append(True)
+        try:
+            current = signal.set_wakeup_fd(-1)
+            if current != wakeup:
+                signal.set_wakeup_fd(current)
+        except ValueError:  # the loop closes in another thread than the main one
+            pass
+
+    if reader is None or writer is None:
+        # Also when the loop closes without cancelling its tasks (a loop closed by
+        # hand): once the pipe's socket is gone, a signal must not write to its number.
+        weakref.finalize(own, restore)
+        link.on_close(restore, "threadbridge-signal-wakeup")
+        return
+
+    def drain() -> None:
+        try:
+            while reader.recv(512):
+                pass
+        except OSError:  # nothing more to read (BlockingIOError), or closed
+            pass
+
+    def close() -> None:
+        restore()
+        link.unwatch(reader.fileno())
+        reader.close()
+        writer.close()
+
+    try:
+        loop.add_reader(reader.fileno(), drain)
+    except RuntimeError:  # the loop is closing
+        close()
+        return
+    link.on_close(close, "threadbridge-signal-wakeup")
+
+
 class _Cancelling(threading.local):
     active = False  # this thread is in a waiter's rung 1
 
 
 _cancelling = _Cancelling()
+_MAIN_THREAD = threading.main_thread().ident
 
 
 class _Waiter(asyncio.Future[None]):
@@ -127,6 +213,9 @@ class AsyncioLink(LinkBase):
     async def wait_settled(self, run: Waitable) -> None:
         if run.settled:
             return
+        woken = _woken
+        if (woken is None or woken() is not self.loop) and self.thread_id == _MAIN_THREAD:
+            _wake_on_signals(self)
         try:
             await self._future(run)
         except BaseException:
