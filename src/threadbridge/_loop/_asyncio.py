@@ -91,9 +91,20 @@ def _wake_on_signals(link: AsyncioLink) -> None:
             pass
 
     if reader is None or writer is None:
-        # Also when the loop closes without cancelling its tasks (a loop closed by
-        # hand): once the pipe's socket is gone, a signal must not write to its number.
-        weakref.finalize(own, restore)
+        # Taken back as the loop closes, also when it closes without cancelling its
+        # tasks (a loop closed by hand): once the pipe is closed, a signal must not
+        # write to its number. (Not at its socket's finalization: a free-threaded build
+        # may free it later.)
+        close_loop = loop.close
+
+        def close_and_restore() -> None:
+            restore()
+            close_loop()
+
+        try:
+            loop.close = close_and_restore  # type: ignore[method-assign]
+        except AttributeError:  # pragma: no cover - a loop that takes no attributes
+            pass
         link.on_close(restore, "threadbridge-signal-wakeup")
         return
 
