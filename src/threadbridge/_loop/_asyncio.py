@@ -49,32 +49,23 @@ async def _call(fn: Callable[[], Awaitable[None]]) -> None:
 _woken: weakref.ref[asyncio.AbstractEventLoop] | None = None
 
 
-def _wake_on_signals(link: AsyncioLink) -> None:
-    """In the main thread: have a signal wake ``link``'s loop (see above), through the
-    loop's own self-pipe, as its add_signal_handler() does (no file of ours), or, for a
-    loop without one, a socket pair of ours that the loop reads."""
+def _wake_on_signals(loop: asyncio.AbstractEventLoop) -> None:
+    """In the main thread: have a signal wake ``loop`` (see above) through the loop's own
+    self-pipe, as its add_signal_handler() does. A loop without one (uvloop) sets its own
+    wakeup fd in the main thread already."""
     global _woken
-    loop = link.loop
     _woken = weakref.ref(loop)  # tried once per loop, whatever comes of it
-    own = getattr(loop, "_csock", None)  # asyncio's selector loops: it drains the pipe
-    reader = writer = None
-    if isinstance(own, socket.socket):
-        wakeup = own.fileno()
-    else:
-        reader, writer = socket.socketpair()
-        reader.setblocking(False)
-        writer.setblocking(False)
-        wakeup = writer.fileno()
+    own = getattr(loop, "_csock", None)  # asyncio's selector loops: the loop drains it
+    if not isinstance(own, socket.socket):
+        return
+    wakeup = own.fileno()
     try:
         previous = signal.set_wakeup_fd(wakeup, warn_on_full_buffer=False)
-    except (OSError, ValueError):  # not the main interpreter, or a blocking socket
-        previous = wakeup  # nothing to take back
+    except (OSError, ValueError):  # not the main interpreter
+        return
     if previous != -1:  # the program's (or the loop's own): it wakes the loop already
         if previous != wakeup:
             signal.set_wakeup_fd(previous)
-        if reader is not None and writer is not None:
-            reader.close()
-            writer.close()
         return
     done: list[bool] = []
 
@@ -90,43 +81,16 @@ def _wake_on_signals(link: AsyncioLink) -> None:
         except ValueError:  # the loop closes in another thread than the main one
             pass
 
-    if reader is None or writer is None:
-        # Taken back as the loop closes, also when it closes without cancelling its
-        # tasks (a loop closed by hand): once the pipe is closed, a signal must not
-        # write to its number. (Not at its socket's finalization: a free-threaded build
-        # may free it later.)
-        close_loop = loop.close
+    # Taken back as the loop closes, also when it closes without cancelling its tasks
+    # (a loop closed by hand): once the pipe is closed, a signal must not write to its
+    # number. (Not at its socket's finalization: a free-threaded build may free it later.)
+    close_loop = loop.close
 
-        def close_and_restore() -> None:
-            restore()
-            close_loop()
-
-        try:
-            loop.close = close_and_restore  # type: ignore[method-assign]
-        except AttributeError:  # pragma: no cover - a loop that takes no attributes
-            pass
-        link.on_close(restore, "threadbridge-signal-wakeup")
-        return
-
-    def drain() -> None:
-        try:
-            while reader.recv(512):
-                pass
-        except OSError:  # nothing more to read (BlockingIOError), or closed
-            pass
-
-    def close() -> None:
+    def close_and_restore() -> None:
         restore()
-        link.unwatch(reader.fileno())
-        reader.close()
-        writer.close()
+        close_loop()
 
-    try:
-        loop.add_reader(reader.fileno(), drain)
-    except RuntimeError:  # the loop is closing
-        close()
-        return
-    link.on_close(close, "threadbridge-signal-wakeup")
+    loop.close = close_and_restore  # type: ignore[method-assign]
 
 
 class _Cancelling(threading.local):
@@ -226,7 +190,7 @@ class AsyncioLink(LinkBase):
             return
         woken = _woken
         if (woken is None or woken() is not self.loop) and self.thread_id == _MAIN_THREAD:
-            _wake_on_signals(self)
+            _wake_on_signals(self.loop)
         try:
             await self._future(run)
         except BaseException:
