@@ -607,6 +607,83 @@ def test_an_executor_goes_on_in_a_forked_child() -> None:
     ex.shutdown(wait=True)
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork() is POSIX only")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_calls_the_parent_runs_at_a_fork_are_settled_in_the_child() -> None:
+    """A call running (or queued) at the fork runs in the parent only: in the child its
+    future is settled at once with an error that says so, its place is free, and
+    shutdown(wait=True) does not wait for it. (It used to: a call that had just settled
+    its future was still counted live, and the child's shutdown waited for ever.)"""
+    ex = tb.Executor(max_workers=1)
+    started, gate = threading.Event(), threading.Event()
+
+    def hold() -> str:
+        started.set()
+        gate.wait(30)
+        return "parent"
+
+    running = ex.submit(hold)
+    queued = ex.submit(targets.add, 1, 1)
+    assert started.wait(30)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            messages = []
+            for future in (running, queued):
+                try:
+                    future.result(0)
+                except RuntimeError as exc:
+                    messages.append(str(exc))
+            fresh = ex.submit(targets.add, 2, 2).result(30)  # the one place is free
+            ex.shutdown(wait=True)
+            if (
+                len(messages) == 2
+                and all("submitted before the process forked" in m for m in messages)
+                and fresh == 4
+                and running.done()
+                and running.wait_stopped(0)
+            ):
+                code = 0
+        finally:
+            os._exit(code)
+    assert forked_child_exit_code(pid, "an executor's calls at the fork") == 0
+    gate.set()
+    assert running.result(30) == "parent"
+    assert queued.result(30) == 2
+    ex.shutdown(wait=True)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork() is POSIX only")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_process_executor_refuses_in_a_forked_child() -> None:
+    """A process executor's loop and workers are the parent's: in a forked child a
+    submit is refused at once with the reason (it used to be posted to a loop that no
+    thread runs there, and hang), and shutdown(wait=True) returns; call() makes engines
+    of its own in the child."""
+    ex = tb.Executor(backend="process", max_workers=1)
+    assert ex.submit(targets.add, 1, 1).result(30) == 2
+    assert tb.call(targets.add, 1, 2, timeout=30) == 3  # call()'s thread engine, made here
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            try:
+                ex.submit(targets.add, 2, 2)
+            except RuntimeError as exc:
+                refused = "made before the process forked" in str(exc)
+            else:
+                refused = False
+            ex.shutdown(wait=True)
+            if refused and tb.call(targets.add, 3, 3, timeout=30) == 6:
+                code = 0
+        finally:
+            os._exit(code)
+    assert forked_child_exit_code(pid, "a process executor") == 0
+    assert ex.submit(targets.add, 3, 3).result(30) == 6  # the parent's goes on
+    ex.shutdown(wait=True)
+
+
 def test_a_call_with_a_free_place_starts_without_its_run() -> None:
     """Unless it is traced, a thread call with a place free starts without the ladder's
     run (whether opentelemetry is imported or not: other tests may have imported it);

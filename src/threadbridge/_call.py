@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -52,6 +53,18 @@ class CallTimeout(TimeoutError):
 # their own.
 _cores: dict[Backend, Core] = {}
 _cores_lock = _locks.Lock()
+
+
+def _forget_after_fork() -> None:
+    """In a fork's child: the engines are the parent's (their calls, and for worker
+    processes their loop and workers); the child's first call() makes its own."""
+    global _cores_lock
+    _cores_lock = _locks.Lock()  # a thread of the parent may have held it
+    _cores.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def _core_for(backend: Backend, what: str) -> Core:

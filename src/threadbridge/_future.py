@@ -196,6 +196,23 @@ class Future(concurrent.futures.Future[T]):
             with self._condition:
                 self._condition.notify_all()
 
+    def _left_in_parent(self) -> None:
+        """In a fork's child: this call was submitted before the fork, and runs (or waits
+        for its place) in the parent, never here. Settled with an error that says so,
+        without the parent's waiters and callbacks (they belong to the parent's threads
+        and loops) or its lock (a parent's thread may have held it at the fork)."""
+        self._condition = Condition()  # type: ignore[assignment]  # see __init__
+        self._waiters = []
+        self._done_callbacks = []
+        self._run = self._work = self._job = None  # its ladder is the parent's
+        if self._state in _NOT_CANCELLED:
+            self._state = FINISHED
+            self._exception = RuntimeError(
+                "this call was submitted before the process forked: it runs in the parent "
+                "process, and its outcome is there; submit it again in this process if it "
+                "needs it here"
+            )
+
     def _set_result_from(self, box: list[Any]) -> None:
         """``set_result(box.pop())``, holding no reference to the value once a waiter
         can run: the thread that settles the future may still be on its way out when

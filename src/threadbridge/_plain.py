@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import os
 import sys
 import threading
 import weakref
@@ -268,6 +269,15 @@ class Core:
     def wait_closed(self) -> None:
         """After ``closed()``: wait until what the engine held is gone."""
 
+    def forked(self) -> None:
+        """In a fork's child, whose one thread is the one that forked: every call not
+        settled at the fork runs (or waits for its place) in the parent, never here;
+        each one's future is settled with an error that says so, and the call forgotten
+        (else ``shutdown(wait=True)``, and the child's exit, would wait for it for ever)."""
+        for future in self.live:
+            future._left_in_parent()
+        self.live = {}
+
     def dropped(self) -> None:
         """Its executor was dropped without ``shutdown()``: no more calls, nothing
         waited for. Run by a finalizer, so anywhere: in a garbage collection, in the
@@ -289,6 +299,15 @@ def _at_exit() -> None:
         # No closing here: starting threads may be refused by now (3.12), and the
         # loops and pools end in the interpreter's atexit hooks, as they always have.
         core.shutdown(wait=True, cancel_futures=core.cancel_at_exit, close=False)
+
+
+def _forked() -> None:
+    for core in list(_all):
+        core.forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
 
 
 # Before the interpreter joins its threads and runs atexit (so, before the engines' own
@@ -333,6 +352,13 @@ class ThreadCore(Core, _NoLoopLink):
         if idle is None or idle._lock is not lock:  # type: ignore[attr-defined]
             idle = self._idle = threading.Condition(lock)
         return idle
+
+    def forked(self) -> None:
+        # The pool, in the child, has no threads and a new lock (its own fork hook): the
+        # places of the parent's calls are free, and its queued calls are the parent's.
+        super().forked()
+        self.queue = {}
+        self.in_use = 0
 
     def dropped(self) -> None:
         # Not shutdown(): its lock is the thread pool's, which the thread this runs in
@@ -612,6 +638,8 @@ class LoopCore(Core):
     the engine's own. A backend that is an async context manager (a ``ProcessPool``) is
     entered there first, and left once the engine is shut down and its calls settled."""
 
+    left_behind = False  # in a fork's child: the engine is the parent's (see forked())
+
     def __init__(
         self, backend: Backend, limit: float, policy: Policy, name: str, what: str
     ) -> None:
@@ -647,6 +675,23 @@ class LoopCore(Core):
     @property
     def idle(self) -> threading.Condition:
         return self._idle
+
+    def forked(self) -> None:
+        # Its loop thread, and the workers that loop started, are the parent's: nothing
+        # is started here any more (refused, with the reason), and nothing of the
+        # parent's is closed.
+        super().forked()
+        self._lock = _locks.Lock()  # a thread of the parent may have held it
+        self._idle = threading.Condition(self._lock)
+        self.shut = self.left_behind = True
+
+    def refuse(self) -> RuntimeError:
+        if self.left_behind:
+            return RuntimeError(
+                "this Executor was made before the process forked: its event loop and its "
+                "workers are the parent process's; make a new Executor in this process"
+            )
+        return super().refuse()
 
     def prepare(
         self, fn: Callable[..., Any], args: tuple[Any, ...], policy: Policy | None
@@ -717,6 +762,8 @@ class LoopCore(Core):
                 raise
 
     def closed(self) -> None:
+        if self.left_behind:
+            return  # the parent's loop, not ours to end
         backend = self.backend
         before: Callable[[], Awaitable[None]] | None = None
         if self.entered:
