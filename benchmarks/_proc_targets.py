@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 
 def noop() -> None:
@@ -34,3 +35,20 @@ def running(pid: int) -> bool:
         except ProcessLookupError:
             return False
         return True
+
+
+def floor_child(conn: Any) -> None:
+    """benchmarks/hops.py's process floor: run each pickled ``(function, args)`` the pipe
+    brings, and send back the pickled outcome; an empty message ends it."""
+    import pickle
+
+    while True:
+        message = conn.recv_bytes()
+        if not message:
+            return
+        func, args = pickle.loads(message)
+        try:
+            outcome = (True, func(*args))
+        except BaseException as exc:
+            outcome = (False, exc)
+        conn.send_bytes(pickle.dumps(outcome, pickle.HIGHEST_PROTOCOL))
