@@ -49,14 +49,27 @@ def default_limiter(backend: BackendName | Backend = "thread") -> anyio.Capacity
     return _default_limiter(current_link(what), resolve(backend, what))
 
 
+# The last loop's limiters, for the next call: a WeakKeyDictionary lookup makes a weak
+# reference every time. (A dead loop's reference answers None: never mistaken for a new
+# loop at the same address.)
+_last: tuple[weakref.ref[object], dict[Backend, anyio.CapacityLimiter]] | None = None
+
+
 def _default_limiter(link: Link, backend: Backend) -> anyio.CapacityLimiter:
+    global _last
     key = link.key
+    last = _last
+    if last is not None and last[0]() is key:
+        limiters = last[1]
+    else:
+        limiters = _limiters.setdefault(key, {})
+        _last = (weakref.ref(key), limiters)
     try:
-        return _limiters[key][backend]
+        return limiters[backend]
     except KeyError:
-        limiter = anyio.CapacityLimiter(backend.default_limit())
-        _limiters.setdefault(key, {})[backend] = limiter
-        return limiter
+        # Two threads may make one each for a new loop (a loop's calls come from its
+        # own thread, but default_limiter() may be asked from another): the first kept.
+        return limiters.setdefault(backend, anyio.CapacityLimiter(backend.default_limit()))
 
 
 def _setup(
@@ -195,7 +208,12 @@ async def run_killable(
         run.limiter.acquire_on_behalf_of_nowait(run)
     except link.would_block:
         await run.limiter.acquire_on_behalf_of(run)
-    return await link.protect_from_ki(_start_and_wait)(run, chosen, job)  # type: ignore[no-any-return]
+    start_and_wait = link.protect_from_ki(_start_and_wait)
+    if start_and_wait is _start_and_wait:  # nothing to protect (asyncio): its body, inline
+        _start(run, chosen, job)
+        await link.wait_settled(run)
+        return run.result()  # type: ignore[no-any-return]
+    return await start_and_wait(run, chosen, job)  # type: ignore[no-any-return]
 
 
 async def _start_and_wait(run: Run, backend: Backend, job: object) -> Any:

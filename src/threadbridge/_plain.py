@@ -105,7 +105,7 @@ class _NoLoopLink:
     def is_current(self) -> bool:
         return False
 
-    async def checkpoint_if_cancelled(self) -> None:  # pragma: no cover - never awaited
+    def checkpoint_if_cancelled(self) -> Awaitable[None]:  # pragma: no cover - never awaited
         raise RuntimeError("this call has no event loop")
 
     async def wait_settled(self, run: Waitable) -> None:  # pragma: no cover - never awaited

@@ -50,8 +50,10 @@ class Link(Protocol):
         """Whether this loop is the one running in the calling thread."""
         ...
 
-    async def checkpoint_if_cancelled(self) -> None:
-        """Raise the loop's cancellation if the calling task is being cancelled."""
+    def checkpoint_if_cancelled(self) -> Awaitable[None]:
+        """What to await to raise the loop's cancellation if the calling task is being
+        cancelled (the loop library's own, handed out: no coroutine of ours around it)."""
+        ...
 
     async def wait_settled(self, run: Waitable) -> None:
         """Wait until ``run`` settles. If the wait is cancelled: call ``run.cancel()``,
@@ -131,12 +133,24 @@ _trio_link: Callable[[Any], Link] | None = None
 
 
 def _in_trio_task() -> bool:
-    import sniffio
-
+    """Whether the running task is trio's, as sniffio tells: its two public markers read
+    directly (trio sets ``thread_local.name`` while its tasks run, in a guest run too;
+    trio-asyncio sets the context variable per task), without the cost of its call,
+    which asks asyncio for the current task too (every asyncio call's path once trio is
+    imported)."""
+    sniffio = sys.modules.get("sniffio")
+    if sniffio is None:
+        return False  # trio imports it: no trio task has ever run
     try:
-        return sniffio.current_async_library() == "trio"
-    except sniffio.AsyncLibraryNotFoundError:
-        return False
+        name = sniffio.thread_local.name
+        if name is None:
+            name = sniffio.current_async_library_cvar.get()
+    except AttributeError:  # pragma: no cover - a sniffio without them: ask it
+        try:
+            name = sniffio.current_async_library()
+        except sniffio.AsyncLibraryNotFoundError:
+            return False
+    return name == "trio"  # type: ignore[no-any-return]
 
 
 def current_link(what: str) -> Link:

@@ -163,11 +163,11 @@ class AsyncioLink(LinkBase):
         except RuntimeError:
             return False
 
-    async def checkpoint_if_cancelled(self) -> None:
+    def checkpoint_if_cancelled(self) -> Awaitable[None]:
         checkpoint = AsyncioLink._checkpoint
         if checkpoint is None:
             checkpoint = AsyncioLink._checkpoint = _anyio_checkpoint()
-        await checkpoint()
+        return checkpoint()
 
     def wake(self, run: Waitable) -> None:
         run.settled = True

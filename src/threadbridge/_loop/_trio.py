@@ -49,8 +49,8 @@ class TrioLink(LinkBase):
         except RuntimeError:
             return False
 
-    async def checkpoint_if_cancelled(self) -> None:
-        await trio.lowlevel.checkpoint_if_cancelled()
+    def checkpoint_if_cancelled(self) -> Awaitable[None]:
+        return trio.lowlevel.checkpoint_if_cancelled()  # noqa: ASYNC105 - awaited by the caller
 
     def wake(self, run: Waitable) -> None:
         run.settled = True
