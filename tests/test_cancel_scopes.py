@@ -160,6 +160,29 @@ async def test_trio_move_on_after() -> None:
 
 
 @pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_trio_starts_and_waits_protected_from_ctrl_c(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under trio, a target is started and waited for with KeyboardInterrupt protection:
+    a Ctrl-C there reaches the wait, whose ladder stops the target first. (trio marks a
+    protected function's code and returns the function itself: code that took "the
+    same function back" for "nothing to protect" ran the start and the wait unprotected,
+    and a Ctrl-C escaped with the target still running, now and then, on Python 3.14.)"""
+    import trio
+
+    from threadbridge import _thread
+
+    seen: list[bool] = []
+    start = _thread.ThreadBackend.start
+
+    def recording_start(self: Any, run: Any, job: object) -> Any:
+        seen.append(trio.lowlevel.currently_ki_protected())
+        return start(self, run, job)
+
+    monkeypatch.setattr(_thread.ThreadBackend, "start", recording_start)
+    assert await tb.run_killable(int, "7") == 7
+    assert seen == [True]
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
 async def test_trio_nursery_cancel() -> None:
     """A trio nursery cancelled by a sibling stops the target first."""
     import trio

@@ -208,12 +208,11 @@ async def run_killable(
         run.limiter.acquire_on_behalf_of_nowait(run)
     except link.would_block:
         await run.limiter.acquire_on_behalf_of(run)
-    start_and_wait = link.protect_from_ki(_start_and_wait)
-    if start_and_wait is _start_and_wait:  # nothing to protect (asyncio): its body, inline
+    if not link.protects_from_ki:  # asyncio: nothing to protect, so _start_and_wait inline
         _start(run, chosen, job)
         await link.wait_settled(run)
         return run.result()  # type: ignore[no-any-return]
-    return await start_and_wait(run, chosen, job)  # type: ignore[no-any-return]
+    return await link.protect_from_ki(_start_and_wait)(run, chosen, job)  # type: ignore[no-any-return]
 
 
 async def _start_and_wait(run: Run, backend: Backend, job: object) -> Any:

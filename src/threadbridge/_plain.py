@@ -91,6 +91,7 @@ class _NoLoopLink:
 
     __slots__ = ()
     would_block: tuple[type[Exception], ...] = (_Full,)
+    protects_from_ki = False
     key: object = _NO_LOOP
     portal: Link | None = None  # no event loop runs the call (from_thread has none to call)
 

@@ -31,6 +31,11 @@ class Link(Protocol):
 
     #: What a capacity limiter of this loop raises when it has no token to spare.
     would_block: tuple[type[Exception], ...]
+    #: Whether ``protect_from_ki()`` protects anything (trio); where it does not
+    #: (asyncio), code may run inline instead of in a protected function of its own.
+    #: (Not "is the function returned the same one": trio marks the function's code
+    #: and returns the function itself.)
+    protects_from_ki: bool
 
     @property
     def key(self) -> object:

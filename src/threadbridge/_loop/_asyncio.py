@@ -140,6 +140,7 @@ class _Waiter(asyncio.Future[None]):
 class AsyncioLink(LinkBase):
     __slots__ = ("loop", "thread_id")
     would_block: tuple[type[Exception], ...] = (anyio.WouldBlock,)
+    protects_from_ki = False
     _checkpoint: Callable[[], Awaitable[None]] | None = None
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:

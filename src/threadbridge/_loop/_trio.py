@@ -23,6 +23,7 @@ class TrioLink(LinkBase):
     __slots__ = ("thread_id", "token", "watching")
     # anyio's limiters and trio's own (which users of trio pass) say it differently.
     would_block: tuple[type[Exception], ...] = (anyio.WouldBlock, trio.WouldBlock)
+    protects_from_ki = True
 
     def __init__(self, token: trio.lowlevel.TrioToken) -> None:
         self.token = token
