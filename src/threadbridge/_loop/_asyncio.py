@@ -104,11 +104,13 @@ _MAIN_THREAD = threading.main_thread().ident
 class _Waiter(asyncio.Future[None]):
     """What a task awaiting a run waits on. ``Task.cancel()`` (which every asyncio
     cancellation ends in: ``asyncio.timeout``, anyio's scopes, task groups) cancels the
-    future its task waits on, synchronously: so rung 1 happens inside the cancel itself."""
+    future its task waits on, synchronously: so rung 1 happens inside the cancel itself.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, run: Waitable) -> None:
-        super().__init__(loop=loop)
-        self._run: Waitable | None = run
+    Made with the Future's own constructor (written in C), its run set after, and
+    settled with the Future's own ``set_result()`` once ``wake()`` has let go of the run:
+    no call of Python code of its own on a call's path."""
+
+    _run: Waitable | None = None
 
     def cancel(self, msg: Any | None = None) -> bool:
         run = self._run
@@ -131,10 +133,6 @@ class _Waiter(asyncio.Future[None]):
             run.cancel()
         finally:
             _cancelling.active = False
-
-    def set_result(self, result: None) -> None:
-        self._run = None
-        super().set_result(result)
 
 
 class AsyncioLink(LinkBase):
@@ -175,11 +173,13 @@ class AsyncioLink(LinkBase):
         if _ctrl_c._waiting:
             _ctrl_c.settled(run)
         for fut in run.waiters or ():
+            fut._run = None  # no cycle left: the run keeps its waiters until it is gone
             if not fut.done():
                 fut.set_result(None)
 
     def _future(self, run: Waitable) -> asyncio.Future[None]:
-        fut = _Waiter(self.loop, run)
+        fut = _Waiter(loop=self.loop)
+        fut._run = run
         if run.waiters is None:
             run.waiters = [fut]
         else:
