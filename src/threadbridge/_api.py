@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import sys
+import types
 import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 import anyio
 
-from ._backend import Backend, BackendName, resolve
-from ._callables import check_func, name_of
+from ._backend import Backend, BackendName, _resolved, resolve
+from ._callables import ASYNC_CODE, check_func, name_of
 from ._handle import Handle
 from ._ladder import Ending, Limiter, Run, Waiting
 from ._loop import Link, current_link
 from ._loop._waits import Canceller, run_cancellable
-from ._policy import Policy, Stage, chosen_policy
+from ._policy import DEFAULT_POLICY, Policy, Stage, chosen_policy
 from ._public import export
 
 if sys.version_info >= (3, 11):
@@ -25,6 +26,7 @@ else:
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
+_FUNCTION = types.FunctionType
 
 # The default limiters of each running loop, keyed by the loop (asyncio) or the run's
 # token (trio), so that they go away with it; one per backend.
@@ -81,9 +83,16 @@ def _setup(
     what: str,
 ) -> tuple[Run, Backend, object]:
     """Check everything the caller gave; make the run (not started yet) and the job."""
-    check_func(func, what)
-    chosen = resolve(backend, what)
-    policy = chosen_policy(policy, what)
+    # The common cases of check_func(), resolve() and chosen_policy() inline (every
+    # call's path): a plain def, lambda or closure, not async; a backend named before; no
+    # policy.
+    plain = type(func) is _FUNCTION
+    if not plain or func.__code__.co_flags & ASYNC_CODE or func.__dict__:
+        check_func(func, what)
+    chosen = _resolved.get(backend) if type(backend) is str else None
+    if chosen is None:
+        chosen = resolve(backend, what)
+    policy = DEFAULT_POLICY if policy is None else chosen_policy(policy, what)
     if limiter is not None:
         if not all(hasattr(limiter, m) for m in _LIMITER_METHODS):
             raise TypeError(
@@ -94,8 +103,9 @@ def _setup(
         if not hasattr(limiter, "acquire_on_behalf_of_nowait"):
             limiter = _WithoutNowait(limiter)
     link = current_link(what)
-    chosen.check_platform(what)
-    name = name_of(func)
+    if chosen.checks_platform:
+        chosen.check_platform(what)
+    name = func.__qualname__ if plain else name_of(func)
     job = chosen.prepare(func, args, name)
     if limiter is None:
         limiter = _default_limiter(link, chosen)

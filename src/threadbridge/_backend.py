@@ -30,6 +30,13 @@ class Backend(abc.ABC):
 
     #: How the backend is named in messages.
     name: str = "backend"
+    #: Whether the class has a check_platform() of its own (set for each subclass): a
+    #: call skips the base class's, which does nothing.
+    checks_platform = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.checks_platform = cls.check_platform is not Backend.check_platform
 
     def check_platform(self, what: str) -> None:  # noqa: B027 - most backends run anywhere
         """Raise a clear error (``NotImplementedError``) where this backend cannot work."""
