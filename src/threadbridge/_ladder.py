@@ -471,10 +471,13 @@ class Run:
         try:
             self.limiter.release_on_behalf_of(self)
         except Exception as exc:
-            if isinstance(exc, RuntimeError):  # what a capacity limiter says when not held
-                violation(f"{self.name}: gave back a limiter token that it did not hold")
-            return exc
+            return self._refused(exc)
         return None
+
+    def _refused(self, exc: Exception) -> Exception:
+        if isinstance(exc, RuntimeError):  # what a capacity limiter says when not held
+            violation(f"{self.name}: gave back a limiter token that it did not hold")
+        return exc
 
     def _loop_free_later(self) -> None:
         error = self._loop_free()
@@ -485,7 +488,10 @@ class Run:
         self.link.wake(self)
 
     def _loop_free_and_wake(self) -> None:
-        self._release_error = self._loop_free()  # raised to whoever awaits the result
+        try:  # _loop_free(), inline (every call's path)
+            self.limiter.release_on_behalf_of(self)
+        except Exception as exc:
+            self._release_error = self._refused(exc)  # raised to whoever awaits the result
         self.link.wake(self)
 
     # --- for the handle -----------------------------------------------------------------
