@@ -7,9 +7,12 @@ import sys
 
 
 def test_demo_table() -> None:
-    """The demo prints one row per target and loop, each at the expected stage."""
+    """The demo prints one row per target and loop, each at the expected stage. With
+    graces of a second each, not the demo's default fifths: a target thread that a
+    loaded machine leaves waiting for its CPU longer than a grace climbs a rung higher
+    (a fresh-clone CI run, six suites on two CPUs, found "checks its token" ABANDONED)."""
     out = subprocess.run(
-        [sys.executable, "-m", "threadbridge", "demo"],
+        [sys.executable, "-m", "threadbridge", "demo", "--grace", "1", "--interrupt-grace", "1"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -38,6 +41,19 @@ def test_demo_table() -> None:
         assert "KILLED" in killed
         assert "killed, reaped" in killed
     assert out.stderr == ""
+    assert "grace=1.0s before rung 2, interrupt_grace=1.0s before rung 3" in out.stdout
+
+
+def test_a_bad_grace_is_a_usage_error() -> None:
+    """A grace that is no number of seconds is refused with the reason, before any work."""
+    out = subprocess.run(
+        [sys.executable, "-m", "threadbridge", "demo", "--grace", "-1"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2
+    assert "grace" in out.stderr
+    assert out.stdout == ""
 
 
 def test_usage_error() -> None:

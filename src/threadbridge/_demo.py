@@ -18,7 +18,7 @@ from ._errors import TargetCancelled
 from ._policy import Policy, Stage
 from ._token import cancel_requested
 
-POLICY = Policy(grace=0.2, interrupt_grace=0.3)
+POLICY = Policy(grace=0.2, interrupt_grace=0.3)  # the default; see main()
 
 RUNG = {
     Stage.FINISHED: "-",
@@ -131,7 +131,7 @@ class Row:
     note: str
 
 
-async def _run_one(loop_name: str, target: Target) -> Row:
+async def _run_one(loop_name: str, target: Target, policy: Policy) -> Row:
     log: list[str] = []
     started = threading.Event()
 
@@ -139,7 +139,7 @@ async def _run_one(loop_name: str, target: Target) -> Row:
         started.set()
         target.func(log)
 
-    handle = spawn(body, policy=POLICY)
+    handle = spawn(body, policy=policy)
     # A target stopped before it starts never runs: let this one get going first.
     await anyio.to_thread.run_sync(started.wait)
     t0 = time.perf_counter()
@@ -153,14 +153,16 @@ async def _run_one(loop_name: str, target: Target) -> Row:
     return Row(loop_name, target.title, RUNG[handle.stage], handle.stage.name, ms, note)
 
 
-async def _run_process(loop_name: str, title: str, func: Callable[[str], None]) -> Row:
+async def _run_process(
+    loop_name: str, title: str, func: Callable[[str], None], policy: Policy
+) -> Row:
     import os
     import tempfile
 
     fd, marker = tempfile.mkstemp(prefix="threadbridge-demo-")
     os.close(fd)
     try:
-        handle = spawn(func, marker, backend="process", policy=POLICY)
+        handle = spawn(func, marker, backend="process", policy=policy)
         with anyio.fail_after(30):  # the first call starts a worker process
             while not Path(marker).read_text():
                 await anyio.sleep(0.01)
@@ -183,16 +185,17 @@ async def _run_process(loop_name: str, title: str, func: Callable[[str], None]) 
     return Row(loop_name, title, RUNG[handle.stage], handle.stage.name, ms, note)
 
 
-async def _run_all(loop_name: str, rows: list[Row], processes: bool) -> None:
+async def _run_all(loop_name: str, rows: list[Row], processes: bool, policy: Policy) -> None:
     for target in TARGETS:
-        rows.append(await _run_one(loop_name, target))
+        rows.append(await _run_one(loop_name, target, policy))
     if processes:
+        where = f"{loop_name}/proc"
         rows.append(
-            await _run_process(f"{loop_name}/proc", "time.sleep(30) in a worker", sleeps_in_worker)
+            await _run_process(where, "time.sleep(30) in a worker", sleeps_in_worker, policy)
         )
         rows.append(
             await _run_process(
-                f"{loop_name}/proc", "ignores SIGTERM, has a child", ignores_sigterm_in_worker
+                where, "ignores SIGTERM, has a child", ignores_sigterm_in_worker, policy
             )
         )
 
@@ -210,13 +213,13 @@ def _table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
-def demo() -> int:
+def demo(policy: Policy = POLICY) -> int:
     # The ladder logs rungs 2 and 3; the table below says the same thing more readably.
     logging.getLogger("threadbridge").setLevel(logging.CRITICAL)
     print("threadbridge demo: each target is started with spawn(), then its await is")
     print(
-        f"cancelled. Policy: grace={POLICY.grace}s before rung 2, "
-        f"interrupt_grace={POLICY.interrupt_grace}s before rung 3.\n"
+        f"cancelled. Policy: grace={policy.grace}s before rung 2, "
+        f"interrupt_grace={policy.interrupt_grace}s before rung 3.\n"
     )
     rows: list[Row] = []
     backends = ["asyncio"]
@@ -226,7 +229,7 @@ def demo() -> int:
 
     processes = available()
     for backend in backends:
-        anyio.run(_run_all, backend, rows, processes, backend=backend)
+        anyio.run(_run_all, backend, rows, processes, policy, backend=backend)
     print(_table(rows))
     if not processes:
         print("\n(this platform has no process groups or POSIX signals: no worker processes)")
@@ -245,8 +248,26 @@ def demo() -> int:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m threadbridge")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="show the escalation ladder stopping blocking work")
+    shown = sub.add_parser("demo", help="show the escalation ladder stopping blocking work")
+    shown.add_argument(
+        "--grace",
+        type=float,
+        default=POLICY.grace,
+        metavar="SECONDS",
+        help=f"how long each target has to stop at its token before rung 2 ({POLICY.grace})",
+    )
+    shown.add_argument(
+        "--interrupt-grace",
+        type=float,
+        default=POLICY.interrupt_grace,
+        metavar="SECONDS",
+        help=f"how long rung 2 has before rung 3 ({POLICY.interrupt_grace})",
+    )
     args = parser.parse_args(argv)
     if args.command == "demo":
-        return demo()
+        try:
+            policy = Policy(grace=args.grace, interrupt_grace=args.interrupt_grace)
+        except (TypeError, ValueError) as exc:
+            parser.error(str(exc))
+        return demo(policy)
     return 2  # pragma: no cover - argparse has refused anything else
