@@ -67,6 +67,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).parent))
 import _proc_targets as targets
 from _table import print_table
+from processes import pebble_pool, trio_parallel_pool
 
 import threadbridge as tb
 
@@ -213,26 +214,6 @@ async def plain(call: Call) -> AsyncIterator[Call]:
     yield call
 
 
-@asynccontextmanager
-async def trio_parallel_context() -> AsyncIterator[Call]:
-    import trio_parallel
-
-    async with trio_parallel.open_worker_context() as ctx:
-        yield lambda func: ctx.run_sync(func, kill_on_cancel=True)
-
-
-@asynccontextmanager
-async def pebble_pool() -> AsyncIterator[Call]:
-    import pebble
-
-    pool = pebble.ProcessPool(max_workers=os.cpu_count() or 2)
-    try:
-        yield lambda func: asyncio.wrap_future(pool.schedule(func))
-    finally:
-        pool.stop()
-        pool.join()
-
-
 Opener = Callable[[], Any]
 FLOOR = "floor"
 HOPS = ["thread", "process"]
@@ -259,7 +240,7 @@ def contenders(hop: str, loop: str) -> dict[str, Opener]:
         "anyio.to_process": lambda: plain(lambda f: anyio.to_process.run_sync(f, cancellable=True)),
     }
     if loop == "trio" and _installed("trio_parallel"):
-        found["trio-parallel"] = trio_parallel_context
+        found["trio-parallel"] = trio_parallel_pool
     if loop == "asyncio" and _installed("pebble"):
         found["pebble"] = pebble_pool
     found[FLOOR] = lambda: process_floor(loop)

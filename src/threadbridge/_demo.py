@@ -249,20 +249,13 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m threadbridge")
     sub = parser.add_subparsers(dest="command", required=True)
     shown = sub.add_parser("demo", help="show the escalation ladder stopping blocking work")
-    shown.add_argument(
-        "--grace",
-        type=float,
-        default=POLICY.grace,
-        metavar="SECONDS",
-        help=f"how long each target has to stop at its token before rung 2 ({POLICY.grace})",
-    )
-    shown.add_argument(
-        "--interrupt-grace",
-        type=float,
-        default=POLICY.interrupt_grace,
-        metavar="SECONDS",
-        help=f"how long rung 2 has before rung 3 ({POLICY.interrupt_grace})",
-    )
+    for flag, default, meaning in (
+        ("--grace", POLICY.grace, "how long each target has to stop at its token before rung 2"),
+        ("--interrupt-grace", POLICY.interrupt_grace, "how long rung 2 has before rung 3"),
+    ):
+        shown.add_argument(
+            flag, type=float, default=default, metavar="SECONDS", help=f"{meaning} ({default})"
+        )
     args = parser.parse_args(argv)
     if args.command == "demo":
         try:
