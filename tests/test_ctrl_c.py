@@ -159,8 +159,7 @@ def target():
     # The kernel may hand a Ctrl-C to any thread: here it goes to this pool thread, so
     # that only the C handler runs at once, and the main thread's loop sleeps on.
     signal.pthread_kill(threading.get_ident(), signal.SIGINT)
-    while not tb.cancel_requested():
-        time.sleep(0.01)
+    tb.current_token().wait()  # rung 1, from the Ctrl-C's ladder
     print("token set", flush=True)
 
 

@@ -661,9 +661,12 @@ def test_a_process_executor_refuses_in_a_forked_child() -> None:
     submit is refused at once with the reason (it used to be posted to a loop that no
     thread runs there, and hang), and shutdown(wait=True) returns; call() makes engines
     of its own in the child."""
+    from threadbridge import _call
+
     ex = tb.Executor(backend="process", max_workers=1)
     assert ex.submit(targets.add, 1, 1).result(30) == 2
-    assert tb.call(targets.add, 1, 2, timeout=30) == 3  # call()'s thread engine, made here
+    # call()'s process engine, made here: its loop and workers are the parent's too.
+    assert tb.call(targets.add, 1, 2, backend="process", timeout=30) == 3
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         code = 1
@@ -675,7 +678,9 @@ def test_a_process_executor_refuses_in_a_forked_child() -> None:
             else:
                 refused = False
             ex.shutdown(wait=True)
-            if refused and tb.call(targets.add, 3, 3, timeout=30) == 6:
+            answered = tb.call(targets.add, 3, 3, backend="process", timeout=30)
+            _call.close_engines()  # the child's own worker ends with it
+            if refused and answered == 6:
                 code = 0
         finally:
             os._exit(code)

@@ -68,10 +68,9 @@ def _default_limiter(link: Link, backend: Backend) -> anyio.CapacityLimiter:
         _last = (weakref.ref(key), limiters)
     try:
         return limiters[backend]
-    except KeyError:
-        # Two threads may make one each for a new loop (a loop's calls come from its
-        # own thread, but default_limiter() may be asked from another): the first kept.
-        return limiters.setdefault(backend, anyio.CapacityLimiter(backend.default_limit()))
+    except KeyError:  # the loop's first call on this backend (each loop asks in its thread)
+        limiter = limiters[backend] = anyio.CapacityLimiter(backend.default_limit())
+        return limiter
 
 
 def _setup(
@@ -86,8 +85,8 @@ def _setup(
     # The common cases of check_func(), resolve() and chosen_policy() inline (every
     # call's path): a plain def, lambda or closure, not async; a backend named before; no
     # policy.
-    plain = type(func) is _FUNCTION
-    if not plain or func.__code__.co_flags & ASYNC_CODE or func.__dict__:
+    function = type(func) is _FUNCTION
+    if not function or func.__code__.co_flags & ASYNC_CODE or func.__dict__:
         check_func(func, what)
     chosen = _resolved.get(backend) if type(backend) is str else None
     if chosen is None:
@@ -105,7 +104,7 @@ def _setup(
     link = current_link(what)
     if chosen.checks_platform:
         chosen.check_platform(what)
-    name = func.__qualname__ if plain else name_of(func)
+    name = func.__qualname__ if function else name_of(func)
     job = chosen.prepare(func, args, name)
     if limiter is None:
         limiter = _default_limiter(link, chosen)

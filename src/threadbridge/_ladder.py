@@ -465,14 +465,9 @@ class Run:
         """An abandoned target has really ended now: give its limiter token back."""
         self.link.post(self._loop_free_later)
 
-    def _loop_free(self) -> BaseException | None:
-        # Runs as a loop callback, where an exception would take the whole loop down
-        # (trio turns it into TrioInternalError): it is returned instead.
-        try:
-            self.limiter.release_on_behalf_of(self)
-        except Exception as exc:
-            return self._refused(exc)
-        return None
+    # The _loop_ methods run as loop callbacks, where an exception would take the whole
+    # loop down (trio turns it into TrioInternalError): a limiter's refusal to take its
+    # token back is kept (see _refused()) instead.
 
     def _refused(self, exc: Exception) -> Exception:
         if isinstance(exc, RuntimeError):  # what a capacity limiter says when not held
@@ -480,15 +475,20 @@ class Run:
         return exc
 
     def _loop_free_later(self) -> None:
-        error = self._loop_free()
-        if error is not None:  # nobody awaits an abandoned run any more: say it here
-            logger.error("%s: the limiter refused its token back: %r", self.name, error)
+        try:
+            self.limiter.release_on_behalf_of(self)
+        except Exception as exc:
+            error = self._refused(exc)
+        else:
+            return
+        # Nobody awaits an abandoned run any more: said here.
+        logger.error("%s: the limiter refused its token back: %r", self.name, error)
 
     def _loop_wake(self) -> None:
         self.link.wake(self)
 
     def _loop_free_and_wake(self) -> None:
-        try:  # _loop_free(), inline (every call's path)
+        try:
             self.limiter.release_on_behalf_of(self)
         except Exception as exc:
             self._release_error = self._refused(exc)  # raised to whoever awaits the result

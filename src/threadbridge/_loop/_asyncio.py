@@ -156,17 +156,6 @@ class AsyncioLink(LinkBase):
             return False  # the loop has closed: nobody is left to tell
         return True
 
-    def call(self, fn: Callable[[], object]) -> bool:
-        # LinkBase.call() with post() inline: every thread call's end comes this way.
-        if threading.get_ident() == self.thread_id:
-            fn()
-            return True
-        try:
-            self.loop.call_soon_threadsafe(fn)
-        except RuntimeError:
-            return False  # the loop has closed: nobody is left to tell
-        return True
-
     def is_current(self) -> bool:
         try:
             return asyncio.get_running_loop() is self.loop

@@ -44,17 +44,6 @@ class TrioLink(LinkBase):
             return False  # the run has ended: nobody is left to tell
         return True
 
-    def call(self, fn: Callable[[], object]) -> bool:
-        # LinkBase.call() with post() inline: every thread call's end comes this way.
-        if threading.get_ident() == self.thread_id:
-            fn()
-            return True
-        try:
-            self.token.run_sync_soon(fn)
-        except trio.RunFinishedError:
-            return False  # the run has ended: nobody is left to tell
-        return True
-
     def is_current(self) -> bool:
         try:
             return trio.lowlevel.current_trio_token() is self.token
